@@ -1,0 +1,324 @@
+//! `server.toml` and `trigger.toml` (contract: `shared/design/interfaces.md`).
+//!
+//! Every error is one line naming the file, the key and what to fix, because installers read it
+//! on a console of a box they just dropped on a camera LAN.
+
+use crate::catalog::{self, Proto, Service};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+/// A configuration problem, already phrased for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub message: String,
+}
+
+fn err(file: &Path, message: impl Into<String>) -> ConfigError {
+    ConfigError { file: file.display().to_string(), message: message.into() }
+}
+
+fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err(path, format!("cannot read the config file: {e}")))?;
+    parse(path, &text)
+}
+
+/// Parse TOML text; `path` only names the file in errors.
+pub fn parse<T: for<'de> Deserialize<'de>>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        let msg = e.message().replace('\n', " ");
+        match line {
+            Some(l) => err(path, format!("line {l}: {msg}")),
+            None => err(path, msg),
+        }
+    })
+}
+
+fn default_admin() -> SocketAddr {
+    "127.0.0.1:7480".parse().unwrap()
+}
+fn default_keepalive() -> u64 {
+    20
+}
+fn default_tun() -> String {
+    "beckon0".into()
+}
+fn default_server_name() -> String {
+    "beckon-server".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub control_listen: SocketAddr,
+    pub public_ip: Ipv4Addr,
+    #[serde(default)]
+    pub wan_interface: Option<String>,
+    pub state_dir: PathBuf,
+    #[serde(default = "default_keepalive")]
+    pub keepalive_secs: u64,
+    #[serde(default = "default_admin")]
+    pub admin_listen: SocketAddr,
+    /// Name of the server's TUN device that carries `public_ip`.
+    #[serde(default = "default_tun")]
+    pub tun_name: String,
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+    #[serde(default, rename = "site")]
+    pub sites: Vec<SiteConfig>,
+    #[serde(default, rename = "expose")]
+    pub exposes: Vec<ExposeConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    pub name: String,
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExposeConfig {
+    /// `<site>/<camera name>`
+    pub camera: String,
+    pub port: u16,
+    pub proto: Proto,
+    pub listen: SocketAddr,
+}
+
+impl ExposeConfig {
+    pub fn site(&self) -> &str {
+        self.camera.split_once('/').map(|(s, _)| s).unwrap_or("")
+    }
+    pub fn camera_name(&self) -> &str {
+        self.camera.split_once('/').map(|(_, c)| c).unwrap_or("")
+    }
+    pub fn service(&self) -> Service {
+        Service { proto: self.proto, port: self.port }
+    }
+}
+
+impl ServerConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg: ServerConfig = load(path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        if self.public_ip.is_unspecified() || self.public_ip.is_loopback() {
+            return Err(err(path, "key `public_ip`: must be the camera-facing public address, not 0.0.0.0 or loopback"));
+        }
+        if self.control_listen.ip() == std::net::IpAddr::V4(self.public_ip) {
+            return Err(err(path, "key `control_listen`: must differ from `public_ip` (public_ip belongs to beckon's userspace stack, the control link to the host)"));
+        }
+        if self.tun_name.is_empty() || self.tun_name.len() > 15 {
+            return Err(err(path, "key `tun_name`: must be 1-15 characters (a Linux interface name)"));
+        }
+        let mut names = HashSet::new();
+        for (i, s) in self.sites.iter().enumerate() {
+            if s.name.is_empty() || s.name.contains('/') {
+                return Err(err(path, format!("key `site[{i}].name`: must be non-empty and contain no '/'")));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err(err(path, format!("key `site[{i}].name`: site {:?} is defined twice", s.name)));
+            }
+            if s.token.len() < 8 {
+                return Err(err(path, format!("key `site[{i}].token`: token of site {:?} is shorter than 8 characters; use a long random secret", s.name)));
+            }
+        }
+        let mut listens = HashSet::new();
+        for (i, e) in self.exposes.iter().enumerate() {
+            if e.site().is_empty() || e.camera_name().is_empty() {
+                return Err(err(path, format!("key `expose[{i}].camera`: {:?} must be \"<site>/<camera>\"", e.camera)));
+            }
+            if !names.contains(e.site()) {
+                return Err(err(path, format!("key `expose[{i}].camera`: site {:?} has no [[site]] entry", e.site())));
+            }
+            if e.port == 0 {
+                return Err(err(path, format!("key `expose[{i}].port`: must be the camera's port, 1-65535")));
+            }
+            if !listens.insert((e.proto, e.listen)) {
+                return Err(err(path, format!("key `expose[{i}].listen`: {} {} is used by another exposure", e.proto, e.listen)));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn keepalive(&self) -> Option<std::time::Duration> {
+        (self.keepalive_secs > 0).then(|| std::time::Duration::from_secs(self.keepalive_secs))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerConfig {
+    /// The server's control_listen as reachable from this LAN ("host:port").
+    pub server: String,
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    pub ca: PathBuf,
+    pub site: String,
+    pub token: String,
+    /// Name of the trigger's TUN device used for injection.
+    #[serde(default = "default_tun")]
+    pub tun_name: String,
+    #[serde(default, rename = "camera")]
+    pub cameras: Vec<CameraConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraConfig {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub device_type: String,
+    #[serde(default)]
+    pub ports: Vec<Service>,
+}
+
+impl CameraConfig {
+    /// Catalog ports of the device type plus the explicit ones, deduplicated and sorted.
+    pub fn services(&self) -> Vec<Service> {
+        let mut v = catalog::ports_of(&self.device_type).unwrap_or_default();
+        v.extend(self.ports.iter().copied());
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+impl TriggerConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg: TriggerConfig = load(path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        if !self.server.contains(':') {
+            return Err(err(path, format!("key `server`: {:?} must be \"host:port\" of the server's control_listen", self.server)));
+        }
+        if self.site.is_empty() {
+            return Err(err(path, "key `site`: must name this trigger's site as in the server's [[site]]"));
+        }
+        if self.tun_name.is_empty() || self.tun_name.len() > 15 {
+            return Err(err(path, "key `tun_name`: must be 1-15 characters (a Linux interface name)"));
+        }
+        let mut names = HashSet::new();
+        for (i, c) in self.cameras.iter().enumerate() {
+            if c.name.is_empty() || c.name.contains('/') {
+                return Err(err(path, format!("key `camera[{i}].name`: must be non-empty and contain no '/'")));
+            }
+            if !names.insert(c.name.as_str()) {
+                return Err(err(path, format!("key `camera[{i}].name`: camera {:?} is listed twice", c.name)));
+            }
+            if catalog::ports_of(&c.device_type).is_none() {
+                return Err(err(path, format!("key `camera[{i}].device_type`: unknown type {:?}; known: {}", c.device_type, catalog::known_types())));
+            }
+            if c.services().is_empty() {
+                return Err(err(path, format!("key `camera[{i}].ports`: device type {:?} implies no ports; list them, e.g. ports = [\"udp/5060\"]", c.device_type)));
+            }
+            if c.ip.is_unspecified() || c.ip.is_loopback() || c.ip.is_broadcast() || c.ip.is_multicast() {
+                return Err(err(path, format!("key `camera[{i}].ip`: {} is not a camera's unicast LAN address", c.ip)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Is `camera:service` in this trigger's configuration (its injection allowlist)?
+    pub fn allows(&self, ip: Ipv4Addr, service: Service) -> bool {
+        self.cameras.iter().any(|c| c.ip == ip && c.services().contains(&service))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVER: &str = r#"
+control_listen = "203.0.113.1:7443"
+public_ip = "203.0.113.100"
+state_dir = "/tmp/x"
+[[site]]
+name = "site-a"
+token = "0123456789abcdef"
+[[expose]]
+camera = "site-a/cam1"
+port = 5060
+proto = "udp"
+listen = "127.0.0.1:15060"
+"#;
+
+    #[test]
+    fn server_example_parses_with_defaults() {
+        let p = Path::new("server.toml");
+        let c: ServerConfig = parse(p, SERVER).unwrap();
+        c.validate(p).unwrap();
+        assert_eq!(c.keepalive_secs, 20);
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:7480");
+        assert_eq!(c.exposes[0].site(), "site-a");
+        assert_eq!(c.exposes[0].camera_name(), "cam1");
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let p = Path::new("server.toml");
+        let bad = SERVER.replace("public_ip", "publik_ip");
+        let e = parse::<ServerConfig>(p, &bad).unwrap_err().to_string();
+        assert!(e.starts_with("server.toml: line 3:"), "{e}");
+        assert!(e.contains("publik_ip"), "{e}");
+        let bad = SERVER.replace("site-a/cam1", "site-b/cam1");
+        let c: ServerConfig = parse(p, &bad).unwrap();
+        let e = c.validate(p).unwrap_err().to_string();
+        assert!(e.contains("expose[0].camera") && e.contains("site-b"), "{e}");
+        assert_eq!(e.lines().count(), 1);
+    }
+
+    #[test]
+    fn trigger_allowlist_is_catalog_plus_ports() {
+        let p = Path::new("trigger.toml");
+        let c: TriggerConfig = parse(
+            p,
+            r#"
+server = "203.0.113.1:7443"
+ca = "/tmp/ca.pem"
+site = "site-a"
+token = "0123456789abcdef"
+[[camera]]
+name = "cam1"
+ip = "198.18.1.10"
+device_type = "generic-rtsp"
+ports = ["udp/5060"]
+"#,
+        )
+        .unwrap();
+        c.validate(p).unwrap();
+        let ip: Ipv4Addr = "198.18.1.10".parse().unwrap();
+        assert!(c.allows(ip, "tcp/554".parse().unwrap()));
+        assert!(c.allows(ip, "udp/5060".parse().unwrap()));
+        assert!(!c.allows(ip, "udp/5061".parse().unwrap()));
+        assert!(!c.allows("198.18.1.11".parse().unwrap(), "tcp/554".parse().unwrap()));
+    }
+
+    #[test]
+    fn unknown_device_type_is_rejected_with_the_known_list() {
+        let p = Path::new("trigger.toml");
+        let c: TriggerConfig = parse(p, "server = \"a:1\"\nca = \"c\"\nsite = \"s\"\ntoken = \"t\"\n[[camera]]\nname = \"c\"\nip = \"198.18.1.10\"\ndevice_type = \"toaster\"\n").unwrap();
+        let e = c.validate(p).unwrap_err().to_string();
+        assert!(e.contains("camera[0].device_type") && e.contains("gb28181"), "{e}");
+    }
+}

@@ -1,0 +1,90 @@
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// beckon — reach IP cameras behind NAT routers nobody can reconfigure.
+///
+/// A trigger on the camera LAN keeps a TLS control link to the server; to reach a camera the
+/// server asks the trigger to inject one packet that looks like it came from the server, the
+/// camera's answer opens its NAT, and the server talks to the camera directly from then on.
+#[derive(Parser)]
+#[command(name = "beckon", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server (public side): control link, registry, userspace stack on public_ip.
+    Server {
+        /// Path to server.toml
+        #[arg(short, long, default_value = "/etc/beckon/server.toml")]
+        config: PathBuf,
+    },
+    /// Run a trigger (camera LAN side): reports cameras, injects trigger packets.
+    Trigger {
+        /// Path to trigger.toml
+        #[arg(short, long, default_value = "/etc/beckon/trigger.toml")]
+        config: PathBuf,
+    },
+    /// Show what a running server knows: sites, cameras, mappings, counters.
+    Status {
+        /// The server's admin_listen
+        #[arg(long, default_value = "http://127.0.0.1:7480")]
+        admin: String,
+        /// Print the JSON document instead of tables
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Server { config } => beckon::config::ServerConfig::load(&config)
+            .map_err(anyhow::Error::from)
+            .and_then(|cfg| {
+                init_logging();
+                runtime()?.block_on(beckon::server::run(cfg))
+            }),
+        Cmd::Trigger { config } => beckon::config::TriggerConfig::load(&config)
+            .map_err(anyhow::Error::from)
+            .and_then(|cfg| {
+                init_logging();
+                runtime()?.block_on(beckon::trigger::run(cfg))
+            }),
+        Cmd::Status { admin, json } => status(&admin, json),
+    };
+    if let Err(e) = result {
+        eprintln!("beckon: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn status(admin: &str, json: bool) -> Result<()> {
+    let url = format!("{}/status", admin.trim_end_matches('/'));
+    let body = ureq::get(&url)
+        .call()
+        .with_context(|| format!("cannot reach the server's admin endpoint at {url} (is `beckon server` running? see admin_listen)"))?
+        .body_mut()
+        .read_to_string()
+        .context("reading the status document")?;
+    if json {
+        println!("{body}");
+    } else {
+        let doc: beckon::status::StatusDoc = serde_json::from_str(&body).context("the server sent an unexpected status document")?;
+        print!("{}", doc.render());
+    }
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! First connection module (patent S1/S2, S3/S4): accepts triggers on the TLS control link,
+//! authenticates them per site, records their reports, and carries indications to them.
+
+use super::{Shared, SiteSession};
+use crate::link::{write_frame, FrameReader, LinkError};
+use crate::wire::control::{CameraReport, ErrorCode, Message, MAX_CAMERAS};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+
+/// Most control links at once (each is a trigger or someone pretending to be one).
+pub const MAX_LINKS: usize = 1024;
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Triggers ping every 15 s; a link silent for this long is dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+/// Frames queued towards one trigger.
+pub const OUT_QUEUE: usize = 256;
+
+pub async fn run(shared: Arc<Shared>, listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>, mut shutdown: watch::Receiver<bool>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let limit = Arc::new(Semaphore::new(MAX_LINKS));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => { tracing::warn!("control accept: {e}"); tokio::time::sleep(Duration::from_millis(100)).await; continue; }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "control link refused: {MAX_LINKS} links open");
+            continue;
+        };
+        let shared = shared.clone();
+        let acceptor = acceptor.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = tcp.set_nodelay(true);
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, "control link: TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "control link: TLS handshake timed out");
+                    return;
+                }
+            };
+            session(shared, tls, peer, shutdown).await;
+        });
+    }
+}
+
+async fn refuse<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, code: ErrorCode, message: String) {
+    let _ = write_frame(w, &Message::Error { code, message, id: None }).await;
+    let _ = tokio::io::AsyncWriteExt::shutdown(w).await;
+}
+
+async fn session(shared: Arc<Shared>, tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>, peer: SocketAddr, mut shutdown: watch::Receiver<bool>) {
+    let (rd, mut wr) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(rd);
+
+    // Register must come first, promptly.
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await;
+    let (site, token) = match first {
+        Ok(Ok(Message::Register { site, token, agent })) => {
+            tracing::debug!(%peer, %site, %agent, "register");
+            (site, token)
+        }
+        Ok(Ok(other)) => {
+            shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "control link: expected register, got {}", kind(&other));
+            return refuse(&mut wr, ErrorCode::BadFrame, "the first frame must be register".into()).await;
+        }
+        Ok(Err(LinkError::Frame(e))) => {
+            shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "control link: {e}");
+            return refuse(&mut wr, e.code(), e.to_string()).await;
+        }
+        Ok(Err(e)) => {
+            tracing::info!(%peer, "control link closed before register: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "control link: no register within {HANDSHAKE_TIMEOUT:?}");
+            return refuse(&mut wr, ErrorCode::BadFrame, "register timed out".into()).await;
+        }
+    };
+    let authorised = shared
+        .cfg
+        .sites
+        .iter()
+        .any(|s| s.name == site && bool::from(subtle::ConstantTimeEq::ct_eq(s.token.as_bytes(), token.as_bytes())));
+    if !authorised {
+        shared.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, site = %site, "trigger refused: unknown site or wrong token");
+        return refuse(&mut wr, ErrorCode::Unauthorized, "unknown site or wrong token".into()).await;
+    }
+
+    let (tx, mut rx) = mpsc::channel::<Message>(OUT_QUEUE);
+    let (kick_tx, mut kick_rx) = oneshot::channel();
+    let id = shared.next_id();
+    let previous = shared.sessions.lock().unwrap().insert(
+        site.clone(),
+        SiteSession { id, tx: tx.clone(), public: peer, since: Instant::now(), kick: Some(kick_tx) },
+    );
+    if let Some(mut old) = previous {
+        // Documented policy: the newest trigger of a site wins (a restarted trigger must not wait
+        // for its old link to time out).
+        tracing::warn!(site = %site, old = %old.public, new = %peer, "second trigger for site: replacing the older link");
+        if let Some(k) = old.kick.take() {
+            let _ = k.send(());
+        }
+    }
+    if let Err(e) = shared.registry.lock().unwrap().record_registration(&site, peer.to_string()) {
+        tracing::error!("registry write failed: {e:#}");
+    }
+    tracing::info!(site = %site, trigger_public = %peer, "trigger registered");
+    let _ = tx.try_send(Message::Registered { site: site.clone(), trigger_public: peer.to_string() });
+
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if write_frame(&mut wr, &m).await.is_err() {
+                break;
+            }
+        }
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut wr).await;
+    });
+
+    let reason = loop {
+        let msg = tokio::select! {
+            r = tokio::time::timeout(IDLE_TIMEOUT, reader.next()) => r,
+            _ = &mut kick_rx => break "replaced by a newer trigger of the same site".to_string(),
+            _ = shutdown.changed() => break "server shutting down".to_string(),
+        };
+        match msg {
+            Err(_) => break format!("silent for {IDLE_TIMEOUT:?}"),
+            Ok(Err(LinkError::Frame(e))) => {
+                shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                let _ = tx.try_send(Message::Error { code: e.code(), message: e.to_string(), id: None });
+                break format!("bad frame: {e}");
+            }
+            Ok(Err(e)) => break e.to_string(),
+            Ok(Ok(m)) => {
+                if let Err(why) = handle(&shared, &site, &tx, m) {
+                    shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    let _ = tx.try_send(Message::Error { code: ErrorCode::BadFrame, message: why.clone(), id: None });
+                    break why;
+                }
+            }
+        }
+    };
+    {
+        let mut sessions = shared.sessions.lock().unwrap();
+        if sessions.get(&site).is_some_and(|s| s.id == id) {
+            sessions.remove(&site);
+        }
+    }
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    tracing::info!(site = %site, trigger_public = %peer, "trigger link closed: {reason}");
+}
+
+fn kind(m: &Message) -> &'static str {
+    match m {
+        Message::Register { .. } => "register",
+        Message::Registered { .. } => "registered",
+        Message::Report { .. } => "report",
+        Message::ReportAck { .. } => "report_ack",
+        Message::Indication(_) => "indication",
+        Message::IndicationResult { .. } => "indication_result",
+        Message::Error { .. } => "error",
+        Message::Ping { .. } => "ping",
+        Message::Pong { .. } => "pong",
+    }
+}
+
+/// One frame from a registered trigger. `Err` closes the link.
+fn handle(shared: &Shared, site: &str, tx: &mpsc::Sender<Message>, m: Message) -> Result<(), String> {
+    match m {
+        Message::Report { cameras } => {
+            validate_report(&cameras)?;
+            let n = cameras.len();
+            for c in &cameras {
+                tracing::info!(site, camera = %c.name, ip = %c.ip, device_type = %c.device_type,
+                    services = %c.services.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","), "camera reported");
+            }
+            if let Err(e) = shared.registry.lock().unwrap().record_report(site, cameras) {
+                tracing::error!("registry write failed: {e:#}");
+            }
+            let _ = tx.try_send(Message::ReportAck { cameras: n });
+        }
+        Message::IndicationResult { id, injected_bytes } => {
+            shared.stats.trigger_packets_injected.fetch_add(1, Ordering::Relaxed);
+            shared.stats.bytes_injected_by_triggers.fetch_add(injected_bytes as u64, Ordering::Relaxed);
+            tracing::debug!(site, id, injected_bytes, "trigger packet injected");
+        }
+        Message::Error { code, message, id } => {
+            shared.stats.indication_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(site, ?code, ?id, "trigger reported: {message}");
+        }
+        Message::Ping { nonce } => {
+            let _ = tx.try_send(Message::Pong { nonce });
+        }
+        Message::Pong { .. } => {}
+        other => return Err(format!("unexpected {} frame from a trigger", kind(&other))),
+    }
+    Ok(())
+}
+
+fn validate_report(cameras: &[CameraReport]) -> Result<(), String> {
+    if cameras.len() > MAX_CAMERAS {
+        return Err(format!("report lists {} cameras, limit is {MAX_CAMERAS}", cameras.len()));
+    }
+    let mut names = std::collections::HashSet::new();
+    for c in cameras {
+        if c.name.is_empty() || c.name.len() > 64 || c.name.contains('/') {
+            return Err(format!("camera name {:?} is invalid (1-64 characters, no '/')", c.name));
+        }
+        if !names.insert(&c.name) {
+            return Err(format!("camera {:?} reported twice", c.name));
+        }
+        if c.device_type.len() > 64 || c.services.len() > 64 {
+            return Err(format!("camera {:?}: device type or service list too long", c.name));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! The server (public side): first connection module (`accept`), resource-record module
+//! (`record`), indication module (`indicate`), second connection module (`stack`: TUN +
+//! smoltcp, with the `udp_mapping` table), keepalive module (`keepalive`), plus the platform-facing
+//! exposures (`expose`) and the admin endpoint (`admin`).
+
+pub mod accept;
+pub mod admin;
+pub mod expose;
+pub mod indicate;
+pub mod keepalive;
+pub mod record;
+pub mod stack;
+pub mod udp_mapping;
+
+use crate::config::ServerConfig;
+use crate::hostnet::{self, SysctlGuard};
+use crate::status::{CameraStatus, Counters, SiteStatus, StatusDoc};
+use anyhow::{Context, Result};
+use record::RegistryStore;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// A connected trigger's control session.
+pub struct SiteSession {
+    pub id: u64,
+    pub tx: mpsc::Sender<crate::wire::control::Message>,
+    pub public: SocketAddr,
+    pub since: Instant,
+    /// Closes the session when another trigger registers for the same site.
+    pub kick: Option<oneshot::Sender<()>>,
+}
+
+/// Control-plane counters (atomics: updated from many session tasks).
+#[derive(Default)]
+pub struct ControlStats {
+    pub indications_sent: AtomicU64,
+    pub indication_errors: AtomicU64,
+    pub trigger_packets_injected: AtomicU64,
+    pub bytes_injected_by_triggers: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub bad_frames: AtomicU64,
+}
+
+pub struct Shared {
+    pub cfg: ServerConfig,
+    pub registry: Mutex<RegistryStore>,
+    pub sessions: Mutex<HashMap<String, SiteSession>>,
+    pub stats: ControlStats,
+    pub started: Instant,
+    pub next_id: AtomicU64,
+}
+
+impl Shared {
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sites, cameras and control counters; mappings come from the stack.
+    fn status(&self, stack: stack::StackSnapshot) -> StatusDoc {
+        let reg = self.registry.lock().unwrap();
+        let sessions = self.sessions.lock().unwrap();
+        let sites = self
+            .cfg
+            .sites
+            .iter()
+            .map(|s| {
+                let rec = reg.registry.sites.get(&s.name);
+                let sess = sessions.get(&s.name);
+                SiteStatus {
+                    name: s.name.clone(),
+                    connected: sess.is_some(),
+                    trigger_public: sess.map(|x| x.public.to_string()).or_else(|| rec.and_then(|r| r.trigger_public.clone())),
+                    connected_secs: sess.map(|x| x.since.elapsed().as_secs()),
+                    last_registered_unix: rec.and_then(|r| r.last_registered_unix),
+                    cameras: rec
+                        .map(|r| {
+                            r.cameras
+                                .iter()
+                                .map(|c| CameraStatus {
+                                    name: c.name.clone(),
+                                    ip: c.ip.to_string(),
+                                    device_type: c.device_type.clone(),
+                                    services: c.services.iter().map(|s| s.to_string()).collect(),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        let st = &self.stats;
+        let t = stack.counters;
+        StatusDoc {
+            version: env!("CARGO_PKG_VERSION").into(),
+            public_ip: self.cfg.public_ip.to_string(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            keepalive_secs: self.cfg.keepalive_secs,
+            sites,
+            mappings: stack.mappings,
+            counters: Counters {
+                indications_sent: st.indications_sent.load(Ordering::Relaxed),
+                indication_errors: st.indication_errors.load(Ordering::Relaxed),
+                trigger_packets_injected: st.trigger_packets_injected.load(Ordering::Relaxed),
+                bytes_injected_by_triggers: st.bytes_injected_by_triggers.load(Ordering::Relaxed),
+                bytes_direct_to_cameras: stack.bytes_to_cameras,
+                bytes_direct_from_cameras: stack.bytes_from_cameras,
+                flows_created: t.flows_created,
+                mappings_learned: t.mappings_learned,
+                mappings_dropped: t.mappings_dropped,
+                retriggers: t.retriggers,
+                unsolicited_datagrams: t.unsolicited_datagrams,
+                dropped_client_datagrams: t.dropped_client_datagrams + stack.client_queue_drops,
+                auth_failures: st.auth_failures.load(Ordering::Relaxed),
+                bad_frames: st.bad_frames.load(Ordering::Relaxed),
+            },
+        }
+    }
+}
+
+/// Run the server until SIGINT/SIGTERM.
+pub async fn run(cfg: ServerConfig) -> Result<()> {
+    crate::tls::install_crypto_provider();
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating state_dir {}", cfg.state_dir.display()))?;
+    let (cert, key) = match &cfg.tls {
+        Some(t) => (t.cert.clone(), t.key.clone()),
+        None => crate::tls::ensure_dev_material(&cfg.state_dir)?,
+    };
+    let tls = crate::tls::server_config(&cert, &key)?;
+    let registry = RegistryStore::open(&cfg.state_dir)?;
+    tracing::info!(sites = registry.registry.sites.len(), "registry loaded from {}", cfg.state_dir.display());
+
+    // Host side of public_ip: forwarding on, the route into our TUN, proxy ARP on the WAN.
+    let mut sysctls = SysctlGuard::default();
+    sysctls.ensure("net.ipv4.ip_forward", "1")?;
+    let tun = hostnet::create_tun(&cfg.tun_name)?;
+    let public = format!("{}/32", cfg.public_ip);
+    hostnet::ip(&["route", "replace", &public, "dev", &cfg.tun_name])
+        .context("routing public_ip into the TUN")?;
+    let _proxy = match &cfg.wan_interface {
+        Some(wan) => Some(ProxyArp::add(cfg.public_ip.to_string(), wan.clone())?),
+        None => None,
+    };
+
+    let shared = Arc::new(Shared {
+        registry: Mutex::new(registry),
+        sessions: Mutex::new(HashMap::new()),
+        stats: ControlStats::default(),
+        started: Instant::now(),
+        next_id: AtomicU64::new(1),
+        cfg: cfg.clone(),
+    });
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (engine_tx, engine_rx) = mpsc::channel(4096);
+
+    let exposes = expose::bind_all(&cfg, engine_tx.clone(), shutdown_rx.clone()).await?;
+    let control = tokio::net::TcpListener::bind(cfg.control_listen)
+        .await
+        .with_context(|| format!("binding control_listen {} (is the address on this host?)", cfg.control_listen))?;
+    let admin = tokio::net::TcpListener::bind(cfg.admin_listen)
+        .await
+        .with_context(|| format!("binding admin_listen {}", cfg.admin_listen))?;
+
+    let stack = stack::Stack::new(shared.clone(), tun, exposes);
+    let stack_task = tokio::spawn(stack.run(engine_rx, shutdown_rx.clone()));
+    let accept_task = tokio::spawn(accept::run(shared.clone(), control, tls, shutdown_rx.clone()));
+    let admin_task = tokio::spawn(admin::run(shared.clone(), engine_tx.clone(), admin, shutdown_rx.clone()));
+    tracing::info!(control = %cfg.control_listen, public_ip = %cfg.public_ip, admin = %cfg.admin_listen,
+        keepalive_secs = cfg.keepalive_secs, "server running");
+
+    crate::signals::wait().await;
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), async {
+        let _ = stack_task.await;
+        let _ = accept_task.await;
+        let _ = admin_task.await;
+    })
+    .await;
+    // Dropping the TUN (inside the stack) removes its route; guards undo the rest.
+    Ok(())
+}
+
+/// `ip neigh add proxy PUBLIC_IP dev WAN`, removed on drop: the server host answers ARP for
+/// public_ip on the WAN and forwards what arrives into the TUN.
+struct ProxyArp {
+    ip: String,
+    dev: String,
+}
+
+impl ProxyArp {
+    fn add(ip: String, dev: String) -> Result<Self> {
+        hostnet::ip(&["neigh", "replace", "proxy", &ip, "dev", &dev])
+            .with_context(|| format!("adding the proxy-ARP entry for public_ip on wan_interface {dev:?}"))?;
+        tracing::info!(ip = %ip, dev = %dev, "proxy ARP entry added");
+        Ok(ProxyArp { ip, dev })
+    }
+}
+
+impl Drop for ProxyArp {
+    fn drop(&mut self) {
+        match hostnet::ip(&["neigh", "del", "proxy", &self.ip, "dev", &self.dev]) {
+            Ok(_) => tracing::info!(ip = %self.ip, "proxy ARP entry removed"),
+            Err(e) => tracing::warn!("{e:#}"),
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! The status document: what a running server knows, served as JSON at `GET /status` on
+//! `admin_listen` and rendered by `beckon status`.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusDoc {
+    pub version: String,
+    pub public_ip: String,
+    pub uptime_secs: u64,
+    pub keepalive_secs: u64,
+    pub sites: Vec<SiteStatus>,
+    pub mappings: Vec<MappingStatus>,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SiteStatus {
+    pub name: String,
+    pub connected: bool,
+    /// The trigger's control link as the server sees it (its NAT's public endpoint).
+    pub trigger_public: Option<String>,
+    pub connected_secs: Option<u64>,
+    pub last_registered_unix: Option<u64>,
+    pub cameras: Vec<CameraStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CameraStatus {
+    pub name: String,
+    pub ip: String,
+    pub device_type: String,
+    pub services: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MappingStatus {
+    /// `site/camera`
+    pub camera: String,
+    /// e.g. `udp/5060`
+    pub service: String,
+    pub expose_listen: String,
+    pub client: String,
+    pub server_port: u16,
+    /// The camera's NAT mapping (None while the trigger packet is outstanding).
+    pub public_endpoint: Option<String>,
+    /// `pending` or `mapped`
+    pub state: String,
+    /// How the camera was reached: `udp-signalling` (patent signalling form).
+    pub reached_by: String,
+    pub age_secs: u64,
+    pub indications: u64,
+    pub keepalive: String,
+    pub keepalives_sent: u64,
+    pub keepalives_answered: u64,
+    pub last_keepalive_answer_secs_ago: Option<u64>,
+    pub datagrams_to_camera: u64,
+    pub datagrams_from_camera: u64,
+    pub bytes_to_camera: u64,
+    pub bytes_from_camera: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Counters {
+    pub indications_sent: u64,
+    pub indication_errors: u64,
+    /// Trigger packets the triggers confirmed injecting, and their bytes (IP header included).
+    pub trigger_packets_injected: u64,
+    pub bytes_injected_by_triggers: u64,
+    /// Payload bytes exchanged directly between server and cameras over NAT mappings.
+    pub bytes_direct_to_cameras: u64,
+    pub bytes_direct_from_cameras: u64,
+    pub flows_created: u64,
+    pub mappings_learned: u64,
+    pub mappings_dropped: u64,
+    pub retriggers: u64,
+    pub unsolicited_datagrams: u64,
+    pub dropped_client_datagrams: u64,
+    pub auth_failures: u64,
+    pub bad_frames: u64,
+}
+
+impl StatusDoc {
+    /// Human-readable tables.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "beckon {}  public_ip {}  up {}s  keepalive {}s", self.version, self.public_ip, self.uptime_secs, self.keepalive_secs);
+        let _ = writeln!(s, "\nSITES");
+        let _ = writeln!(s, "{:<16} {:<10} {:<22} {}", "site", "trigger", "public endpoint", "cameras");
+        for site in &self.sites {
+            let cams: Vec<String> = site
+                .cameras
+                .iter()
+                .map(|c| format!("{} {} {} [{}]", c.name, c.ip, c.device_type, c.services.join(",")))
+                .collect();
+            let _ = writeln!(
+                s,
+                "{:<16} {:<10} {:<22} {}",
+                site.name,
+                if site.connected { "connected" } else { "offline" },
+                site.trigger_public.as_deref().unwrap_or("-"),
+                if cams.is_empty() { "-".to_string() } else { cams.join("; ") }
+            );
+        }
+        let _ = writeln!(s, "\nMAPPINGS");
+        let _ = writeln!(
+            s,
+            "{:<14} {:<9} {:<22} {:<8} {:<15} {:>6} {:>5} {:>9} {:>9} {:>10}",
+            "camera", "service", "public endpoint", "state", "reached by", "age", "ind", "ka s/a", "dgrams", "bytes"
+        );
+        for m in &self.mappings {
+            let _ = writeln!(
+                s,
+                "{:<14} {:<9} {:<22} {:<8} {:<15} {:>5}s {:>5} {:>9} {:>9} {:>10}",
+                m.camera,
+                m.service,
+                m.public_endpoint.as_deref().unwrap_or("-"),
+                m.state,
+                m.reached_by,
+                m.age_secs,
+                m.indications,
+                format!("{}/{}", m.keepalives_sent, m.keepalives_answered),
+                format!("{}/{}", m.datagrams_to_camera, m.datagrams_from_camera),
+                m.bytes_to_camera + m.bytes_from_camera
+            );
+        }
+        let c = &self.counters;
+        let _ = writeln!(s, "\nCOUNTERS");
+        let _ = writeln!(s, "indications sent {} (errors {}), trigger packets {} ({} bytes)", c.indications_sent, c.indication_errors, c.trigger_packets_injected, c.bytes_injected_by_triggers);
+        let _ = writeln!(s, "bytes direct: to cameras {}, from cameras {}", c.bytes_direct_to_cameras, c.bytes_direct_from_cameras);
+        let _ = writeln!(s, "mappings learned {}, dropped {}, re-triggers {}; unsolicited {}, client drops {}", c.mappings_learned, c.mappings_dropped, c.retriggers, c.unsolicited_datagrams, c.dropped_client_datagrams);
+        let _ = writeln!(s, "control: auth failures {}, bad frames {}", c.auth_failures, c.bad_frames);
+        s
+    }
+}

@@ -1,0 +1,123 @@
+//! TLS material for the control link: a dev-default CA and server certificate generated into
+//! `state_dir` with rcgen (the trigger pins `ca.pem`), or the operator's own files.
+//! One crypto provider (ring), installed explicitly so a second one pulled in by a dependency
+//! can never make rustls panic at start.
+
+use anyhow::{bail, Context, Result};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The name in the dev-default server certificate; `server_name` in trigger.toml.
+pub const DEFAULT_SERVER_NAME: &str = "beckon-server";
+
+pub fn install_crypto_provider() {
+    // Err means it was installed already (e.g. twice in tests): fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Create `ca.pem`, `ca.key`, `server.pem`, `server.key` in `state_dir` unless present.
+/// Returns (cert chain PEM path, key PEM path).
+pub fn ensure_dev_material(state_dir: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let ca_pem = state_dir.join("ca.pem");
+    let ca_key = state_dir.join("ca.key");
+    let srv_pem = state_dir.join("server.pem");
+    let srv_key = state_dir.join("server.key");
+    if ca_pem.exists() && srv_pem.exists() && srv_key.exists() {
+        return Ok((srv_pem, srv_key));
+    }
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "beckon dev CA");
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    let ca_keypair = rcgen::KeyPair::generate()?;
+    let ca_key_pem = ca_keypair.serialize_pem();
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_keypair)?;
+
+    let mut params = rcgen::CertificateParams::new(vec![DEFAULT_SERVER_NAME.to_string()])?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, DEFAULT_SERVER_NAME);
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.signed_by(&key, &ca)?;
+
+    write_private(&ca_key, ca_key_pem.as_bytes())?;
+    write_private(&srv_key, key.serialize_pem().as_bytes())?;
+    std::fs::write(&srv_pem, cert.pem()).with_context(|| format!("writing {}", srv_pem.display()))?;
+    std::fs::write(&ca_pem, ca.pem()).with_context(|| format!("writing {}", ca_pem.display()))?;
+    tracing::info!(ca = %ca_pem.display(), "generated dev CA and server certificate; triggers pin this ca.pem");
+    Ok((srv_pem, srv_key))
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(data)?;
+    Ok(())
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let data = std::fs::read(path).with_context(|| format!("reading certificate {}", path.display()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &data[..])
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{}: not a PEM certificate file", path.display()))?;
+    if certs.is_empty() {
+        bail!("{}: contains no PEM certificate", path.display());
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    let data = std::fs::read(path).with_context(|| format!("reading key {}", path.display()))?;
+    rustls_pemfile::private_key(&mut &data[..])
+        .with_context(|| format!("{}: not a PEM private key", path.display()))?
+        .with_context(|| format!("{}: contains no private key", path.display()))
+}
+
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
+    let cfg = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_no_client_auth()
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .context("server certificate and key do not match")?;
+    Ok(Arc::new(cfg))
+}
+
+/// Client config that trusts only the pinned CA.
+pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots.add(c).with_context(|| format!("{}: not a usable CA certificate", ca.display()))?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+pub fn server_name(name: &str) -> Result<ServerName<'static>> {
+    ServerName::try_from(name.to_string()).with_context(|| format!("{name:?} is not a valid TLS server name"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_material_is_generated_once_and_loads() {
+        install_crypto_provider();
+        let dir = std::env::temp_dir().join(format!("beckon-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (c, k) = ensure_dev_material(&dir).unwrap();
+        let first = std::fs::read(&c).unwrap();
+        ensure_dev_material(&dir).unwrap();
+        assert_eq!(first, std::fs::read(&c).unwrap(), "material must be reused");
+        server_config(&c, &k).unwrap();
+        client_config(&dir.join("ca.pem")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,106 @@
+//! Trigger module (patent S7): checks an indication against this trigger's allowlist (its
+//! configured cameras and their services), builds the trigger packet P3 and writes it into the TUN.
+//! Whatever the server sends, nothing leaves towards an address or port not in the config.
+
+use crate::catalog::Service;
+use crate::config::TriggerConfig;
+use crate::wire::control::{ErrorCode, Indication, MAX_PD1};
+use crate::wire::trigger_packet::{self, Addressing};
+use base64::Engine as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub struct Injector {
+    cfg: TriggerConfig,
+    tun: tun_rs::AsyncDevice,
+    pub packets: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+impl Injector {
+    pub fn new(cfg: &TriggerConfig, tun: tun_rs::AsyncDevice) -> anyhow::Result<Self> {
+        Ok(Injector { cfg: cfg.clone(), tun, packets: AtomicU64::new(0), bytes: AtomicU64::new(0) })
+    }
+
+    /// Inject the indication's trigger packet; returns the bytes written.
+    pub async fn inject(&self, ind: &Indication) -> Result<usize, (ErrorCode, String)> {
+        let p3 = build_p3(&self.cfg, ind)?;
+        self.tun
+            .send(&p3)
+            .await
+            .map_err(|e| (ErrorCode::InjectFailed, format!("writing to TUN {}: {e}", self.cfg.tun_name)))?;
+        self.packets.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(p3.len() as u64, Ordering::Relaxed);
+        Ok(p3.len())
+    }
+}
+
+/// Sans-IO half of injection: allowlist, decoding, packet building.
+pub fn build_p3(cfg: &TriggerConfig, ind: &Indication) -> Result<Vec<u8>, (ErrorCode, String)> {
+    let service = Service { proto: ind.proto, port: ind.camera_port };
+    if !cfg.allows(ind.camera_ip, service) {
+        return Err((
+            ErrorCode::NotAllowed,
+            format!("{}:{} ({service}) is not a configured camera service of this trigger", ind.camera_ip, ind.camera_port),
+        ));
+    }
+    // Base64 of MAX_PD1 bytes is at most 4/3 as long; refuse more before decoding.
+    if ind.pd1.len() > MAX_PD1.div_ceil(3) * 4 {
+        return Err((ErrorCode::InjectFailed, format!("pd1 of {} base64 characters exceeds {MAX_PD1} bytes", ind.pd1.len())));
+    }
+    let pd1 = base64::engine::general_purpose::STANDARD
+        .decode(&ind.pd1)
+        .map_err(|e| (ErrorCode::InjectFailed, format!("pd1 is not base64: {e}")))?;
+    let a = Addressing { proto: ind.proto, src: ind.server_ip, src_port: ind.server_port, dst: ind.camera_ip, dst_port: ind.camera_port };
+    trigger_packet::build(&a, &pd1, rand::random()).map_err(|e| (ErrorCode::InjectFailed, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Proto;
+    use crate::wire::control::Command;
+
+    fn cfg() -> TriggerConfig {
+        crate::config::parse(
+            std::path::Path::new("t.toml"),
+            "server = \"203.0.113.1:7443\"\nca = \"ca.pem\"\nsite = \"a\"\ntoken = \"tttttttttt\"\n[[camera]]\nname = \"c\"\nip = \"198.18.1.10\"\ndevice_type = \"gb28181\"\n",
+        )
+        .unwrap()
+    }
+
+    fn ind(ip: &str, port: u16, proto: Proto, pd1: Vec<u8>) -> Indication {
+        Indication {
+            id: 1,
+            camera_ip: ip.parse().unwrap(),
+            camera_port: port,
+            server_ip: "203.0.113.100".parse().unwrap(),
+            server_port: 40000,
+            proto,
+            command: Command::Inject,
+            pd1: base64::engine::general_purpose::STANDARD.encode(pd1),
+        }
+    }
+
+    fn pd1(port: u16) -> Vec<u8> {
+        let a = Addressing { proto: Proto::Udp, src: "203.0.113.100".parse().unwrap(), src_port: 40000, dst: "198.18.1.10".parse().unwrap(), dst_port: port };
+        trigger_packet::udp_pd1(&a, b"x")
+    }
+
+    #[test]
+    fn allowlist_is_enforced_whatever_the_server_sends() {
+        let c = cfg();
+        assert!(build_p3(&c, &ind("198.18.1.10", 5060, Proto::Udp, pd1(5060))).is_ok());
+        for bad in [
+            ind("198.18.1.11", 5060, Proto::Udp, pd1(5060)),
+            ind("198.18.1.10", 5061, Proto::Udp, pd1(5061)),
+            ind("198.18.1.10", 5060, Proto::Tcp, pd1(5060)),
+        ] {
+            assert_eq!(build_p3(&c, &bad).unwrap_err().0, ErrorCode::NotAllowed);
+        }
+        // The indication's fields say 5060 but PD1 targets 22: refused too.
+        assert_eq!(build_p3(&c, &ind("198.18.1.10", 5060, Proto::Udp, pd1(22))).unwrap_err().0, ErrorCode::InjectFailed);
+        let mut big = ind("198.18.1.10", 5060, Proto::Udp, vec![]);
+        big.pd1 = "A".repeat(10_000);
+        assert_eq!(build_p3(&c, &big).unwrap_err().0, ErrorCode::InjectFailed);
+    }
+}

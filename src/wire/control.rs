@@ -1,0 +1,265 @@
+//! Control-link frames: a 4-byte big-endian length, then one JSON object with a protocol
+//! version `v` and a `type` (see `docs/protocol.md`).
+//!
+//! Decoding is sans-IO: [`FrameDecoder`] takes bytes as they arrive and yields frames or a
+//! [`FrameError`]; it never allocates more than [`MAX_FRAME`] for one frame.
+
+use crate::catalog::{Proto, Service};
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+
+/// Protocol version spoken by this build.
+pub const VERSION: u32 = 1;
+/// Largest frame body accepted or sent. An indication with a full-MTU payload is ~2.2 KiB of JSON;
+/// a report of 256 cameras ~40 KiB.
+pub const MAX_FRAME: usize = 64 * 1024;
+/// Most cameras one trigger may report (bounds the registry per site).
+pub const MAX_CAMERAS: usize = 256;
+/// Largest PD1 (transport header + payload) in an indication: fits a 1500-byte MTU with IPv4.
+pub const MAX_PD1: usize = 1480;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// Trigger → server, first frame (patent S1).
+    Register { site: String, token: String, agent: String },
+    /// Server → trigger (S2): accepted; tells the trigger how the server sees it.
+    Registered { site: String, trigger_public: String },
+    /// Trigger → server (S3): the cameras on this LAN.
+    Report { cameras: Vec<CameraReport> },
+    /// Server → trigger (S4).
+    ReportAck { cameras: usize },
+    /// Server → trigger (S6): inject a trigger packet.
+    Indication(Indication),
+    /// Trigger → server: the trigger packet left through the TUN.
+    IndicationResult { id: u64, injected_bytes: usize },
+    /// Either way: something was refused. `id` names the indication, if any.
+    Error {
+        code: ErrorCode,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
+    Ping { nonce: u64 },
+    Pong { nonce: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Register with an unknown site or a wrong token.
+    Unauthorized,
+    /// The frame could not be decoded or is not allowed in this state.
+    BadFrame,
+    /// Frame longer than [`MAX_FRAME`].
+    TooLarge,
+    /// Peer speaks another protocol version.
+    Version,
+    /// The indication targets a camera or port outside the trigger's allowlist.
+    NotAllowed,
+    /// The trigger could not build or inject the packet.
+    InjectFailed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CameraReport {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub device_type: String,
+    pub services: Vec<Service>,
+}
+
+/// The patent's indication P2: five fields plus PD1 (the transport header and payload of the
+/// packet the server would have sent the camera without a NAT in between).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Indication {
+    pub id: u64,
+    pub camera_ip: Ipv4Addr,
+    pub camera_port: u16,
+    pub server_ip: Ipv4Addr,
+    pub server_port: u16,
+    pub proto: Proto,
+    pub command: Command,
+    /// PD1, base64.
+    pub pd1: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Command {
+    /// Send one trigger packet P3 = IPv4(server → camera) + PD1.
+    Inject,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    v: u32,
+    #[serde(flatten)]
+    msg: Message,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("empty frame")]
+    Empty,
+    #[error("protocol version {0} is not supported (this build speaks {VERSION})")]
+    Version(u32),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+impl FrameError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FrameError::TooLarge(_) => ErrorCode::TooLarge,
+            FrameError::Version(_) => ErrorCode::Version,
+            _ => ErrorCode::BadFrame,
+        }
+    }
+}
+
+/// Encode one message as a length-prefixed frame.
+pub fn encode(msg: &Message) -> Vec<u8> {
+    let body = serde_json::to_vec(&Envelope { v: VERSION, msg: msg.clone() })
+        .expect("control messages always serialize");
+    debug_assert!(body.len() <= MAX_FRAME, "sender built an oversized frame");
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decode one frame body (without its length prefix).
+pub fn decode_body(body: &[u8]) -> Result<Message, FrameError> {
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    // Read the version first so a newer peer gets "version", not "malformed".
+    #[derive(Deserialize)]
+    struct V {
+        v: u32,
+    }
+    let v: V = serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if v.v != VERSION {
+        return Err(FrameError::Version(v.v));
+    }
+    let env: Envelope =
+        serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    Ok(env.msg)
+}
+
+/// Incremental decoder: push bytes as they arrive, pop frames.
+#[derive(Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed. After an error the link
+    /// must be closed: the stream position is lost.
+    pub fn next_frame(&mut self) -> Result<Option<Message>, FrameError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes(self.buf[..4].try_into().unwrap()) as usize;
+        if len == 0 {
+            return Err(FrameError::Empty);
+        }
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let msg = decode_body(&self.buf[4..4 + len]);
+        self.buf.drain(..4 + len);
+        msg.map(Some)
+    }
+
+    /// Bytes buffered; bounded by 4 + MAX_FRAME + one read.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ind() -> Message {
+        Message::Indication(Indication {
+            id: 7,
+            camera_ip: "198.18.1.10".parse().unwrap(),
+            camera_port: 5060,
+            server_ip: "203.0.113.100".parse().unwrap(),
+            server_port: 40000,
+            proto: Proto::Udp,
+            command: Command::Inject,
+            pd1: "AAAA".into(),
+        })
+    }
+
+    #[test]
+    fn round_trip_byte_by_byte() {
+        let msgs = vec![
+            Message::Register { site: "a".into(), token: "t".into(), agent: "beckon/0.1".into() },
+            ind(),
+            Message::Error { code: ErrorCode::NotAllowed, message: "no".into(), id: Some(7) },
+            Message::Ping { nonce: 1 },
+        ];
+        let mut wire = Vec::new();
+        for m in &msgs {
+            wire.extend(encode(m));
+        }
+        let mut d = FrameDecoder::default();
+        let mut out = Vec::new();
+        for b in wire {
+            d.push(&[b]);
+            while let Some(m) = d.next_frame().unwrap() {
+                out.push(m);
+            }
+        }
+        assert_eq!(out, msgs);
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn json_shape_is_versioned_and_tagged() {
+        let f = encode(&Message::Ping { nonce: 5 });
+        assert_eq!(&f[4..], br#"{"v":1,"type":"ping","nonce":5}"#);
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_buffering() {
+        let mut d = FrameDecoder::default();
+        d.push(&((MAX_FRAME as u32 + 1).to_be_bytes()));
+        assert_eq!(d.next_frame(), Err(FrameError::TooLarge(MAX_FRAME + 1)));
+    }
+
+    #[test]
+    fn malformed_and_wrong_version_are_errors() {
+        assert!(matches!(decode_body(b"{not json"), Err(FrameError::Malformed(_))));
+        assert!(matches!(decode_body(br#"{"v":1,"type":"launch"}"#), Err(FrameError::Malformed(_))));
+        assert_eq!(decode_body(br#"{"v":9,"type":"ping","nonce":1}"#), Err(FrameError::Version(9)));
+        let mut d = FrameDecoder::default();
+        d.push(&[0, 0, 0, 0]);
+        assert_eq!(d.next_frame(), Err(FrameError::Empty));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoder_never_panics(data in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let mut d = FrameDecoder::default();
+            d.push(&data);
+            for _ in 0..8 {
+                match d.next_frame() { Ok(Some(_)) => continue, _ => break }
+            }
+        }
+    }
+}
