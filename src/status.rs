@@ -106,15 +106,16 @@ impl StatusDoc {
         let _ = writeln!(s, "\nMAPPINGS");
         let _ = writeln!(
             s,
-            "{:<14} {:<9} {:<22} {:<8} {:<15} {:>6} {:>5} {:>9} {:>9} {:>10}",
-            "camera", "service", "public endpoint", "state", "reached by", "age", "ind", "ka s/a", "dgrams", "bytes"
+            "{:<14} {:<9} {:<21} {:<22} {:<8} {:<15} {:>6} {:>5} {:>9} {:>9} {:>10}",
+            "camera", "service", "client", "public endpoint", "state", "reached by", "age", "ind", "ka s/a", "dgrams", "bytes"
         );
         for m in &self.mappings {
             let _ = writeln!(
                 s,
-                "{:<14} {:<9} {:<22} {:<8} {:<15} {:>5}s {:>5} {:>9} {:>9} {:>10}",
+                "{:<14} {:<9} {:<21} {:<22} {:<8} {:<15} {:>5}s {:>5} {:>9} {:>9} {:>10}",
                 m.camera,
                 m.service,
+                m.client,
                 m.public_endpoint.as_deref().unwrap_or("-"),
                 m.state,
                 m.reached_by,

@@ -142,7 +142,12 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     hostnet::ip(&["route", "replace", &public, "dev", &cfg.tun_name])
         .context("routing public_ip into the TUN")?;
     let _proxy = match &cfg.wan_interface {
-        Some(wan) => Some(ProxyArp::add(cfg.public_ip.to_string(), wan.clone())?),
+        Some(wan) => {
+            // Proxy-ARP replies are otherwise delayed by up to 0.8 s (proxy_delay), which would
+            // add to the first answer of every camera whose NAT has no ARP entry yet.
+            sysctls.ensure(&format!("net.ipv4.neigh.{wan}.proxy_delay"), "0")?;
+            Some(ProxyArp::add(cfg.public_ip.to_string(), wan.clone())?)
+        }
         None => None,
     };
 

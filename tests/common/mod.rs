@@ -1,0 +1,280 @@
+//! Lab harness for integration tests: builds a real-NAT topology with `scripts/lab/lab.sh`,
+//! runs beckon processes inside its namespaces, and tears everything down on drop (also when a
+//! test fails). Needs root (CAP_NET_ADMIN), nftables, conntrack, python3.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BECKON: &str = env!("CARGO_BIN_EXE_beckon");
+pub const CAMERA_IP: &str = "198.18.1.10";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn require_root() {
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "lab tests need root (network namespaces, TUN, nftables): run `sudo ./scripts/test.sh`"
+    );
+}
+
+/// A lab from `scripts/lab/lab.sh`; `down` on drop.
+pub struct Lab {
+    pub prefix: String,
+    pub dir: PathBuf,
+    procs: Vec<(String, Child)>,
+}
+
+impl Lab {
+    pub fn up(prefix: &str, args: &[&str]) -> Lab {
+        require_root();
+        let dir = std::env::temp_dir().join(format!("beckon-test-{prefix}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let lab = Lab { prefix: prefix.into(), dir, procs: Vec::new() };
+        let out = Command::new(repo().join("scripts/lab/lab.sh")).arg("up").arg(prefix).args(args).output().unwrap();
+        assert!(out.status.success(), "lab up failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        lab
+    }
+
+    pub fn ns(&self, name: &str) -> String {
+        format!("{}-{}", self.prefix, name)
+    }
+
+    /// Run `beckon ARGS` in namespace `ns`, logging to `dir/<name>.log`.
+    pub fn spawn(&mut self, name: &str, ns: &str, args: &[&str]) {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns), BECKON])
+            .args(args)
+            .env("RUST_LOG", "info,beckon=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.procs.push((name.into(), child));
+    }
+
+    /// SIGTERM a process started with `spawn`; returns its exit code.
+    pub fn stop(&mut self, name: &str) -> Option<i32> {
+        let i = self.procs.iter().position(|(n, _)| n == name)?;
+        let (_, mut child) = self.procs.remove(i);
+        terminate(&mut child)
+    }
+
+    pub fn kill(&mut self, name: &str) {
+        if let Some(i) = self.procs.iter().position(|(n, _)| n == name) {
+            let (_, mut child) = self.procs.remove(i);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    pub fn write(&self, file: &str, text: &str) -> String {
+        let p = self.dir.join(file);
+        std::fs::File::create(&p).unwrap().write_all(text.as_bytes()).unwrap();
+        p.display().to_string()
+    }
+
+    pub fn state_dir(&self) -> String {
+        self.dir.join("state").display().to_string()
+    }
+
+    /// server.toml with both sites and one UDP exposure per site's camera port 5060
+    /// (127.0.0.1:15060 → site-a, :15061 → site-b), keepalive as given.
+    pub fn server_config(&self, keepalive_secs: u64) -> String {
+        self.write(
+            "server.toml",
+            &format!(
+                r#"control_listen = "203.0.113.1:7443"
+public_ip = "203.0.113.100"
+wan_interface = "eth0"
+state_dir = "{}"
+keepalive_secs = {keepalive_secs}
+[[site]]
+name = "site-a"
+token = "token-a-0123456789"
+[[site]]
+name = "site-b"
+token = "token-b-0123456789"
+[[expose]]
+camera = "site-a/cam1"
+port = 5060
+proto = "udp"
+listen = "127.0.0.1:15060"
+[[expose]]
+camera = "site-b/cam1"
+port = 5060
+proto = "udp"
+listen = "127.0.0.1:15061"
+"#,
+                self.state_dir()
+            ),
+        )
+    }
+
+    pub fn trigger_config(&self, site: &str, token: &str, ca: &str) -> String {
+        self.write(
+            &format!("trigger-{site}-{}.toml", token.len()),
+            &format!(
+                r#"server = "203.0.113.1:7443"
+ca = "{ca}"
+site = "site-{site}"
+token = "{token}"
+[[camera]]
+name = "cam1"
+ip = "{CAMERA_IP}"
+device_type = "generic"
+ports = ["udp/5060"]
+"#
+            ),
+        )
+    }
+
+    pub fn start_server(&mut self, keepalive_secs: u64) {
+        let cfg = self.server_config(keepalive_secs);
+        self.spawn("server", "srv", &["server", "--config", &cfg]);
+        let ca = PathBuf::from(self.state_dir()).join("ca.pem");
+        wait_for(Duration::from_secs(10), "server admin endpoint", || self.try_status().is_some());
+        assert!(ca.exists());
+    }
+
+    pub fn start_trigger(&mut self, site: &str) {
+        let ca = PathBuf::from(self.state_dir()).join("ca.pem").display().to_string();
+        let cfg = self.trigger_config(site, &format!("token-{site}-0123456789"), &ca);
+        self.spawn(&format!("trigger-{site}"), &format!("trg-{site}"), &["trigger", "--config", &cfg]);
+    }
+
+    /// Wait until the status shows the site connected with a camera reported.
+    pub fn wait_registered(&self, site: &str) {
+        wait_for(Duration::from_secs(15), &format!("site-{site} registered"), || {
+            self.try_status().is_some_and(|s| {
+                s["sites"].as_array().unwrap().iter().any(|x| {
+                    x["name"] == format!("site-{site}") && x["connected"] == true && !x["cameras"].as_array().unwrap().is_empty()
+                })
+            })
+        });
+    }
+
+    pub fn try_status(&self) -> Option<serde_json::Value> {
+        let out = Command::new("ip").args(["netns", "exec", &self.ns("srv"), BECKON, "status", "--json"]).output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        self.try_status().expect("beckon status --json failed")
+    }
+
+    /// Run `f` on a thread inside namespace `ns` (sockets it creates live there).
+    pub fn in_ns<T: Send + 'static>(&self, ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.ns(ns));
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap();
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// Packets the trigger host's kernel received from its TUN = trigger packets injected.
+    pub fn tun_injected_packets(&self, site: &str) -> u64 {
+        let out = Command::new("ip").args(["netns", "exec", &self.ns(&format!("trg-{site}")), "cat", "/sys/class/net/beckon0/statistics/rx_packets"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(u64::MAX)
+    }
+
+    pub fn lab(&self, args: &[&str]) -> String {
+        let out = Command::new(repo().join("scripts/lab/lab.sh")).args(args).output().unwrap();
+        assert!(out.status.success(), "lab.sh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (name, mut child) in self.procs.drain(..) {
+            let code = terminate(&mut child);
+            if std::thread::panicking() {
+                eprintln!("---- {name} (exit {code:?}) ----\n{}", std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default());
+            }
+        }
+        let _ = Command::new(repo().join("scripts/lab/lab.sh")).arg("down").arg(&self.prefix).output();
+    }
+}
+
+fn terminate(child: &mut Child) -> Option<i32> {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = child.try_wait() {
+            return st.code();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait().ok().and_then(|s| s.code())
+}
+
+pub fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// A platform client: one UDP socket (so one flow) talking to an exposure.
+pub struct Client {
+    pub sock: UdpSocket,
+    pub port: u16,
+}
+
+impl Client {
+    pub fn new(port: u16) -> Client {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+        Client { sock, port }
+    }
+
+    /// Send `msg`, wait for an answer; retry like a signalling client would (up to `tries`).
+    pub fn request(&self, msg: &[u8], tries: usize) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 2048];
+        for _ in 0..tries {
+            self.sock.send_to(msg, ("127.0.0.1", self.port)).unwrap();
+            if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
+                return Some(buf[..n].to_vec());
+            }
+        }
+        None
+    }
+}
+
+pub fn mappings_for<'a>(st: &'a serde_json::Value, camera: &str) -> Vec<&'a serde_json::Value> {
+    st["mappings"].as_array().unwrap().iter().filter(|m| m["camera"] == camera).collect()
+}
+
+pub fn counter(st: &serde_json::Value, name: &str) -> u64 {
+    st["counters"][name].as_u64().unwrap_or_else(|| panic!("no counter {name}"))
+}
+
+pub fn path_exists(p: &str) -> bool {
+    Path::new(p).exists()
+}
