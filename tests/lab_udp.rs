@@ -60,6 +60,14 @@ fn udp_reach_two_sites_with_overlapping_camera_ip() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(ep_a) && text.contains(ep_b), "{text}");
 
+    // The trigger is out of the data path: kill it, the learned mappings keep working.
+    lab.kill("trigger-a");
+    for i in 0..20 {
+        let m = format!("after trigger death {i}");
+        assert_eq!(a1.request(m.as_bytes(), 2), Some(format!("cam-a: {m}").into_bytes()));
+    }
+    assert_eq!(counter(&lab.status(), "trigger_packets_injected"), 3);
+
     // Clean shutdown: exit 0, TUN route and proxy-ARP entry gone.
     assert_eq!(lab.stop("server"), Some(0));
     let ns = lab.ns("srv");
@@ -67,7 +75,7 @@ fn udp_reach_two_sites_with_overlapping_camera_ip() {
     assert!(!String::from_utf8_lossy(&routes.stdout).contains("203.0.113.100"));
     let proxy = std::process::Command::new("ip").args(["-n", &ns, "neigh", "show", "proxy"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&proxy.stdout).contains("203.0.113.100"));
-    assert_eq!(lab.stop("trigger-a"), Some(0));
+    assert_eq!(lab.stop("trigger-b"), Some(0));
 }
 
 /// With the routers' UDP conntrack timeouts at 3 s, keepalives hold an idle mapping: after 12 s

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run beckon's whole test suite: unit tests (no root needed) and the lab tests, which build
+# real-NAT topologies in network namespaces (root, nftables, conntrack, python3).
+#   sudo ./scripts/test.sh            # everything
+#   sudo ./scripts/test.sh lab_udp    # extra arguments go to `cargo test`
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "test.sh: the lab tests need root (network namespaces, TUN, nftables): run it with sudo" >&2
+  exit 1
+fi
+missing=""
+for c in ip nft conntrack python3 cargo; do command -v "$c" >/dev/null || missing="$missing $c"; done
+[ -e /usr/bin/python3 ] || missing="$missing /usr/bin/python3"
+if [ -n "$missing" ]; then
+  echo "test.sh: missing:$missing (apt-get install nftables conntrack iproute2 python3; cargo from rustup)" >&2
+  exit 1
+fi
+
+# Release profile: the lab tests move real traffic; one build serves unit and lab tests.
+status=0
+cargo test --release --all-targets "$@" || status=$?
+
+left=$(ip netns list | awk '{print $1}' | grep '^bk-' || true)
+if [ -n "$left" ]; then
+  echo "test.sh: namespaces left behind by the tests: $left" >&2
+  status=1
+fi
+exit $status
