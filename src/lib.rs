@@ -7,6 +7,7 @@ pub mod hostnet;
 pub mod link;
 pub mod server;
 pub mod signals;
+pub mod splice;
 pub mod status;
 pub mod tls;
 pub mod trigger;

@@ -39,6 +39,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
+impl<R> FrameReader<R> {
+    /// The stream and any bytes already read past the last frame (raw data that followed it).
+    pub fn into_parts(self) -> (R, Vec<u8>) {
+        let leftover = self.decoder.into_buffered();
+        (self.inner, leftover)
+    }
+}
+
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> std::io::Result<()> {
     w.write_all(&encode(msg)).await?;
     w.flush().await

@@ -11,6 +11,8 @@ pub struct StatusDoc {
     pub keepalive_secs: u64,
     pub sites: Vec<SiteStatus>,
     pub mappings: Vec<MappingStatus>,
+    #[serde(default)]
+    pub connections: Vec<ConnectionStatus>,
     pub counters: Counters,
 }
 
@@ -23,6 +25,49 @@ pub struct SiteStatus {
     pub connected_secs: Option<u64>,
     pub last_registered_unix: Option<u64>,
     pub cameras: Vec<CameraStatus>,
+    /// How the site's NAT treats direct TCP, measured against the trigger's probe listener.
+    #[serde(default)]
+    pub profile: Option<ProfileStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProfileStatus {
+    pub measured_unix: u64,
+    /// The trigger's probe listener the strategies were tried against.
+    pub probe: String,
+    pub tcp: Vec<StrategyResult>,
+    /// The strategy camera connections use directly, if any works.
+    pub direct_strategy: Option<String>,
+    pub summary: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StrategyResult {
+    pub strategy: String,
+    pub works: bool,
+    pub detail: String,
+    pub setup_ms: u64,
+    pub trigger_packets: u64,
+}
+
+/// One platform-client TCP connection to a camera service.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnectionStatus {
+    pub id: u64,
+    pub camera: String,
+    pub service: String,
+    pub client: String,
+    /// `connecting`, `direct` or `assisted`
+    pub path: String,
+    pub strategy: Option<String>,
+    pub public_endpoint: Option<String>,
+    pub setup_ms: Option<u64>,
+    /// Why the direct path was not used (when it was not).
+    pub note: Option<String>,
+    pub age_secs: u64,
+    pub trigger_packets: u64,
+    pub bytes_to_camera: u64,
+    pub bytes_from_camera: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -78,6 +123,20 @@ pub struct Counters {
     pub dropped_client_datagrams: u64,
     pub auth_failures: u64,
     pub bad_frames: u64,
+    /// TCP connections by path, and their payload bytes (closed and open ones).
+    #[serde(default)]
+    pub tcp_connections_direct: u64,
+    #[serde(default)]
+    pub tcp_connections_assisted: u64,
+    #[serde(default)]
+    pub tcp_connections_failed: u64,
+    #[serde(default)]
+    pub tcp_direct_fallbacks: u64,
+    #[serde(default)]
+    pub tcp_bytes_direct: u64,
+    /// Bytes the triggers carried on the assisted path.
+    #[serde(default)]
+    pub tcp_bytes_assisted: u64,
 }
 
 impl StatusDoc {
@@ -126,11 +185,39 @@ impl StatusDoc {
                 m.bytes_to_camera + m.bytes_from_camera
             );
         }
+        let _ = writeln!(s, "\nTCP CONNECTIONS");
+        let _ = writeln!(s, "{:<14} {:<9} {:<21} {:<9} {:<12} {:<22} {:>7} {:>4} {:>12} {:>12}", "camera", "service", "client", "path", "strategy", "public endpoint", "setup", "trg", "to camera", "from camera");
+        for c in &self.connections {
+            let _ = writeln!(
+                s,
+                "{:<14} {:<9} {:<21} {:<9} {:<12} {:<22} {:>5}ms {:>4} {:>12} {:>12}",
+                c.camera,
+                c.service,
+                c.client,
+                c.path,
+                c.strategy.as_deref().unwrap_or("-"),
+                c.public_endpoint.as_deref().unwrap_or("-"),
+                c.setup_ms.unwrap_or(0),
+                c.trigger_packets,
+                c.bytes_to_camera,
+                c.bytes_from_camera
+            );
+        }
+        let _ = writeln!(s, "\nSITE NAT PROFILES");
+        for site in &self.sites {
+            if let Some(p) = &site.profile {
+                let _ = writeln!(s, "{:<16} {}", site.name, p.summary);
+                for r in &p.tcp {
+                    let _ = writeln!(s, "{:<16}   {:<12} {:<5} {:>5}ms  {}", "", r.strategy, if r.works { "works" } else { "fails" }, r.setup_ms, r.detail);
+                }
+            }
+        }
         let c = &self.counters;
         let _ = writeln!(s, "\nCOUNTERS");
         let _ = writeln!(s, "indications sent {} (errors {}), trigger packets {} ({} bytes)", c.indications_sent, c.indication_errors, c.trigger_packets_injected, c.bytes_injected_by_triggers);
         let _ = writeln!(s, "bytes direct: to cameras {}, from cameras {}", c.bytes_direct_to_cameras, c.bytes_direct_from_cameras);
         let _ = writeln!(s, "mappings learned {}, dropped {}, re-triggers {}; unsolicited {}, client drops {}", c.mappings_learned, c.mappings_dropped, c.retriggers, c.unsolicited_datagrams, c.dropped_client_datagrams);
+        let _ = writeln!(s, "tcp: direct {} ({} bytes), assisted {} ({} bytes carried by triggers), failed {}, direct fallbacks {}", c.tcp_connections_direct, c.tcp_bytes_direct, c.tcp_connections_assisted, c.tcp_bytes_assisted, c.tcp_connections_failed, c.tcp_direct_fallbacks);
         let _ = writeln!(s, "control: auth failures {}, bad frames {}", c.auth_failures, c.bad_frames);
         s
     }

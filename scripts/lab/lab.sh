@@ -5,7 +5,7 @@
 # namespace. See README.md next to this file for the topology.
 #
 #   lab.sh up PREFIX [--mode-a MODE] [--mode-b MODE] [--liberal-a] [--liberal-b]
-#                    [--udp-timeout SECS] [--delay-ms MS] [--loss PCT]
+#                    [--udp-timeout SECS] [--delay-ms MS] [--loss PCT] [--rtsp]
 #   lab.sh down PREFIX
 #   lab.sh router PREFIX SITE MODE        MODE: plain | invdrop | random | random-invdrop
 #   lab.sh flush PREFIX SITE              conntrack -F in PREFIX-nat-SITE
@@ -31,6 +31,7 @@ TRG_IP=198.18.1.20
 LAN_LEN=24
 CAM_UDP_PORT=5060
 CAM_HTTP_PORT=80
+CAM_RTSP_PORT=554
 
 say() { echo "lab: $*"; }
 warn() { echo "lab: $*" >&2; }
@@ -294,8 +295,9 @@ wait_until() {
   return 1
 }
 ns_listens() { [ -n "$(ip netns exec "$1" ss -Hln "$2" "sport = :$3" 2>/dev/null)" ]; }
-svc_ready() { # NS
-  ns_listens "$1" -u "$CAM_UDP_PORT" && ns_listens "$1" -t "$CAM_HTTP_PORT"
+svc_ready() { # NS RTSP(0|1)
+  ns_listens "$1" -u "$CAM_UDP_PORT" && ns_listens "$1" -t "$CAM_HTTP_PORT" \
+    && { [ "$2" != 1 ] || ns_listens "$1" -t "$CAM_RTSP_PORT"; }
 }
 # ping_ok NS DST TRIES WAIT : at least one echo reply within TRIES single pings
 ping_ok() {
@@ -309,7 +311,7 @@ ping_ok() {
 cmd_up() {
   local p=$1
   shift
-  local mode_a=invdrop mode_b=invdrop lib_a=0 lib_b=0 udp_to="" delay=0 loss=0
+  local mode_a=invdrop mode_b=invdrop lib_a=0 lib_b=0 udp_to="" delay=0 loss=0 rtsp=0
   while [ $# -gt 0 ]; do
     case $1 in
       --mode-a) mode_a=${2:-}; shift 2 || die "--mode-a needs a value" ;;
@@ -319,6 +321,7 @@ cmd_up() {
       --udp-timeout) udp_to=${2:-}; shift 2 || die "--udp-timeout needs a value" ;;
       --delay-ms) delay=${2:-}; shift 2 || die "--delay-ms needs a value" ;;
       --loss) loss=${2:-}; shift 2 || die "--loss needs a value" ;;
+      --rtsp) rtsp=1; shift ;;
       *) die "unknown option '$1' (see lab.sh without arguments)" ;;
     esac
   done
@@ -335,6 +338,11 @@ cmd_up() {
     command -v "$t" >/dev/null || die "missing tool: $t"
   done
   [ "$delay" = 0 ] || [ -c /dev/net/tun ] || die "--delay-ms needs /dev/net/tun"
+  if [ "$rtsp" = 1 ]; then
+    # also warms GStreamer's plugin registry cache before the cameras start
+    "$PY" "$HERE/cam_rtsp.py" --check >/dev/null \
+      || die "--rtsp needs python3-gi, gir1.2-gst-rtsp-server-1.0, gstreamer1.0-plugins-{base,good,ugly}"
+  fi
 
   local ns s run="$RUN_BASE/$p" stale=0
   for ns in $(lab_ns "$p"); do ns_exists "$ns" && stale=1; done
@@ -352,7 +360,7 @@ cmd_up() {
 
   mkdir -p "$run"
   say "up $p: mode-a=$mode_a mode-b=$mode_b liberal-a=$lib_a liberal-b=$lib_b" \
-    "udp-timeout=${udp_to:-default} delay-ms=$delay loss=$loss%"
+    "udp-timeout=${udp_to:-default} delay-ms=$delay loss=$loss% rtsp=$rtsp"
   cat >"$run/lab.env" <<EOF
 PREFIX=$p
 MODE_A=$mode_a
@@ -362,6 +370,7 @@ LIBERAL_B=$lib_b
 UDP_TIMEOUT=$udp_to
 DELAY_MS=$delay
 LOSS_PCT=$loss
+RTSP=$rtsp
 EOF
 
   # namespaces: lo up, IPv6 off
@@ -460,21 +469,26 @@ EOF
       --bind "$CAM_IP" --port "$CAM_UDP_PORT" --name "cam-$s"
     bg_start "$run" "cam-$s-http" "$p-cam-$s" "$PY" "$HERE/cam_http.py" \
       --bind "$CAM_IP" --port "$CAM_HTTP_PORT" --name "cam-$s"
+    if [ "$rtsp" = 1 ]; then
+      bg_start "$run" "cam-$s-rtsp" "$p-cam-$s" "$PY" "$HERE/cam_rtsp.py" \
+        --bind "$CAM_IP" --port "$CAM_RTSP_PORT" --name "cam-$s"
+    fi
   done
-  local i svc ready
-  for i in $(seq 1 50); do
+  local i svc ready svcs="udp http" tries=50
+  [ "$rtsp" = 0 ] || { svcs="$svcs rtsp"; tries=150; }
+  for i in $(seq 1 "$tries"); do
     ready=1
     for s in $SITES; do
-      for svc in udp http; do
+      for svc in $svcs; do
         pid_ours "$run" "cam-$s-$svc" >/dev/null \
           || die "camera service cam-$s-$svc exited: $(tail -n2 "$run/cam-$s-$svc.log" 2>/dev/null | tr '\n' ' ')"
       done
-      svc_ready "$p-cam-$s" || ready=0
+      svc_ready "$p-cam-$s" "$rtsp" || ready=0
     done
     [ "$ready" = 1 ] && break
     sleep 0.1
   done
-  [ "$ready" = 1 ] || die "camera services not listening after 5 s (logs in $run)"
+  [ "$ready" = 1 ] || die "camera services not listening after $((tries / 10)) s (logs in $run)"
 
   # sanity: LAN reachability, trigger -> server through NAT, server cannot reach the LANs
   local w=$((1 + 2 * delay / 1000)) tries=3

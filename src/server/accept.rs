@@ -66,11 +66,12 @@ async fn session(shared: Arc<Shared>, tls: tokio_rustls::server::TlsStream<tokio
 
     // Register must come first, promptly.
     let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await;
-    let (site, token) = match first {
+    let (site, token, assist) = match first {
         Ok(Ok(Message::Register { site, token, agent })) => {
             tracing::debug!(%peer, %site, %agent, "register");
-            (site, token)
+            (site, token, false)
         }
+        Ok(Ok(Message::AssistAttach { site, token })) => (site, token, true),
         Ok(Ok(other)) => {
             shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, "control link: expected register, got {}", kind(&other));
@@ -99,6 +100,9 @@ async fn session(shared: Arc<Shared>, tls: tokio_rustls::server::TlsStream<tokio
         shared.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, site = %site, "trigger refused: unknown site or wrong token");
         return refuse(&mut wr, ErrorCode::Unauthorized, "unknown site or wrong token".into()).await;
+    }
+    if assist {
+        return assist_link(shared, site, reader, wr, peer, shutdown).await;
     }
 
     let (tx, mut rx) = mpsc::channel::<Message>(OUT_QUEUE);
@@ -176,14 +180,20 @@ fn kind(m: &Message) -> &'static str {
         Message::Error { .. } => "error",
         Message::Ping { .. } => "ping",
         Message::Pong { .. } => "pong",
+        Message::AssistAttach { .. } => "assist_attach",
+        Message::Open { .. } => "open",
+        Message::OpenResult { .. } => "open_result",
     }
 }
 
 /// One frame from a registered trigger. `Err` closes the link.
-fn handle(shared: &Shared, site: &str, tx: &mpsc::Sender<Message>, m: Message) -> Result<(), String> {
+fn handle(shared: &Arc<Shared>, site: &str, tx: &mpsc::Sender<Message>, m: Message) -> Result<(), String> {
     match m {
-        Message::Report { cameras } => {
+        Message::Report { cameras, probe } => {
             validate_report(&cameras)?;
+            if let Some(probe) = probe {
+                tokio::spawn(super::profile::run(shared.clone(), site.to_string(), probe));
+            }
             let n = cameras.len();
             for c in &cameras {
                 tracing::info!(site, camera = %c.name, ip = %c.ip, device_type = %c.device_type,
@@ -229,4 +239,35 @@ fn validate_report(cameras: &[CameraReport]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The assist link of an authenticated trigger: after `registered`, the TLS stream carries yamux.
+async fn assist_link<R, W>(shared: Arc<Shared>, site: String, reader: FrameReader<R>, mut wr: W, peer: SocketAddr, mut shutdown: watch::Receiver<bool>)
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    if write_frame(&mut wr, &Message::Registered { site: site.clone(), trigger_public: peer.to_string() }).await.is_err() {
+        return;
+    }
+    let (rd, leftover) = reader.into_parts();
+    if !leftover.is_empty() {
+        // The trigger must wait for `registered` before speaking yamux.
+        shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(site = %site, %peer, "assist link: data before registered; closed");
+        return;
+    }
+    let id = shared.next_id();
+    let (handle, driver) = super::assist::serve(tokio::io::join(rd, wr), id);
+    shared.assist.lock().unwrap().insert(site.clone(), handle);
+    tracing::info!(site = %site, trigger_public = %peer, "assist link up");
+    tokio::select! {
+        _ = driver => {}
+        _ = shutdown.changed() => {}
+    }
+    let mut links = shared.assist.lock().unwrap();
+    if links.get(&site).is_some_and(|h| h.id == id) {
+        links.remove(&site);
+    }
+    tracing::info!(site = %site, trigger_public = %peer, "assist link closed");
 }

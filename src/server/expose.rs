@@ -34,11 +34,8 @@ pub async fn bind_all(cfg: &ServerConfig, tx: mpsc::Sender<StackEvent>, shutdown
                 tokio::spawn(udp_listener(i, sock.clone(), tx.clone(), shutdown.clone()));
                 out.push(Exposure { cfg: e.clone(), udp: Some(sock) });
             }
-            Proto::Tcp => {
-                tracing::warn!(camera = %e.camera, listen = %e.listen,
-                    "expose[{i}]: TCP exposures are not implemented in this version (UDP only); ignored");
-                out.push(Exposure { cfg: e.clone(), udp: None });
-            }
+            // TCP exposures are served by `tcp_expose`.
+            Proto::Tcp => out.push(Exposure { cfg: e.clone(), udp: None }),
         }
     }
     Ok(out)

@@ -5,11 +5,16 @@
 
 pub mod accept;
 pub mod admin;
+pub mod assist;
 pub mod expose;
 pub mod indicate;
 pub mod keepalive;
+pub mod profile;
 pub mod record;
 pub mod stack;
+pub mod tcp_conn;
+pub mod tcp_expose;
+pub mod tcp_strategy;
 pub mod udp_mapping;
 
 use crate::config::ServerConfig;
@@ -43,6 +48,13 @@ pub struct ControlStats {
     pub bytes_injected_by_triggers: AtomicU64,
     pub auth_failures: AtomicU64,
     pub bad_frames: AtomicU64,
+    pub tcp_connections_direct: AtomicU64,
+    pub tcp_connections_assisted: AtomicU64,
+    pub tcp_connections_failed: AtomicU64,
+    pub tcp_direct_fallbacks: AtomicU64,
+    /// Bytes of connections that have closed (open ones are summed from their records).
+    pub tcp_bytes_direct_closed: AtomicU64,
+    pub tcp_bytes_assisted_closed: AtomicU64,
 }
 
 pub struct Shared {
@@ -52,11 +64,51 @@ pub struct Shared {
     pub stats: ControlStats,
     pub started: Instant,
     pub next_id: AtomicU64,
+    /// The server's TUN, shared by the UDP stack and the TCP shards (set once at start).
+    pub tun: std::sync::OnceLock<Arc<tun_rs::AsyncDevice>>,
+    pub tcp_routes: Arc<tcp_conn::TcpRoutes>,
+    pub assist: Mutex<HashMap<String, assist::AssistHandle>>,
+    pub profiles: Mutex<HashMap<String, crate::status::ProfileStatus>>,
+    pub conns: Mutex<HashMap<u64, Arc<tcp_conn::ConnRecord>>>,
+    /// Per-camera addresses inside the userspace stack (never on the wire).
+    virt: Mutex<HashMap<(String, String), std::net::Ipv4Addr>>,
 }
 
+/// Camera addresses inside the userspace stack come from here; they never appear on any wire.
+pub const VIRTUAL_BASE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 19, 128, 1);
+pub const VIRTUAL_COUNT: u32 = 32_000;
+
 impl Shared {
+    pub fn new(cfg: ServerConfig, registry: RegistryStore) -> Self {
+        Shared {
+            registry: Mutex::new(registry),
+            sessions: Mutex::new(HashMap::new()),
+            stats: ControlStats::default(),
+            started: Instant::now(),
+            next_id: AtomicU64::new(1),
+            tun: std::sync::OnceLock::new(),
+            tcp_routes: Arc::new(tcp_conn::TcpRoutes::default()),
+            assist: Mutex::new(HashMap::new()),
+            profiles: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            virt: Mutex::new(HashMap::new()),
+            cfg,
+        }
+    }
+
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn tun(&self) -> &tun_rs::AsyncDevice {
+        self.tun.get().expect("TUN is set before any connection starts")
+    }
+
+    /// The virtual address of `site/camera` inside the userspace stack (stable while running).
+    pub fn virt_addr(&self, site: &str, camera: &str) -> std::net::Ipv4Addr {
+        let mut v = self.virt.lock().unwrap();
+        let n = v.len() as u32 % VIRTUAL_COUNT;
+        *v.entry((site.to_string(), camera.to_string())).or_insert_with(|| (u32::from(VIRTUAL_BASE) + n).into())
     }
 
     /// Sites, cameras and control counters; mappings come from the stack.
@@ -89,9 +141,14 @@ impl Shared {
                                 .collect()
                         })
                         .unwrap_or_default(),
+                    profile: self.profiles.lock().unwrap().get(&s.name).cloned(),
                 }
             })
             .collect();
+        let mut connections: Vec<_> = self.conns.lock().unwrap().values().map(|c| c.status()).collect();
+        connections.sort_by_key(|c| c.id);
+        let open_bytes = |path: &str| connections.iter().filter(|c| c.path == path).map(|c| c.bytes_to_camera + c.bytes_from_camera).sum::<u64>();
+        let (open_direct, open_assisted) = (open_bytes("direct"), open_bytes("assisted"));
         let st = &self.stats;
         let t = stack.counters;
         StatusDoc {
@@ -101,7 +158,14 @@ impl Shared {
             keepalive_secs: self.cfg.keepalive_secs,
             sites,
             mappings: stack.mappings,
+            connections,
             counters: Counters {
+                tcp_connections_direct: st.tcp_connections_direct.load(Ordering::Relaxed),
+                tcp_connections_assisted: st.tcp_connections_assisted.load(Ordering::Relaxed),
+                tcp_connections_failed: st.tcp_connections_failed.load(Ordering::Relaxed),
+                tcp_direct_fallbacks: st.tcp_direct_fallbacks.load(Ordering::Relaxed),
+                tcp_bytes_direct: st.tcp_bytes_direct_closed.load(Ordering::Relaxed) + open_direct,
+                tcp_bytes_assisted: st.tcp_bytes_assisted_closed.load(Ordering::Relaxed) + open_assisted,
                 indications_sent: st.indications_sent.load(Ordering::Relaxed),
                 indication_errors: st.indication_errors.load(Ordering::Relaxed),
                 trigger_packets_injected: st.trigger_packets_injected.load(Ordering::Relaxed),
@@ -151,18 +215,14 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
         None => None,
     };
 
-    let shared = Arc::new(Shared {
-        registry: Mutex::new(registry),
-        sessions: Mutex::new(HashMap::new()),
-        stats: ControlStats::default(),
-        started: Instant::now(),
-        next_id: AtomicU64::new(1),
-        cfg: cfg.clone(),
-    });
+    let shared = Arc::new(Shared::new(cfg.clone(), registry));
+    let tun = Arc::new(tun);
+    let _ = shared.tun.set(tun.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (engine_tx, engine_rx) = mpsc::channel(4096);
 
     let exposes = expose::bind_all(&cfg, engine_tx.clone(), shutdown_rx.clone()).await?;
+    tcp_expose::bind_all(&shared, shutdown_rx.clone()).await?;
     let control = tokio::net::TcpListener::bind(cfg.control_listen)
         .await
         .with_context(|| format!("binding control_listen {} (is the address on this host?)", cfg.control_listen))?;

@@ -82,7 +82,7 @@ pub struct StackSnapshot {
 
 pub struct Stack {
     shared: Arc<Shared>,
-    tun: tun_rs::AsyncDevice,
+    tun: Arc<tun_rs::AsyncDevice>,
     exposes: Vec<Exposure>,
     device: QueueDevice,
     iface: Interface,
@@ -96,7 +96,7 @@ pub struct Stack {
 }
 
 impl Stack {
-    pub fn new(shared: Arc<Shared>, tun: tun_rs::AsyncDevice, exposes: Vec<Exposure>) -> Self {
+    pub fn new(shared: Arc<Shared>, tun: Arc<tun_rs::AsyncDevice>, exposes: Vec<Exposure>) -> Self {
         let mut device = QueueDevice::default();
         let mut config = Config::new(HardwareAddress::Ip);
         // smoltcp's default seed is 0: every ISN and port would be predictable.
@@ -157,6 +157,14 @@ impl Stack {
     /// A packet from the TUN: watch for ICMP errors about our mappings, then hand it to smoltcp.
     fn ingress(&mut self, pkt: &[u8]) {
         let Ok(ip) = Ipv4Packet::new_checked(pkt) else { return }; // IPv6 or garbage
+        if ip.next_header() == IpProtocol::Tcp {
+            // Camera-facing TCP belongs to the connection shard that owns the server port.
+            if let Ok(dst) = crate::wire::rewrite::endpoint(pkt, crate::wire::rewrite::End::Dst) {
+                if self.shared.tcp_routes.dispatch(dst.port(), pkt) {
+                    return;
+                }
+            }
+        }
         if ip.next_header() == IpProtocol::Icmp {
             if let Some((port, to)) = unreachable_for(&ip, self.shared.cfg.public_ip) {
                 self.table.unreachable(Instant::now(), port, to);

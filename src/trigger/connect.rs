@@ -6,11 +6,10 @@ use super::inject::Injector;
 use super::report::report;
 use crate::config::TriggerConfig;
 use crate::link::{write_frame, FrameReader, LinkError};
-use crate::wire::control::{ErrorCode, Message};
+use crate::wire::control::{ErrorCode, Message, Probe};
 use rand::Rng;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -49,16 +48,16 @@ enum Ended {
 
 pub async fn run(
     cfg: TriggerConfig,
+    probe: Option<Probe>,
     server: SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
+    connector: tokio_rustls::TlsConnector,
     name: rustls::pki_types::ServerName<'static>,
     injector: Injector,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let connector = tokio_rustls::TlsConnector::from(tls);
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
-        match session(&cfg, server, &connector, &name, &injector, &mut shutdown).await {
+        match session(&cfg, probe, server, &connector, &name, &injector, &mut shutdown).await {
             Ended::Shutdown => return,
             Ended::Lost { registered, reason } => {
                 if registered {
@@ -77,6 +76,7 @@ pub async fn run(
 
 async fn session(
     cfg: &TriggerConfig,
+    probe: Option<Probe>,
     server: SocketAddr,
     connector: &tokio_rustls::TlsConnector,
     name: &rustls::pki_types::ServerName<'static>,
@@ -119,7 +119,7 @@ async fn session(
         Ok(Err(e)) => return lost(false, format!("waiting for registration: {e}")),
         Err(_) => return lost(false, "no answer to register".into()),
     }
-    if let Err(e) = write_frame(&mut wr, &report(cfg)).await {
+    if let Err(e) = write_frame(&mut wr, &report(cfg, probe)).await {
         return lost(true, format!("sending report: {e}"));
     }
 

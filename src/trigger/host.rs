@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 
 pub struct Prepared {
     pub tun: tun_rs::AsyncDevice,
+    /// This host's address towards the server (its LAN address): the probe listener binds it.
+    pub lan_ip: std::net::Ipv4Addr,
     pub sysctls: SysctlGuard,
 }
 
@@ -31,9 +33,20 @@ pub async fn prepare(cfg: &TriggerConfig) -> Result<(SocketAddr, Prepared)> {
             format!("injection needs {key}=0: packets from the server's address arrive on the TUN, and reverse-path filtering would drop them")
         })?;
     }
+    // The site profile injects packets from and to this host's own address (its probe
+    // listener); the kernel drops packets with a local source arriving on the TUN otherwise.
+    sysctls
+        .ensure(&format!("net.ipv4.conf.{}.accept_local", cfg.tun_name), "1")
+        .context("the NAT profile needs accept_local=1 on the TUN")?;
     let route = hostnet::ip(&["-4", "route", "get", &server.ip().to_string()])?;
-    if route.split_whitespace().collect::<Vec<_>>().windows(2).any(|w| w[0] == "dev" && w[1] == cfg.tun_name) {
+    let words: Vec<&str> = route.split_whitespace().collect();
+    if words.windows(2).any(|w| w[0] == "dev" && w[1] == cfg.tun_name) {
         bail!("the route to the server {} goes into {} ({}); remove that route: it would capture the control link", server.ip(), cfg.tun_name, route.trim());
     }
-    Ok((server, Prepared { tun, sysctls }))
+    let lan_ip = words
+        .windows(2)
+        .find(|w| w[0] == "src")
+        .and_then(|w| w[1].parse().ok())
+        .with_context(|| format!("no source address towards the server {} (`ip route get` said: {})", server.ip(), route.trim()))?;
+    Ok((server, Prepared { tun, lan_ip, sysctls }))
 }

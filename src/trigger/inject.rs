@@ -2,28 +2,29 @@
 //! configured cameras and their services), builds the trigger packet P3 and writes it into the TUN.
 //! Whatever the server sends, nothing leaves towards an address or port not in the config.
 
-use crate::catalog::Service;
+use crate::catalog::{Proto, Service};
 use crate::config::TriggerConfig;
-use crate::wire::control::{ErrorCode, Indication, MAX_PD1};
+use crate::wire::control::{Direction, ErrorCode, Indication, Probe, MAX_PD1};
 use crate::wire::trigger_packet::{self, Addressing};
 use base64::Engine as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub struct Injector {
     cfg: TriggerConfig,
+    probe: Option<Probe>,
     tun: tun_rs::AsyncDevice,
     pub packets: AtomicU64,
     pub bytes: AtomicU64,
 }
 
 impl Injector {
-    pub fn new(cfg: &TriggerConfig, tun: tun_rs::AsyncDevice) -> anyhow::Result<Self> {
-        Ok(Injector { cfg: cfg.clone(), tun, packets: AtomicU64::new(0), bytes: AtomicU64::new(0) })
+    pub fn new(cfg: &TriggerConfig, probe: Option<Probe>, tun: tun_rs::AsyncDevice) -> anyhow::Result<Self> {
+        Ok(Injector { cfg: cfg.clone(), probe, tun, packets: AtomicU64::new(0), bytes: AtomicU64::new(0) })
     }
 
     /// Inject the indication's trigger packet; returns the bytes written.
     pub async fn inject(&self, ind: &Indication) -> Result<usize, (ErrorCode, String)> {
-        let p3 = build_p3(&self.cfg, ind)?;
+        let p3 = build_p3(&self.cfg, self.probe, ind)?;
         self.tun
             .send(&p3)
             .await
@@ -35,9 +36,11 @@ impl Injector {
 }
 
 /// Sans-IO half of injection: allowlist, decoding, packet building.
-pub fn build_p3(cfg: &TriggerConfig, ind: &Indication) -> Result<Vec<u8>, (ErrorCode, String)> {
+/// The trigger's own probe listener is allowed too (TCP only): the site profile targets it.
+pub fn build_p3(cfg: &TriggerConfig, probe: Option<Probe>, ind: &Indication) -> Result<Vec<u8>, (ErrorCode, String)> {
     let service = Service { proto: ind.proto, port: ind.camera_port };
-    if !cfg.allows(ind.camera_ip, service) {
+    let is_probe = probe.is_some_and(|p| ind.proto == Proto::Tcp && p.ip == ind.camera_ip && p.tcp_port == ind.camera_port);
+    if !cfg.allows(ind.camera_ip, service) && !is_probe {
         return Err((
             ErrorCode::NotAllowed,
             format!("{}:{} ({service}) is not a configured camera service of this trigger", ind.camera_ip, ind.camera_port),
@@ -50,14 +53,16 @@ pub fn build_p3(cfg: &TriggerConfig, ind: &Indication) -> Result<Vec<u8>, (Error
     let pd1 = base64::engine::general_purpose::STANDARD
         .decode(&ind.pd1)
         .map_err(|e| (ErrorCode::InjectFailed, format!("pd1 is not base64: {e}")))?;
-    let a = Addressing { proto: ind.proto, src: ind.server_ip, src_port: ind.server_port, dst: ind.camera_ip, dst_port: ind.camera_port };
+    let a = match ind.direction {
+        Direction::ToCamera => Addressing { proto: ind.proto, src: ind.server_ip, src_port: ind.server_port, dst: ind.camera_ip, dst_port: ind.camera_port },
+        Direction::ToServer => Addressing { proto: ind.proto, src: ind.camera_ip, src_port: ind.camera_port, dst: ind.server_ip, dst_port: ind.server_port },
+    };
     trigger_packet::build(&a, &pd1, rand::random()).map_err(|e| (ErrorCode::InjectFailed, e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::Proto;
     use crate::wire::control::Command;
 
     fn cfg() -> TriggerConfig {
@@ -78,6 +83,7 @@ mod tests {
             proto,
             command: Command::Inject,
             pd1: base64::engine::general_purpose::STANDARD.encode(pd1),
+            direction: Direction::ToCamera,
         }
     }
 
@@ -89,18 +95,25 @@ mod tests {
     #[test]
     fn allowlist_is_enforced_whatever_the_server_sends() {
         let c = cfg();
-        assert!(build_p3(&c, &ind("198.18.1.10", 5060, Proto::Udp, pd1(5060))).is_ok());
+        assert!(build_p3(&c, None, &ind("198.18.1.10", 5060, Proto::Udp, pd1(5060))).is_ok());
+        // The probe listener is allowed for TCP only.
+        let probe = Some(Probe { ip: "198.18.1.20".parse().unwrap(), tcp_port: 4000 });
+        let mut tcp = ind("198.18.1.20", 4000, Proto::Tcp, vec![]);
+        tcp.pd1 = base64::engine::general_purpose::STANDARD.encode(crate::server::tcp_strategy::syn_segment(40000, 4000, 1));
+        assert!(build_p3(&c, probe, &tcp).is_ok());
+        assert_eq!(build_p3(&c, None, &tcp).unwrap_err().0, ErrorCode::NotAllowed);
+        assert_eq!(build_p3(&c, probe, &ind("198.18.1.20", 4000, Proto::Udp, pd1(4000))).unwrap_err().0, ErrorCode::NotAllowed);
         for bad in [
             ind("198.18.1.11", 5060, Proto::Udp, pd1(5060)),
             ind("198.18.1.10", 5061, Proto::Udp, pd1(5061)),
             ind("198.18.1.10", 5060, Proto::Tcp, pd1(5060)),
         ] {
-            assert_eq!(build_p3(&c, &bad).unwrap_err().0, ErrorCode::NotAllowed);
+            assert_eq!(build_p3(&c, None, &bad).unwrap_err().0, ErrorCode::NotAllowed);
         }
         // The indication's fields say 5060 but PD1 targets 22: refused too.
-        assert_eq!(build_p3(&c, &ind("198.18.1.10", 5060, Proto::Udp, pd1(22))).unwrap_err().0, ErrorCode::InjectFailed);
+        assert_eq!(build_p3(&c, None, &ind("198.18.1.10", 5060, Proto::Udp, pd1(22))).unwrap_err().0, ErrorCode::InjectFailed);
         let mut big = ind("198.18.1.10", 5060, Proto::Udp, vec![]);
         big.pd1 = "A".repeat(10_000);
-        assert_eq!(build_p3(&c, &big).unwrap_err().0, ErrorCode::InjectFailed);
+        assert_eq!(build_p3(&c, None, &big).unwrap_err().0, ErrorCode::InjectFailed);
     }
 }

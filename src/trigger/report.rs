@@ -2,14 +2,15 @@
 //! and the services those imply.
 
 use crate::config::TriggerConfig;
-use crate::wire::control::{CameraReport, Message};
+use crate::wire::control::{CameraReport, Message, Probe};
 
-pub fn report(cfg: &TriggerConfig) -> Message {
+pub fn report(cfg: &TriggerConfig, probe: Option<Probe>) -> Message {
     Message::Report {
         cameras: cfg
             .cameras
             .iter()
             .map(|c| CameraReport { name: c.name.clone(), ip: c.ip, device_type: c.device_type.clone(), services: c.services() })
             .collect(),
+        probe,
     }
 }

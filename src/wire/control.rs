@@ -26,7 +26,11 @@ pub enum Message {
     /// Server → trigger (S2): accepted; tells the trigger how the server sees it.
     Registered { site: String, trigger_public: String },
     /// Trigger → server (S3): the cameras on this LAN.
-    Report { cameras: Vec<CameraReport> },
+    Report {
+        cameras: Vec<CameraReport>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        probe: Option<Probe>,
+    },
     /// Server → trigger (S4).
     ReportAck { cameras: usize },
     /// Server → trigger (S6): inject a trigger packet.
@@ -42,6 +46,17 @@ pub enum Message {
     },
     Ping { nonce: u64 },
     Pong { nonce: u64 },
+    /// Trigger → server, first frame of the *assist link* (a second TLS connection that carries
+    /// yamux streams for the trigger-assisted TCP path).
+    AssistAttach { site: String, token: String },
+    /// Server → trigger, first frame on a new assist stream: connect to this camera service.
+    Open { camera_ip: Ipv4Addr, port: u16 },
+    /// Trigger → server: the camera connection is up (then raw bytes follow) or refused.
+    OpenResult {
+        ok: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +84,17 @@ pub struct CameraReport {
     pub services: Vec<Service>,
 }
 
+/// The trigger's own TCP listener on its LAN address, against which the server measures the
+/// site's NAT (the site profile) without touching any camera.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    pub ip: Ipv4Addr,
+    pub tcp_port: u16,
+}
+
+/// Bytes the probe listener sends first on every accepted connection.
+pub const PROBE_BANNER: &[u8] = b"beckon-probe\n";
+
 /// The patent's indication P2: five fields plus PD1 (the transport header and payload of the
 /// packet the server would have sent the camera without a NAT in between).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +108,24 @@ pub struct Indication {
     pub command: Command,
     /// PD1, base64.
     pub pd1: String,
+    /// `to_camera` (the patent's form, default) or `to_server`: the reverse packet whose source
+    /// is the camera, used by the reverse-SYN TCP strategy.
+    #[serde(default, skip_serializing_if = "Direction::is_to_camera")]
+    pub direction: Direction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    #[default]
+    ToCamera,
+    ToServer,
+}
+
+impl Direction {
+    pub fn is_to_camera(&self) -> bool {
+        *self == Direction::ToCamera
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,6 +226,11 @@ impl FrameDecoder {
         msg.map(Some)
     }
 
+    /// Bytes received past the last complete frame.
+    pub fn into_buffered(self) -> Vec<u8> {
+        self.buf
+    }
+
     /// Bytes buffered; bounded by 4 + MAX_FRAME + one read.
     pub fn buffered(&self) -> usize {
         self.buf.len()
@@ -202,6 +251,7 @@ mod tests {
             proto: Proto::Udp,
             command: Command::Inject,
             pd1: "AAAA".into(),
+            direction: Direction::ToCamera,
         })
     }
 

@@ -2,4 +2,5 @@
 //! the trigger packet (P3) the trigger injects.
 
 pub mod control;
+pub mod rewrite;
 pub mod trigger_packet;

@@ -1,0 +1,95 @@
+//! Trigger-assisted TCP path (server side): when the site's NAT cannot carry direct TCP, the
+//! trigger opens an ordinary TCP connection to the camera and the bytes travel over the *assist
+//! link*: a second TLS connection from the trigger, multiplexed and flow-controlled by yamux
+//! (one yamux stream per platform-client connection). The honest fallback: the trigger carries
+//! these bytes, and `beckon status` says so.
+
+use crate::link::{write_frame, FrameReader};
+use crate::wire::control::Message;
+use futures::future::poll_fn;
+use std::net::SocketAddrV4;
+use std::task::Poll;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+
+pub type AssistStream = Compat<yamux::Stream>;
+type OpenReq = oneshot::Sender<Result<yamux::Stream, String>>;
+
+/// Streams open at once on one site's assist link.
+pub const MAX_STREAMS: usize = 4096;
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct AssistHandle {
+    pub id: u64,
+    open: mpsc::Sender<OpenReq>,
+}
+
+pub fn yamux_config() -> yamux::Config {
+    let mut c = yamux::Config::default();
+    c.set_max_num_streams(MAX_STREAMS);
+    c
+}
+
+/// Drive the yamux connection over an authenticated TLS stream; returns when the link ends.
+pub fn serve<S>(tls: S, id: u64) -> (AssistHandle, impl std::future::Future<Output = ()>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel::<OpenReq>(256);
+    let mut conn = yamux::Connection::new(tls.compat(), yamux_config(), yamux::Mode::Client);
+    let driver = async move {
+        let mut waiting: std::collections::VecDeque<OpenReq> = Default::default();
+        poll_fn(|cx| {
+            while let Poll::Ready(Some(req)) = rx.poll_recv(cx) {
+                waiting.push_back(req);
+            }
+            while !waiting.is_empty() {
+                match conn.poll_new_outbound(cx) {
+                    Poll::Ready(r) => {
+                        let req = waiting.pop_front().unwrap();
+                        let _ = req.send(r.map_err(|e| e.to_string()));
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            // Polling inbound drives the connection's I/O; the trigger never opens streams.
+            loop {
+                match conn.poll_next_inbound(cx) {
+                    Poll::Ready(Some(Ok(_stream))) => continue,
+                    Poll::Ready(Some(Err(e))) => {
+                        tracing::info!("assist link ended: {e}");
+                        return Poll::Ready(());
+                    }
+                    Poll::Ready(None) => return Poll::Ready(()),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        })
+        .await
+    };
+    (AssistHandle { id, open: tx }, driver)
+}
+
+impl AssistHandle {
+    /// Ask the trigger for a TCP connection to `camera`. Returns the stream (raw bytes from now
+    /// on) and any camera bytes that arrived together with the trigger's answer.
+    pub async fn open(&self, camera: SocketAddrV4) -> Result<(AssistStream, Vec<u8>), String> {
+        let (tx, rx) = oneshot::channel();
+        self.open.send(tx).await.map_err(|_| "assist link is down".to_string())?;
+        let stream = rx.await.map_err(|_| "assist link is down".to_string())??;
+        let mut s = stream.compat();
+        let fut = async {
+            write_frame(&mut s, &Message::Open { camera_ip: *camera.ip(), port: camera.port() }).await.map_err(|e| e.to_string())?;
+            let mut reader = FrameReader::new(s);
+            match reader.next().await {
+                Ok(Message::OpenResult { ok: true, .. }) => Ok(reader.into_parts()),
+                Ok(Message::OpenResult { ok: false, error }) => Err(format!("trigger could not connect: {}", error.unwrap_or_default())),
+                Ok(other) => Err(format!("unexpected answer on assist stream: {other:?}")),
+                Err(e) => Err(format!("assist stream: {e}")),
+            }
+        };
+        tokio::time::timeout(OPEN_TIMEOUT, fut).await.map_err(|_| "trigger did not answer the open request".to_string())?
+    }
+}

@@ -1,0 +1,381 @@
+//! One direct TCP connection to a camera: its own smoltcp Interface + socket (a *shard*: one
+//! Interface per connection, because smoltcp scans every socket per packet and collapses with
+//! thousands on one Interface), a traversal [`Attempt`], and the splice to the platform client.
+//! Packets reach a shard from the TUN reader through [`TcpRoutes`], keyed by the server port.
+
+use super::tcp_strategy::{Attempt, Out, State, Strategy};
+use super::Shared;
+use crate::catalog::Proto;
+use crate::wire::control::Direction;
+use rand::Rng;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::stack::QueueDevice;
+
+/// Packets queued from the TUN reader to one shard.
+const SHARD_QUEUE: usize = 1024;
+/// Server ports for TCP attempts (TCP and UDP port spaces are separate).
+const PORTS: std::ops::RangeInclusive<u16> = 20000..=60999;
+
+/// TUN reader → shard dispatch by server port.
+#[derive(Default)]
+pub struct TcpRoutes {
+    map: Mutex<HashMap<u16, mpsc::Sender<Vec<u8>>>>,
+}
+
+pub struct RouteGuard {
+    routes: Arc<TcpRoutes>,
+    pub port: u16,
+}
+
+impl Drop for RouteGuard {
+    fn drop(&mut self) {
+        self.routes.map.lock().unwrap().remove(&self.port);
+    }
+}
+
+impl TcpRoutes {
+    /// A fresh, unpredictable server port and the queue its packets arrive on.
+    pub fn claim(self: &Arc<Self>) -> Option<(RouteGuard, mpsc::Receiver<Vec<u8>>)> {
+        let mut map = self.map.lock().unwrap();
+        let mut rng = rand::rng();
+        for _ in 0..64 {
+            let port = rng.random_range(PORTS);
+            if let std::collections::hash_map::Entry::Vacant(e) = map.entry(port) {
+                let (tx, rx) = mpsc::channel(SHARD_QUEUE);
+                e.insert(tx);
+                return Some((RouteGuard { routes: self.clone(), port }, rx));
+            }
+        }
+        None
+    }
+
+    /// Hand a packet to the shard owning `port`; false if none does.
+    pub fn dispatch(&self, port: u16, pkt: &[u8]) -> bool {
+        match self.map.lock().unwrap().get(&port) {
+            Some(tx) => {
+                let _ = tx.try_send(pkt.to_vec()); // full: drop, TCP retransmits
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Live facts about one platform-client connection, shown in `beckon status`.
+pub struct ConnRecord {
+    pub id: u64,
+    pub camera: String,
+    pub service: String,
+    pub client: String,
+    pub started: Instant,
+    pub info: Mutex<ConnInfo>,
+    pub to_camera: AtomicU64,
+    pub from_camera: AtomicU64,
+    pub trigger_packets: AtomicU64,
+}
+
+impl ConnRecord {
+    pub fn new(id: u64, camera: String, service: String, client: String) -> Self {
+        ConnRecord {
+            id,
+            camera,
+            service,
+            client,
+            started: Instant::now(),
+            info: Mutex::new(ConnInfo { path: "connecting".into(), ..Default::default() }),
+            to_camera: AtomicU64::new(0),
+            from_camera: AtomicU64::new(0),
+            trigger_packets: AtomicU64::new(0),
+        }
+    }
+
+    pub fn status(&self) -> crate::status::ConnectionStatus {
+        let i = self.info.lock().unwrap().clone();
+        crate::status::ConnectionStatus {
+            id: self.id,
+            camera: self.camera.clone(),
+            service: self.service.clone(),
+            client: self.client.clone(),
+            path: i.path,
+            strategy: i.strategy.map(|s| s.name().to_string()),
+            public_endpoint: i.public,
+            setup_ms: i.setup_ms,
+            note: i.note,
+            age_secs: self.started.elapsed().as_secs(),
+            trigger_packets: self.trigger_packets.load(Ordering::Relaxed),
+            bytes_to_camera: self.to_camera.load(Ordering::Relaxed),
+            bytes_from_camera: self.from_camera.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Default, Clone)]
+pub struct ConnInfo {
+    /// "connecting", "direct", "assisted", "failed"
+    pub path: String,
+    pub strategy: Option<Strategy>,
+    pub public: Option<String>,
+    pub setup_ms: Option<u64>,
+    /// Why the direct path was not used, if it was not.
+    pub note: Option<String>,
+}
+
+pub struct DirectParams {
+    pub strategy: Strategy,
+    pub site: String,
+    /// The camera's private address:port (what the trigger targets).
+    pub camera: SocketAddrV4,
+    /// The camera's address inside the userspace stack.
+    pub virt: Ipv4Addr,
+    pub timeout: Duration,
+    pub buffer: usize,
+    pub keepalive: Option<Duration>,
+}
+
+pub struct Shard {
+    shared: Arc<Shared>,
+    site: String,
+    iface: Interface,
+    device: QueueDevice,
+    sockets: SocketSet<'static>,
+    handle: SocketHandle,
+    pub attempt: Attempt,
+    rx: mpsc::Receiver<Vec<u8>>,
+    _route: RouteGuard,
+    epoch: Instant,
+    record: Arc<ConnRecord>,
+}
+
+impl Shard {
+    /// Run the attempt until the connection is established (Ok) or the attempt failed (Err,
+    /// with the reason). A failed shard is dropped: its port is released, nothing lingers.
+    pub async fn connect(shared: Arc<Shared>, p: DirectParams, record: Arc<ConnRecord>) -> Result<Shard, String> {
+        let (route, rx) = shared.tcp_routes.claim().ok_or("no free server port")?;
+        let public = shared.cfg.public_ip;
+        let mut device = QueueDevice::default();
+        let mut config = Config::new(HardwareAddress::Ip);
+        config.random_seed = rand::random(); // unpredictable ISNs
+        let epoch = Instant::now();
+        let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::from_millis(0));
+        iface.update_ip_addrs(|a| {
+            a.push(IpCidr::new(IpAddress::Ipv4(public.into()), 32)).unwrap();
+        });
+        iface.routes_mut().add_default_ipv4_route(public.into()).unwrap();
+        let mut sock = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; p.buffer]), tcp::SocketBuffer::new(vec![0; p.buffer]));
+        sock.set_nagle_enabled(false);
+        sock.set_ack_delay(None);
+        if let Some(k) = p.keepalive {
+            // Probes the camera's own stack answers; they also refresh the NAT mapping.
+            sock.set_keep_alive(Some(k.into()));
+            sock.set_timeout(Some((k * 3).max(Duration::from_secs(30)).into()));
+        }
+        let mut sockets = SocketSet::new(Vec::new());
+        let handle = sockets.add(sock);
+        let server = SocketAddrV4::new(public, route.port);
+        let now = Instant::now();
+        let attempt = Attempt::new(p.strategy, server, p.camera, SocketAddrV4::new(p.virt, p.camera.port()), now, p.timeout);
+        let mut shard = Shard { shared, site: p.site, iface, device, sockets, handle, attempt, rx, _route: route, epoch, record };
+        let outs = shard.attempt.start(now, &mut rand::rng());
+        shard.process(outs).await;
+        loop {
+            shard.pump().await;
+            if let Some(why) = shard.attempt.failed() {
+                return Err(why.to_string());
+            }
+            let st = shard.sockets.get::<tcp::Socket>(handle).state();
+            if shard.attempt.state == State::Established && st == tcp::State::Established {
+                return Ok(shard);
+            }
+            if shard.attempt.state == State::Established && st == tcp::State::Closed {
+                return Err("the camera's answer did not complete the handshake".into());
+            }
+            let wake = shard.wake_at();
+            tokio::select! {
+                p = shard.rx.recv() => if let Some(p) = p {
+                    let outs = shard.attempt.from_wire(p, Instant::now());
+                    shard.process(outs).await;
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+            let outs = shard.attempt.tick(Instant::now());
+            shard.process(outs).await;
+        }
+    }
+
+    fn smol_now(&self) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    fn wake_at(&mut self) -> Instant {
+        let now = Instant::now();
+        let smol = self.iface.poll_delay(self.smol_now(), &self.sockets).map(|d| now + Duration::from_micros(d.total_micros()));
+        let mut t = now + Duration::from_secs(1);
+        for c in [smol, self.attempt.poll_at()].into_iter().flatten() {
+            t = t.min(c);
+        }
+        t
+    }
+
+    async fn process(&mut self, outs: Vec<Out>) {
+        for o in outs {
+            match o {
+                Out::Indicate { to_server, pd1 } => {
+                    let dir = if to_server { Direction::ToServer } else { Direction::ToCamera };
+                    self.record.trigger_packets.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = super::indicate::send(&self.shared, &self.site, Proto::Tcp, dir, self.attempt.camera, self.attempt.server.port(), &pd1) {
+                        tracing::warn!("{e}");
+                    }
+                }
+                Out::Connect => {
+                    let virt = self.attempt.virt;
+                    let server = self.attempt.server;
+                    let remote = IpEndpoint::new(IpAddress::Ipv4((*virt.ip()).into()), virt.port());
+                    let local = IpEndpoint::new(IpAddress::Ipv4((*server.ip()).into()), server.port());
+                    let cx = self.iface.context();
+                    if let Err(e) = self.sockets.get_mut::<tcp::Socket>(self.handle).connect(cx, remote, local) {
+                        tracing::error!("smoltcp connect: {e}");
+                    }
+                }
+                Out::ToWire(p) => {
+                    if let Err(e) = self.shared.tun().send(&p).await {
+                        tracing::debug!("TUN write: {e}");
+                    }
+                }
+                Out::ToStack(p) => self.device.rx.push_back(p),
+            }
+        }
+    }
+
+    /// Let smoltcp process input and emit output until it has nothing more to say.
+    async fn pump(&mut self) {
+        for _ in 0..64 {
+            let now = self.smol_now();
+            self.iface.poll(now, &mut self.device, &mut self.sockets);
+            if self.device.tx.is_empty() {
+                break;
+            }
+            let tx: Vec<Vec<u8>> = self.device.tx.drain(..).collect();
+            for p in tx {
+                let outs = self.attempt.from_stack(p, Instant::now());
+                self.process(outs).await;
+            }
+        }
+    }
+
+    /// The profile probe: the trigger's listener sends a banner first; seeing it proves data
+    /// flows from the "camera" side through the NAT, not just the handshake.
+    pub async fn read_banner(mut self, want: &[u8], limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        let mut got = Vec::new();
+        while Instant::now() < deadline {
+            self.pump().await;
+            let s = self.sockets.get_mut::<tcp::Socket>(self.handle);
+            if s.can_recv() {
+                let _ = s.recv(|b| {
+                    got.extend_from_slice(b);
+                    (b.len(), ())
+                });
+                if got.len() >= want.len() {
+                    s.close();
+                    self.pump().await;
+                    return if got.starts_with(want) { Ok(()) } else { Err("unexpected banner".into()) };
+                }
+            }
+            let wake = self.wake_at().min(deadline);
+            tokio::select! {
+                p = self.rx.recv() => if let Some(p) = p {
+                    let outs = self.attempt.from_wire(p, Instant::now());
+                    self.process(outs).await;
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+        self.sockets.get_mut::<tcp::Socket>(self.handle).abort();
+        self.pump().await;
+        Err("handshake completed but no data came through (the NAT drops the camera's segments)".into())
+    }
+
+    /// Splice bytes between the platform client and the camera until both sides are done.
+    pub async fn splice(mut self, client: tokio::net::TcpStream) {
+        let (mut cr, mut cw) = client.into_split();
+        let mut cbuf = vec![0u8; 16 * 1024];
+        let mut pending: Vec<u8> = Vec::new();
+        let mut off = 0usize;
+        let mut client_eof = false;
+        let mut camera_eof = false;
+        loop {
+            self.pump().await;
+            let s = self.sockets.get_mut::<tcp::Socket>(self.handle);
+            if off >= pending.len() && s.can_recv() {
+                pending.clear();
+                off = 0;
+                let _ = s.recv(|b| {
+                    pending.extend_from_slice(b);
+                    (b.len(), ())
+                });
+                continue; // the window opened: let smoltcp announce it
+            }
+            if off >= pending.len() && !s.may_recv() && !camera_eof {
+                camera_eof = true;
+                let _ = cw.shutdown().await; // half-close towards the client
+            }
+            let state = s.state();
+            if matches!(state, tcp::State::Closed | tcp::State::TimeWait) && off >= pending.len() {
+                if state == tcp::State::Closed && !(client_eof && camera_eof) {
+                    // The camera reset (or the connection timed out): reset the client too.
+                    crate::splice::reset_on_drop(cw.as_ref());
+                }
+                break;
+            }
+            let room = s.send_capacity() - s.send_queue();
+            let wake = self.wake_at();
+            tokio::select! {
+                p = self.rx.recv() => if let Some(p) = p {
+                    let outs = self.attempt.from_wire(p, Instant::now());
+                    self.process(outs).await;
+                },
+                r = cr.read(&mut cbuf[..room.min(16 * 1024).max(1)]), if !client_eof && room > 0 => {
+                    let s = self.sockets.get_mut::<tcp::Socket>(self.handle);
+                    match r {
+                        Ok(0) => { client_eof = true; s.close(); }
+                        Ok(n) => {
+                            let _ = s.send_slice(&cbuf[..n]);
+                            self.record.to_camera.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(_) => { s.abort(); self.pump().await; break; } // client reset: reset the camera side
+                    }
+                },
+                w = cw.write(&pending[off..]), if off < pending.len() => match w {
+                    Ok(n) => {
+                        off += n;
+                        self.record.from_camera.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        self.sockets.get_mut::<tcp::Socket>(self.handle).abort();
+                        self.pump().await;
+                        break;
+                    }
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+}
