@@ -28,7 +28,9 @@ impl FromStr for Proto {
         match s {
             "tcp" => Ok(Proto::Tcp),
             "udp" => Ok(Proto::Udp),
-            other => Err(format!("unknown protocol {other:?}, expected \"tcp\" or \"udp\"")),
+            other => Err(format!(
+                "unknown protocol {other:?}, expected \"tcp\" or \"udp\""
+            )),
         }
     }
 }
@@ -90,17 +92,24 @@ pub const BUILTIN: &[(&str, &[&str])] = &[
 
 /// Ports implied by a device type, or `None` for an unknown type.
 pub fn ports_of(device_type: &str) -> Option<Vec<Service>> {
-    BUILTIN.iter().find(|(name, _)| *name == device_type).map(|(_, ports)| {
-        ports
-            .iter()
-            .map(|p| p.parse().expect("built-in catalog entries are valid"))
-            .collect()
-    })
+    BUILTIN
+        .iter()
+        .find(|(name, _)| *name == device_type)
+        .map(|(_, ports)| {
+            ports
+                .iter()
+                .map(|p| p.parse().expect("built-in catalog entries are valid"))
+                .collect()
+        })
 }
 
 /// Names of all known device types, for error messages.
 pub fn known_types() -> String {
-    BUILTIN.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+    BUILTIN
+        .iter()
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -110,7 +119,13 @@ mod tests {
     #[test]
     fn service_round_trip() {
         let s: Service = "udp/5060".parse().unwrap();
-        assert_eq!(s, Service { proto: Proto::Udp, port: 5060 });
+        assert_eq!(
+            s,
+            Service {
+                proto: Proto::Udp,
+                port: 5060
+            }
+        );
         assert_eq!(s.to_string(), "udp/5060");
         assert!("udp5060".parse::<Service>().is_err());
         assert!("sctp/1".parse::<Service>().is_err());

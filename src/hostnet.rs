@@ -11,7 +11,10 @@ pub fn sysctl_path(key: &str) -> String {
 
 pub fn sysctl_get(key: &str) -> Result<String> {
     let p = sysctl_path(key);
-    Ok(std::fs::read_to_string(&p).with_context(|| format!("reading {p}"))?.trim().to_string())
+    Ok(std::fs::read_to_string(&p)
+        .with_context(|| format!("reading {p}"))?
+        .trim()
+        .to_string())
 }
 
 pub fn sysctl_set(key: &str, value: &str) -> Result<()> {
@@ -32,9 +35,16 @@ pub fn sysctl_ensure(key: &str, value: &str) -> Result<Option<String>> {
 
 /// Run `ip ARGS`; the error carries ip's own message.
 pub fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip").args(args).output().context("running `ip` (install iproute2)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (install iproute2)")?;
     if !out.status.success() {
-        bail!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -51,7 +51,10 @@ fn init_logging() {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn main() {
@@ -88,7 +91,8 @@ fn status(admin: &str, json: bool) -> Result<()> {
     if json {
         println!("{body}");
     } else {
-        let doc: beckon::status::StatusDoc = serde_json::from_str(&body).context("the server sent an unexpected status document")?;
+        let doc: beckon::status::StatusDoc =
+            serde_json::from_str(&body).context("the server sent an unexpected status document")?;
         print!("{}", doc.render());
     }
     Ok(())

@@ -18,7 +18,12 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 /// Frames queued towards one trigger.
 pub const OUT_QUEUE: usize = 256;
 
-pub async fn run(shared: Arc<Shared>, listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let limit = Arc::new(Semaphore::new(MAX_LINKS));
     loop {
@@ -56,11 +61,24 @@ pub async fn run(shared: Arc<Shared>, listener: tokio::net::TcpListener, tls: Ar
 }
 
 async fn refuse<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, code: ErrorCode, message: String) {
-    let _ = write_frame(w, &Message::Error { code, message, id: None }).await;
+    let _ = write_frame(
+        w,
+        &Message::Error {
+            code,
+            message,
+            id: None,
+        },
+    )
+    .await;
     let _ = tokio::io::AsyncWriteExt::shutdown(w).await;
 }
 
-async fn session(shared: Arc<Shared>, tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>, peer: SocketAddr, mut shutdown: watch::Receiver<bool>) {
+async fn session(
+    shared: Arc<Shared>,
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let (rd, mut wr) = tokio::io::split(tls);
     let mut reader = FrameReader::new(rd);
 
@@ -75,7 +93,12 @@ async fn session(shared: Arc<Shared>, tls: tokio_rustls::server::TlsStream<tokio
         Ok(Ok(other)) => {
             shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, "control link: expected register, got {}", kind(&other));
-            return refuse(&mut wr, ErrorCode::BadFrame, "the first frame must be register".into()).await;
+            return refuse(
+                &mut wr,
+                ErrorCode::BadFrame,
+                "the first frame must be register".into(),
+            )
+            .await;
         }
         Ok(Err(LinkError::Frame(e))) => {
             shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
@@ -91,15 +114,22 @@ async fn session(shared: Arc<Shared>, tls: tokio_rustls::server::TlsStream<tokio
             return refuse(&mut wr, ErrorCode::BadFrame, "register timed out".into()).await;
         }
     };
-    let authorised = shared
-        .cfg
-        .sites
-        .iter()
-        .any(|s| s.name == site && bool::from(subtle::ConstantTimeEq::ct_eq(s.token.as_bytes(), token.as_bytes())));
+    let authorised = shared.cfg.sites.iter().any(|s| {
+        s.name == site
+            && bool::from(subtle::ConstantTimeEq::ct_eq(
+                s.token.as_bytes(),
+                token.as_bytes(),
+            ))
+    });
     if !authorised {
         shared.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, site = %site, "trigger refused: unknown site or wrong token");
-        return refuse(&mut wr, ErrorCode::Unauthorized, "unknown site or wrong token".into()).await;
+        return refuse(
+            &mut wr,
+            ErrorCode::Unauthorized,
+            "unknown site or wrong token".into(),
+        )
+        .await;
     }
     if assist {
         return assist_link(shared, site, reader, wr, peer, shutdown).await;
@@ -110,7 +140,13 @@ async fn session(shared: Arc<Shared>, tls: tokio_rustls::server::TlsStream<tokio
     let id = shared.next_id();
     let previous = shared.sessions.lock().unwrap().insert(
         site.clone(),
-        SiteSession { id, tx: tx.clone(), public: peer, since: Instant::now(), kick: Some(kick_tx) },
+        SiteSession {
+            id,
+            tx: tx.clone(),
+            public: peer,
+            since: Instant::now(),
+            kick: Some(kick_tx),
+        },
     );
     if let Some(mut old) = previous {
         // Documented policy: the newest trigger of a site wins (a restarted trigger must not wait
@@ -120,11 +156,19 @@ async fn session(shared: Arc<Shared>, tls: tokio_rustls::server::TlsStream<tokio
             let _ = k.send(());
         }
     }
-    if let Err(e) = shared.registry.lock().unwrap().record_registration(&site, peer.to_string()) {
+    if let Err(e) = shared
+        .registry
+        .lock()
+        .unwrap()
+        .record_registration(&site, peer.to_string())
+    {
         tracing::error!("registry write failed: {e:#}");
     }
     tracing::info!(site = %site, trigger_public = %peer, "trigger registered");
-    let _ = tx.try_send(Message::Registered { site: site.clone(), trigger_public: peer.to_string() });
+    let _ = tx.try_send(Message::Registered {
+        site: site.clone(),
+        trigger_public: peer.to_string(),
+    });
 
     let writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
@@ -145,14 +189,22 @@ async fn session(shared: Arc<Shared>, tls: tokio_rustls::server::TlsStream<tokio
             Err(_) => break format!("silent for {IDLE_TIMEOUT:?}"),
             Ok(Err(LinkError::Frame(e))) => {
                 shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                let _ = tx.try_send(Message::Error { code: e.code(), message: e.to_string(), id: None });
+                let _ = tx.try_send(Message::Error {
+                    code: e.code(),
+                    message: e.to_string(),
+                    id: None,
+                });
                 break format!("bad frame: {e}");
             }
             Ok(Err(e)) => break e.to_string(),
             Ok(Ok(m)) => {
                 if let Err(why) = handle(&shared, &site, &tx, m) {
                     shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                    let _ = tx.try_send(Message::Error { code: ErrorCode::BadFrame, message: why.clone(), id: None });
+                    let _ = tx.try_send(Message::Error {
+                        code: ErrorCode::BadFrame,
+                        message: why.clone(),
+                        id: None,
+                    });
                     break why;
                 }
             }
@@ -187,7 +239,12 @@ fn kind(m: &Message) -> &'static str {
 }
 
 /// One frame from a registered trigger. `Err` closes the link.
-fn handle(shared: &Arc<Shared>, site: &str, tx: &mpsc::Sender<Message>, m: Message) -> Result<(), String> {
+fn handle(
+    shared: &Arc<Shared>,
+    site: &str,
+    tx: &mpsc::Sender<Message>,
+    m: Message,
+) -> Result<(), String> {
     match m {
         Message::Report { cameras, probe } => {
             validate_report(&cameras)?;
@@ -205,12 +262,21 @@ fn handle(shared: &Arc<Shared>, site: &str, tx: &mpsc::Sender<Message>, m: Messa
             let _ = tx.try_send(Message::ReportAck { cameras: n });
         }
         Message::IndicationResult { id, injected_bytes } => {
-            shared.stats.trigger_packets_injected.fetch_add(1, Ordering::Relaxed);
-            shared.stats.bytes_injected_by_triggers.fetch_add(injected_bytes as u64, Ordering::Relaxed);
+            shared
+                .stats
+                .trigger_packets_injected
+                .fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .bytes_injected_by_triggers
+                .fetch_add(injected_bytes as u64, Ordering::Relaxed);
             tracing::debug!(site, id, injected_bytes, "trigger packet injected");
         }
         Message::Error { code, message, id } => {
-            shared.stats.indication_errors.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .indication_errors
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(site, ?code, ?id, "trigger reported: {message}");
         }
         Message::Ping { nonce } => {
@@ -224,39 +290,59 @@ fn handle(shared: &Arc<Shared>, site: &str, tx: &mpsc::Sender<Message>, m: Messa
 
 fn validate_report(cameras: &[CameraReport]) -> Result<(), String> {
     if cameras.len() > MAX_CAMERAS {
-        return Err(format!("report lists {} cameras, limit is {MAX_CAMERAS}", cameras.len()));
+        return Err(format!(
+            "report lists {} cameras, limit is {MAX_CAMERAS}",
+            cameras.len()
+        ));
     }
     let mut names = std::collections::HashSet::new();
     for c in cameras {
         if c.name.is_empty() || c.name.len() > 64 || c.name.contains('/') {
-            return Err(format!("camera name {:?} is invalid (1-64 characters, no '/')", c.name));
+            return Err(format!(
+                "camera name {:?} is invalid (1-64 characters, no '/')",
+                c.name
+            ));
         }
         if !names.insert(&c.name) {
             return Err(format!("camera {:?} reported twice", c.name));
         }
         if c.device_type.len() > 64 || c.services.len() > 64 {
-            return Err(format!("camera {:?}: device type or service list too long", c.name));
+            return Err(format!(
+                "camera {:?}: device type or service list too long",
+                c.name
+            ));
         }
     }
     Ok(())
 }
 
 /// The assist link of an authenticated trigger: after `registered`, the TLS stream carries yamux.
-async fn assist_link<R, W>(shared: Arc<Shared>, site: String, reader: FrameReader<R>, mut wr: W, peer: SocketAddr, mut shutdown: watch::Receiver<bool>)
-where
+async fn assist_link<R, W>(
+    shared: Arc<Shared>,
+    site: String,
+    reader: FrameReader<R>,
+    mut wr: W,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    if write_frame(&mut wr, &Message::Registered { site: site.clone(), trigger_public: peer.to_string() }).await.is_err() {
+    if write_frame(
+        &mut wr,
+        &Message::Registered {
+            site: site.clone(),
+            trigger_public: peer.to_string(),
+        },
+    )
+    .await
+    .is_err()
+    {
         return;
     }
+    // Anything read past the attach frame is already yamux: replay it first.
     let (rd, leftover) = reader.into_parts();
-    if !leftover.is_empty() {
-        // The trigger must wait for `registered` before speaking yamux.
-        shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(site = %site, %peer, "assist link: data before registered; closed");
-        return;
-    }
+    let rd = tokio::io::AsyncReadExt::chain(std::io::Cursor::new(leftover), rd);
     let id = shared.next_id();
     let (handle, driver) = super::assist::serve(tokio::io::join(rd, wr), id);
     shared.assist.lock().unwrap().insert(site.clone(), handle);

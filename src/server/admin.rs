@@ -12,8 +12,15 @@ struct AppState {
     stack: mpsc::Sender<StackEvent>,
 }
 
-pub async fn run(shared: Arc<Shared>, stack: mpsc::Sender<StackEvent>, listener: tokio::net::TcpListener, mut shutdown: watch::Receiver<bool>) {
-    let app = Router::new().route("/status", get(status)).with_state(AppState { shared, stack });
+pub async fn run(
+    shared: Arc<Shared>,
+    stack: mpsc::Sender<StackEvent>,
+    listener: tokio::net::TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let app = Router::new()
+        .route("/status", get(status))
+        .with_state(AppState { shared, stack });
     let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = shutdown.changed().await;
     });
@@ -22,10 +29,20 @@ pub async fn run(shared: Arc<Shared>, stack: mpsc::Sender<StackEvent>, listener:
     }
 }
 
-async fn status(State(st): State<AppState>) -> Result<Json<crate::status::StatusDoc>, (axum::http::StatusCode, String)> {
+async fn status(
+    State(st): State<AppState>,
+) -> Result<Json<crate::status::StatusDoc>, (axum::http::StatusCode, String)> {
     let (tx, rx) = oneshot::channel();
-    let unavailable = || (axum::http::StatusCode::SERVICE_UNAVAILABLE, "stack not running\n".to_string());
-    st.stack.send(StackEvent::Snapshot(tx)).await.map_err(|_| unavailable())?;
+    let unavailable = || {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "stack not running\n".to_string(),
+        )
+    };
+    st.stack
+        .send(StackEvent::Snapshot(tx))
+        .await
+        .map_err(|_| unavailable())?;
     let snap = rx.await.map_err(|_| unavailable())?;
     Ok(Json(st.shared.status(snap)))
 }

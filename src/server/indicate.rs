@@ -19,7 +19,15 @@ pub enum IndicateError {
 
 /// Send an indication: the trigger injects `pd1` (a transport header + payload) between
 /// `public_ip:server_port` and `camera`, in `direction`. Returns the indication id.
-pub fn send(shared: &Shared, site: &str, proto: Proto, direction: Direction, camera: SocketAddrV4, server_port: u16, pd1: &[u8]) -> Result<u64, IndicateError> {
+pub fn send(
+    shared: &Shared,
+    site: &str,
+    proto: Proto,
+    direction: Direction,
+    camera: SocketAddrV4,
+    server_port: u16,
+    pd1: &[u8],
+) -> Result<u64, IndicateError> {
     let id = shared.next_id();
     let ind = Indication {
         id,
@@ -33,15 +41,42 @@ pub fn send(shared: &Shared, site: &str, proto: Proto, direction: Direction, cam
         direction,
     };
     let sessions = shared.sessions.lock().unwrap();
-    let s = sessions.get(site).ok_or_else(|| IndicateError::NotConnected(site.to_string()))?;
-    s.tx.try_send(Message::Indication(ind)).map_err(|_| IndicateError::Congested(site.to_string()))?;
-    shared.stats.indications_sent.fetch_add(1, Ordering::Relaxed);
+    let s = sessions
+        .get(site)
+        .ok_or_else(|| IndicateError::NotConnected(site.to_string()))?;
+    s.tx.try_send(Message::Indication(ind))
+        .map_err(|_| IndicateError::Congested(site.to_string()))?;
+    shared
+        .stats
+        .indications_sent
+        .fetch_add(1, Ordering::Relaxed);
     tracing::info!(site, id, %proto, ?direction, %camera, server_port, bytes = pd1.len(), "indication sent");
     Ok(id)
 }
 
 /// Signalling form: the trigger sends the client's datagram to the camera as if from the server.
-pub fn udp(shared: &Shared, site: &str, camera_ip: Ipv4Addr, camera_port: u16, server_port: u16, payload: &[u8]) -> Result<u64, IndicateError> {
-    let a = Addressing { proto: Proto::Udp, src: shared.cfg.public_ip, src_port: server_port, dst: camera_ip, dst_port: camera_port };
-    send(shared, site, Proto::Udp, Direction::ToCamera, SocketAddrV4::new(camera_ip, camera_port), server_port, &udp_pd1(&a, payload))
+pub fn udp(
+    shared: &Shared,
+    site: &str,
+    camera_ip: Ipv4Addr,
+    camera_port: u16,
+    server_port: u16,
+    payload: &[u8],
+) -> Result<u64, IndicateError> {
+    let a = Addressing {
+        proto: Proto::Udp,
+        src: shared.cfg.public_ip,
+        src_port: server_port,
+        dst: camera_ip,
+        dst_port: camera_port,
+    };
+    send(
+        shared,
+        site,
+        Proto::Udp,
+        Direction::ToCamera,
+        SocketAddrV4::new(camera_ip, camera_port),
+        server_port,
+        &udp_pd1(&a, payload),
+    )
 }

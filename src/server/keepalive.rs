@@ -70,12 +70,18 @@ fn sip_options(seq: u64, server: SocketAddrV4, camera: SocketAddrV4) -> String {
 fn is_sip_keepalive_answer(payload: &[u8]) -> bool {
     // A SIP response (status line) carrying our Call-ID. Bounded scan: headers only.
     let head = &payload[..payload.len().min(2048)];
-    let Ok(text) = std::str::from_utf8(head) else { return false };
+    let Ok(text) = std::str::from_utf8(head) else {
+        return false;
+    };
     text.starts_with("SIP/2.0 ")
         && text.lines().any(|l| {
             let l = l.trim_start();
-            (l.len() > 8 && l[..8].eq_ignore_ascii_case("call-id:") && l[8..].trim_start().starts_with(CALL_ID_PREFIX))
-                || (l.len() > 2 && l[..2].eq_ignore_ascii_case("i:") && l[2..].trim_start().starts_with(CALL_ID_PREFIX))
+            (l.len() > 8
+                && l[..8].eq_ignore_ascii_case("call-id:")
+                && l[8..].trim_start().starts_with(CALL_ID_PREFIX))
+                || (l.len() > 2
+                    && l[..2].eq_ignore_ascii_case("i:")
+                    && l[2..].trim_start().starts_with(CALL_ID_PREFIX))
         })
 }
 
@@ -95,8 +101,14 @@ mod tests {
         let answer = format!("SIP/2.0 200 OK\r\n{call_id}\r\nCSeq: 3 OPTIONS\r\n\r\n");
         assert_eq!(k.is_answer(answer.as_bytes()), Some(true));
         // A real message from the camera is not swallowed.
-        assert_eq!(k.is_answer(b"SIP/2.0 200 OK\r\nCall-ID: abc@x\r\n\r\n"), Some(false));
-        assert_eq!(k.is_answer(b"MESSAGE sip:x SIP/2.0\r\nCall-ID: beckon-ka-1\r\n\r\n"), Some(false));
+        assert_eq!(
+            k.is_answer(b"SIP/2.0 200 OK\r\nCall-ID: abc@x\r\n\r\n"),
+            Some(false)
+        );
+        assert_eq!(
+            k.is_answer(b"MESSAGE sip:x SIP/2.0\r\nCall-ID: beckon-ka-1\r\n\r\n"),
+            Some(false)
+        );
         assert_eq!(k.is_answer(&[0xff, 0xfe]), Some(false));
     }
 
@@ -104,7 +116,13 @@ mod tests {
     fn generic_keepalive_is_empty_and_undecidable() {
         let k = KeepaliveKind::for_device_type("generic-rtsp");
         assert_eq!(k, KeepaliveKind::EmptyDatagram);
-        assert!(k.payload(1, "1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap()).is_empty());
+        assert!(k
+            .payload(
+                1,
+                "1.2.3.4:1".parse().unwrap(),
+                "5.6.7.8:2".parse().unwrap()
+            )
+            .is_empty());
         assert_eq!(k.is_answer(b"anything"), None);
     }
 }

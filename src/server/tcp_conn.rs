@@ -53,7 +53,13 @@ impl TcpRoutes {
             if let std::collections::hash_map::Entry::Vacant(e) = map.entry(port) {
                 let (tx, rx) = mpsc::channel(SHARD_QUEUE);
                 e.insert(tx);
-                return Some((RouteGuard { routes: self.clone(), port }, rx));
+                return Some((
+                    RouteGuard {
+                        routes: self.clone(),
+                        port,
+                    },
+                    rx,
+                ));
             }
         }
         None
@@ -100,7 +106,10 @@ impl ConnRecord {
             service,
             client,
             started: Instant::now(),
-            info: Mutex::new(ConnInfo { path: "connecting".into(), ..Default::default() }),
+            info: Mutex::new(ConnInfo {
+                path: "connecting".into(),
+                ..Default::default()
+            }),
             to_camera: AtomicU64::new(0),
             from_camera: AtomicU64::new(0),
             trigger_packets: AtomicU64::new(0),
@@ -167,7 +176,11 @@ pub struct Shard {
 impl Shard {
     /// Run the attempt until the connection is established (Ok) or the attempt failed (Err,
     /// with the reason). A failed shard is dropped: its port is released, nothing lingers.
-    pub async fn connect(shared: Arc<Shared>, p: DirectParams, record: Arc<ConnRecord>) -> Result<Shard, String> {
+    pub async fn connect(
+        shared: Arc<Shared>,
+        p: DirectParams,
+        record: Arc<ConnRecord>,
+    ) -> Result<Shard, String> {
         let (route, rx) = shared.tcp_routes.claim().ok_or("no free server port")?;
         let public = shared.cfg.public_ip;
         let mut device = QueueDevice::default();
@@ -176,10 +189,17 @@ impl Shard {
         let epoch = Instant::now();
         let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::from_millis(0));
         iface.update_ip_addrs(|a| {
-            a.push(IpCidr::new(IpAddress::Ipv4(public.into()), 32)).unwrap();
+            a.push(IpCidr::new(IpAddress::Ipv4(public.into()), 32))
+                .unwrap();
         });
-        iface.routes_mut().add_default_ipv4_route(public.into()).unwrap();
-        let mut sock = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; p.buffer]), tcp::SocketBuffer::new(vec![0; p.buffer]));
+        iface
+            .routes_mut()
+            .add_default_ipv4_route(public.into())
+            .unwrap();
+        let mut sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; p.buffer]),
+            tcp::SocketBuffer::new(vec![0; p.buffer]),
+        );
         sock.set_nagle_enabled(false);
         sock.set_ack_delay(None);
         if let Some(k) = p.keepalive {
@@ -191,8 +211,27 @@ impl Shard {
         let handle = sockets.add(sock);
         let server = SocketAddrV4::new(public, route.port);
         let now = Instant::now();
-        let attempt = Attempt::new(p.strategy, server, p.camera, SocketAddrV4::new(p.virt, p.camera.port()), now, p.timeout);
-        let mut shard = Shard { shared, site: p.site, iface, device, sockets, handle, attempt, rx, _route: route, epoch, record };
+        let attempt = Attempt::new(
+            p.strategy,
+            server,
+            p.camera,
+            SocketAddrV4::new(p.virt, p.camera.port()),
+            now,
+            p.timeout,
+        );
+        let mut shard = Shard {
+            shared,
+            site: p.site,
+            iface,
+            device,
+            sockets,
+            handle,
+            attempt,
+            rx,
+            _route: route,
+            epoch,
+            record,
+        };
         let outs = shard.attempt.start(now, &mut rand::rng());
         shard.process(outs).await;
         loop {
@@ -226,7 +265,10 @@ impl Shard {
 
     fn wake_at(&mut self) -> Instant {
         let now = Instant::now();
-        let smol = self.iface.poll_delay(self.smol_now(), &self.sockets).map(|d| now + Duration::from_micros(d.total_micros()));
+        let smol = self
+            .iface
+            .poll_delay(self.smol_now(), &self.sockets)
+            .map(|d| now + Duration::from_micros(d.total_micros()));
         let mut t = now + Duration::from_secs(1);
         for c in [smol, self.attempt.poll_at()].into_iter().flatten() {
             t = t.min(c);
@@ -238,9 +280,21 @@ impl Shard {
         for o in outs {
             match o {
                 Out::Indicate { to_server, pd1 } => {
-                    let dir = if to_server { Direction::ToServer } else { Direction::ToCamera };
+                    let dir = if to_server {
+                        Direction::ToServer
+                    } else {
+                        Direction::ToCamera
+                    };
                     self.record.trigger_packets.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) = super::indicate::send(&self.shared, &self.site, Proto::Tcp, dir, self.attempt.camera, self.attempt.server.port(), &pd1) {
+                    if let Err(e) = super::indicate::send(
+                        &self.shared,
+                        &self.site,
+                        Proto::Tcp,
+                        dir,
+                        self.attempt.camera,
+                        self.attempt.server.port(),
+                        &pd1,
+                    ) {
                         tracing::warn!("{e}");
                     }
                 }
@@ -248,9 +302,14 @@ impl Shard {
                     let virt = self.attempt.virt;
                     let server = self.attempt.server;
                     let remote = IpEndpoint::new(IpAddress::Ipv4((*virt.ip()).into()), virt.port());
-                    let local = IpEndpoint::new(IpAddress::Ipv4((*server.ip()).into()), server.port());
+                    let local =
+                        IpEndpoint::new(IpAddress::Ipv4((*server.ip()).into()), server.port());
                     let cx = self.iface.context();
-                    if let Err(e) = self.sockets.get_mut::<tcp::Socket>(self.handle).connect(cx, remote, local) {
+                    if let Err(e) = self
+                        .sockets
+                        .get_mut::<tcp::Socket>(self.handle)
+                        .connect(cx, remote, local)
+                    {
                         tracing::error!("smoltcp connect: {e}");
                     }
                 }
@@ -296,7 +355,11 @@ impl Shard {
                 if got.len() >= want.len() {
                     s.close();
                     self.pump().await;
-                    return if got.starts_with(want) { Ok(()) } else { Err("unexpected banner".into()) };
+                    return if got.starts_with(want) {
+                        Ok(())
+                    } else {
+                        Err("unexpected banner".into())
+                    };
                 }
             }
             let wake = self.wake_at().min(deadline);
@@ -310,7 +373,10 @@ impl Shard {
         }
         self.sockets.get_mut::<tcp::Socket>(self.handle).abort();
         self.pump().await;
-        Err("handshake completed but no data came through (the NAT drops the camera's segments)".into())
+        Err(
+            "handshake completed but no data came through (the NAT drops the camera's segments)"
+                .into(),
+        )
     }
 
     /// Splice bytes between the platform client and the camera until both sides are done.

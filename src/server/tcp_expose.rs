@@ -29,14 +29,21 @@ pub async fn bind_all(shared: &Arc<Shared>, shutdown: watch::Receiver<bool>) -> 
         if e.proto != Proto::Tcp {
             continue;
         }
-        let l = TcpListener::bind(e.listen).await.with_context(|| format!("expose[{i}] ({}): binding tcp {}", e.camera, e.listen))?;
+        let l = TcpListener::bind(e.listen)
+            .await
+            .with_context(|| format!("expose[{i}] ({}): binding tcp {}", e.camera, e.listen))?;
         tracing::info!(camera = %e.camera, service = %e.service(), listen = %e.listen, "exposure ready");
         tokio::spawn(accept_loop(shared.clone(), e.clone(), l, shutdown.clone()));
     }
     Ok(())
 }
 
-async fn accept_loop(shared: Arc<Shared>, e: ExposeConfig, l: TcpListener, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    shared: Arc<Shared>,
+    e: ExposeConfig,
+    l: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         let (client, peer) = tokio::select! {
@@ -74,18 +81,35 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, client: TcpStream, peer: S
         return;
     }
     let camera = SocketAddrV4::new(cam.ip, e.port);
-    let record = Arc::new(ConnRecord::new(shared.next_id(), e.camera.clone(), e.service().to_string(), peer.to_string()));
-    shared.conns.lock().unwrap().insert(record.id, record.clone());
+    let record = Arc::new(ConnRecord::new(
+        shared.next_id(),
+        e.camera.clone(),
+        e.service().to_string(),
+        peer.to_string(),
+    ));
+    shared
+        .conns
+        .lock()
+        .unwrap()
+        .insert(record.id, record.clone());
     let t0 = Instant::now();
     let site = e.site().to_string();
 
-    let preferred = shared.profiles.lock().unwrap().get(&site).map(|p| (p.direct_strategy.clone(), p.summary.clone()));
+    let preferred = shared
+        .profiles
+        .lock()
+        .unwrap()
+        .get(&site)
+        .map(|p| (p.direct_strategy.clone(), p.summary.clone()));
     let mut note = match &preferred {
         None => Some("no site profile yet".to_string()),
         Some((None, summary)) => Some(summary.clone()),
         Some((Some(_), _)) => None,
     };
-    if let Some(strategy) = preferred.and_then(|(s, _)| s).and_then(|s| strategy_from_name(&s)) {
+    if let Some(strategy) = preferred
+        .and_then(|(s, _)| s)
+        .and_then(|s| strategy_from_name(&s))
+    {
         let params = DirectParams {
             strategy,
             site: site.clone(),
@@ -106,7 +130,10 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, client: TcpStream, peer: S
                     i.public = public.clone();
                     i.setup_ms = Some(setup);
                 }
-                shared.stats.tcp_connections_direct.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .stats
+                    .tcp_connections_direct
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::info!(camera = %e.camera, client = %peer, strategy = strategy.name(), public = public.as_deref().unwrap_or("-"),
                     setup_ms = setup, trigger_packets = record.trigger_packets.load(Ordering::Relaxed), "direct TCP connection up");
                 shard.splice(client).await;
@@ -114,7 +141,10 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, client: TcpStream, peer: S
                 return;
             }
             Err(why) => {
-                shared.stats.tcp_direct_fallbacks.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .stats
+                    .tcp_direct_fallbacks
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(camera = %e.camera, client = %peer, strategy = strategy.name(), "direct attempt failed ({why}); falling back to the assisted path");
                 note = Some(format!("{} failed: {why}", strategy.name()));
             }
@@ -135,13 +165,26 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, client: TcpStream, peer: S
                 i.setup_ms = Some(setup);
                 i.note = note;
             }
-            shared.stats.tcp_connections_assisted.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .tcp_connections_assisted
+                .fetch_add(1, Ordering::Relaxed);
             tracing::info!(camera = %e.camera, client = %peer, setup_ms = setup, "assisted TCP connection up (bytes relayed by the trigger)");
-            crate::splice::relay(client, stream, leftover, &record.to_camera, &record.from_camera).await;
+            crate::splice::relay(
+                client,
+                stream,
+                leftover,
+                &record.to_camera,
+                &record.from_camera,
+            )
+            .await;
             finish(&shared, &record, false);
         }
         Err(why) => {
-            shared.stats.tcp_connections_failed.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .tcp_connections_failed
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(camera = %e.camera, client = %peer, "cannot reach the camera: {why}");
             crate::splice::reset_on_drop(&client); // the client sees the failure at once
             shared.conns.lock().unwrap().remove(&record.id);
@@ -150,11 +193,15 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, client: TcpStream, peer: S
 }
 
 fn finish(shared: &Shared, record: &ConnRecord, direct: bool) {
-    let bytes = record.to_camera.load(Ordering::Relaxed) + record.from_camera.load(Ordering::Relaxed);
-    let c = if direct { &shared.stats.tcp_bytes_direct_closed } else { &shared.stats.tcp_bytes_assisted_closed };
+    let bytes =
+        record.to_camera.load(Ordering::Relaxed) + record.from_camera.load(Ordering::Relaxed);
+    let c = if direct {
+        &shared.stats.tcp_bytes_direct_closed
+    } else {
+        &shared.stats.tcp_bytes_assisted_closed
+    };
     c.fetch_add(bytes, Ordering::Relaxed);
     shared.conns.lock().unwrap().remove(&record.id);
     tracing::info!(camera = %record.camera, client = %record.client, to_camera = record.to_camera.load(Ordering::Relaxed),
         from_camera = record.from_camera.load(Ordering::Relaxed), secs = record.started.elapsed().as_secs(), "TCP connection closed");
 }
-

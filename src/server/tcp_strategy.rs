@@ -114,7 +114,14 @@ pub fn syn_segment(src_port: u16, dst_port: u16, seq: u32) -> Vec<u8> {
 }
 
 impl Attempt {
-    pub fn new(strategy: Strategy, server: SocketAddrV4, camera: SocketAddrV4, virt: SocketAddrV4, now: Instant, timeout: Duration) -> Self {
+    pub fn new(
+        strategy: Strategy,
+        server: SocketAddrV4,
+        camera: SocketAddrV4,
+        virt: SocketAddrV4,
+        now: Instant,
+        timeout: Duration,
+    ) -> Self {
         Attempt {
             strategy,
             server,
@@ -156,7 +163,9 @@ impl Attempt {
 
     /// A packet smoltcp wants to send (towards `virt`).
     pub fn from_stack(&mut self, mut pkt: Vec<u8>, now: Instant) -> Vec<Out> {
-        let Some((_, dst, t)) = tcp_of(&pkt) else { return vec![] };
+        let Some((_, dst, t)) = tcp_of(&pkt) else {
+            return vec![];
+        };
         if dst != self.virt {
             return vec![];
         }
@@ -173,7 +182,9 @@ impl Attempt {
                 }
             }
             (State::AwaitSynAck, Strategy::ReverseSyn) | (State::Established, _) => {
-                let Some(public) = self.public else { return vec![] };
+                let Some(public) = self.public else {
+                    return vec![];
+                };
                 if rewrite::rewrite(&mut pkt, End::Dst, public).is_err() {
                     return vec![];
                 }
@@ -185,7 +196,9 @@ impl Attempt {
 
     /// A packet from the wire addressed to `server`.
     pub fn from_wire(&mut self, mut pkt: Vec<u8>, now: Instant) -> Vec<Out> {
-        let Some((src, dst, t)) = tcp_of(&pkt) else { return vec![] };
+        let Some((src, dst, t)) = tcp_of(&pkt) else {
+            return vec![];
+        };
         if dst != self.server {
             return vec![];
         }
@@ -249,7 +262,13 @@ impl Attempt {
     /// When to call [`Attempt::tick`] next.
     pub fn poll_at(&self) -> Option<Instant> {
         match self.state {
-            State::AwaitReverseSyn => Some(self.deadline.min(self.last_indication.map(|t| t + REINDICATE_AFTER).unwrap_or(self.deadline))),
+            State::AwaitReverseSyn => Some(
+                self.deadline.min(
+                    self.last_indication
+                        .map(|t| t + REINDICATE_AFTER)
+                        .unwrap_or(self.deadline),
+                ),
+            ),
             State::AwaitSynAck => Some(self.deadline),
             _ => None,
         }
@@ -267,7 +286,9 @@ impl Attempt {
                 vec![]
             }
             State::AwaitReverseSyn => {
-                let due = self.last_indication.is_some_and(|t| now.duration_since(t) >= REINDICATE_AFTER);
+                let due = self
+                    .last_indication
+                    .is_some_and(|t| now.duration_since(t) >= REINDICATE_AFTER);
                 if due && self.indications < MAX_INDICATIONS {
                     if let Some((to_server, pd1)) = self.last_pd1.clone() {
                         return vec![self.indicate(now, to_server, pd1)];
@@ -300,7 +321,14 @@ mod tests {
     const NAT: &str = "203.0.113.2:554";
 
     fn attempt(s: Strategy, t0: Instant) -> Attempt {
-        Attempt::new(s, SERVER.parse().unwrap(), CAMERA.parse().unwrap(), VIRT.parse().unwrap(), t0, Duration::from_secs(3))
+        Attempt::new(
+            s,
+            SERVER.parse().unwrap(),
+            CAMERA.parse().unwrap(),
+            VIRT.parse().unwrap(),
+            t0,
+            Duration::from_secs(3),
+        )
     }
 
     /// An IPv4 TCP packet src → dst with flags.
@@ -313,7 +341,18 @@ mod tests {
             t.set_ack(ack);
             t.set_rst(rst);
         }
-        build(&Addressing { proto: Proto::Tcp, src: *s.ip(), src_port: s.port(), dst: *d.ip(), dst_port: d.port() }, &seg, 1).unwrap()
+        build(
+            &Addressing {
+                proto: Proto::Tcp,
+                src: *s.ip(),
+                src_port: s.port(),
+                dst: *d.ip(),
+                dst_port: d.port(),
+            },
+            &seg,
+            1,
+        )
+        .unwrap()
     }
 
     fn src_of(p: &[u8]) -> SocketAddrV4 {
@@ -327,10 +366,19 @@ mod tests {
     fn patent_syn_carries_smoltcps_syn_and_completes_on_translated_synack() {
         let t0 = Instant::now();
         let mut a = attempt(Strategy::PatentSyn, t0);
-        assert_eq!(a.start(t0, &mut rand::rngs::StdRng::seed_from_u64(1)), vec![Out::Connect]);
+        assert_eq!(
+            a.start(t0, &mut rand::rngs::StdRng::seed_from_u64(1)),
+            vec![Out::Connect]
+        );
         let syn = pkt(SERVER, VIRT, true, false, false);
         let out = a.from_stack(syn.clone(), t0);
-        let [Out::Indicate { to_server: false, pd1 }] = &out[..] else { panic!("{out:?}") };
+        let [Out::Indicate {
+            to_server: false,
+            pd1,
+        }] = &out[..]
+        else {
+            panic!("{out:?}")
+        };
         assert_eq!(pd1[..], syn[20..]);
         // Retransmissions re-indicate, bounded.
         assert_eq!(a.from_stack(syn.clone(), t0).len(), 1);
@@ -338,17 +386,25 @@ mod tests {
         assert!(a.from_stack(syn, t0).is_empty());
         assert_eq!(a.indications, 3);
         // A leaked, untranslated SYN-ACK is not a mapping.
-        assert!(a.from_wire(pkt(CAMERA, SERVER, true, true, false), t0).is_empty());
+        assert!(a
+            .from_wire(pkt(CAMERA, SERVER, true, true, false), t0)
+            .is_empty());
         let out = a.from_wire(pkt(NAT, SERVER, true, true, false), t0);
-        let [Out::ToStack(p)] = &out[..] else { panic!("{out:?}") };
+        let [Out::ToStack(p)] = &out[..] else {
+            panic!("{out:?}")
+        };
         assert_eq!(src_of(p), VIRT.parse().unwrap());
         assert_eq!(a.state, State::Established);
         // smoltcp's ACK goes to the mapping.
         let out = a.from_stack(pkt(SERVER, VIRT, false, true, false), t0);
-        let [Out::ToWire(p)] = &out[..] else { panic!("{out:?}") };
+        let [Out::ToWire(p)] = &out[..] else {
+            panic!("{out:?}")
+        };
         assert_eq!(dst_of(p), NAT.parse().unwrap());
         // Strangers are ignored once established.
-        assert!(a.from_wire(pkt("203.0.113.9:554", SERVER, false, true, false), t0).is_empty());
+        assert!(a
+            .from_wire(pkt("203.0.113.9:554", SERVER, false, true, false), t0)
+            .is_empty());
     }
 
     #[test]
@@ -369,7 +425,13 @@ mod tests {
         let t0 = Instant::now();
         let mut a = attempt(Strategy::ReverseSyn, t0);
         let out = a.start(t0, &mut rand::rngs::StdRng::seed_from_u64(1));
-        let [Out::Indicate { to_server: true, pd1 }] = &out[..] else { panic!("{out:?}") };
+        let [Out::Indicate {
+            to_server: true,
+            pd1,
+        }] = &out[..]
+        else {
+            panic!("{out:?}")
+        };
         let t = TcpPacket::new_checked(&pd1[..]).unwrap();
         assert!(t.syn() && !t.ack());
         assert_eq!((t.src_port(), t.dst_port()), (554, 40000));
@@ -377,12 +439,17 @@ mod tests {
         assert!(a.tick(t0 + Duration::from_millis(500)).is_empty());
         assert_eq!(a.tick(t0 + Duration::from_millis(1000)).len(), 1);
         // The reverse SYN arrives translated: swallowed (nothing to the stack), connect now.
-        assert_eq!(a.from_wire(pkt(NAT, SERVER, true, false, false), t0), vec![Out::Connect]);
+        assert_eq!(
+            a.from_wire(pkt(NAT, SERVER, true, false, false), t0),
+            vec![Out::Connect]
+        );
         assert_eq!(a.public, Some(NAT.parse().unwrap()));
         // smoltcp's SYN goes to the mapping; a duplicate reverse SYN is swallowed.
         let out = a.from_stack(pkt(SERVER, VIRT, true, false, false), t0);
         assert!(matches!(&out[..], [Out::ToWire(p)] if dst_of(p) == NAT.parse().unwrap()));
-        assert!(a.from_wire(pkt(NAT, SERVER, true, false, false), t0).is_empty());
+        assert!(a
+            .from_wire(pkt(NAT, SERVER, true, false, false), t0)
+            .is_empty());
         let out = a.from_wire(pkt(NAT, SERVER, true, true, false), t0);
         assert!(matches!(&out[..], [Out::ToStack(_)]));
         assert_eq!(a.state, State::Established);
@@ -398,11 +465,15 @@ mod tests {
         let mut b = attempt(Strategy::ReverseSyn, t0);
         b.start(t0, &mut rand::rngs::StdRng::seed_from_u64(1));
         b.from_wire(pkt(NAT, SERVER, true, false, false), t0);
-        assert!(b.from_wire(pkt(NAT, SERVER, false, false, true), t0).is_empty());
+        assert!(b
+            .from_wire(pkt(NAT, SERVER, false, false, true), t0)
+            .is_empty());
         assert!(b.failed().unwrap().contains("RST"));
         // Wrong server port: not ours.
         let mut c = attempt(Strategy::ReverseSyn, t0);
-        assert!(c.from_wire(pkt(NAT, "203.0.113.100:1", true, false, false), t0).is_empty());
+        assert!(c
+            .from_wire(pkt(NAT, "203.0.113.100:1", true, false, false), t0)
+            .is_empty());
         assert_eq!(c.state, State::AwaitReverseSyn);
     }
 }

@@ -13,8 +13,12 @@ pub async fn start(lan_ip: Ipv4Addr) -> anyhow::Result<Probe> {
     tokio::spawn(async move {
         let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
         loop {
-            let Ok((mut s, peer)) = l.accept().await else { continue };
-            let Ok(permit) = limit.clone().try_acquire_owned() else { continue };
+            let Ok((mut s, peer)) = l.accept().await else {
+                continue;
+            };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                continue;
+            };
             tokio::spawn(async move {
                 let _permit = permit;
                 tracing::debug!(%peer, "probe connection");
@@ -28,5 +32,8 @@ pub async fn start(lan_ip: Ipv4Addr) -> anyhow::Result<Probe> {
         }
     });
     tracing::info!(addr = %format!("{lan_ip}:{port}"), "probe listener ready (the server measures the site's NAT against it)");
-    Ok(Probe { ip: lan_ip, tcp_port: port })
+    Ok(Probe {
+        ip: lan_ip,
+        tcp_port: port,
+    })
 }

@@ -22,9 +22,16 @@ pub const MAX_PD1: usize = 1480;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
     /// Trigger → server, first frame (patent S1).
-    Register { site: String, token: String, agent: String },
+    Register {
+        site: String,
+        token: String,
+        agent: String,
+    },
     /// Server → trigger (S2): accepted; tells the trigger how the server sees it.
-    Registered { site: String, trigger_public: String },
+    Registered {
+        site: String,
+        trigger_public: String,
+    },
     /// Trigger → server (S3): the cameras on this LAN.
     Report {
         cameras: Vec<CameraReport>,
@@ -32,11 +39,16 @@ pub enum Message {
         probe: Option<Probe>,
     },
     /// Server → trigger (S4).
-    ReportAck { cameras: usize },
+    ReportAck {
+        cameras: usize,
+    },
     /// Server → trigger (S6): inject a trigger packet.
     Indication(Indication),
     /// Trigger → server: the trigger packet left through the TUN.
-    IndicationResult { id: u64, injected_bytes: usize },
+    IndicationResult {
+        id: u64,
+        injected_bytes: usize,
+    },
     /// Either way: something was refused. `id` names the indication, if any.
     Error {
         code: ErrorCode,
@@ -44,13 +56,23 @@ pub enum Message {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
     },
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
     /// Trigger → server, first frame of the *assist link* (a second TLS connection that carries
     /// yamux streams for the trigger-assisted TCP path).
-    AssistAttach { site: String, token: String },
+    AssistAttach {
+        site: String,
+        token: String,
+    },
     /// Server → trigger, first frame on a new assist stream: connect to this camera service.
-    Open { camera_ip: Ipv4Addr, port: u16 },
+    Open {
+        camera_ip: Ipv4Addr,
+        port: u16,
+    },
     /// Trigger → server: the camera connection is up (then raw bytes follow) or refused.
     OpenResult {
         ok: bool,
@@ -166,8 +188,11 @@ impl FrameError {
 
 /// Encode one message as a length-prefixed frame.
 pub fn encode(msg: &Message) -> Vec<u8> {
-    let body = serde_json::to_vec(&Envelope { v: VERSION, msg: msg.clone() })
-        .expect("control messages always serialize");
+    let body = serde_json::to_vec(&Envelope {
+        v: VERSION,
+        msg: msg.clone(),
+    })
+    .expect("control messages always serialize");
     debug_assert!(body.len() <= MAX_FRAME, "sender built an oversized frame");
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -258,9 +283,17 @@ mod tests {
     #[test]
     fn round_trip_byte_by_byte() {
         let msgs = vec![
-            Message::Register { site: "a".into(), token: "t".into(), agent: "beckon/0.1".into() },
+            Message::Register {
+                site: "a".into(),
+                token: "t".into(),
+                agent: "beckon/0.1".into(),
+            },
             ind(),
-            Message::Error { code: ErrorCode::NotAllowed, message: "no".into(), id: Some(7) },
+            Message::Error {
+                code: ErrorCode::NotAllowed,
+                message: "no".into(),
+                id: Some(7),
+            },
             Message::Ping { nonce: 1 },
         ];
         let mut wire = Vec::new();
@@ -294,9 +327,18 @@ mod tests {
 
     #[test]
     fn malformed_and_wrong_version_are_errors() {
-        assert!(matches!(decode_body(b"{not json"), Err(FrameError::Malformed(_))));
-        assert!(matches!(decode_body(br#"{"v":1,"type":"launch"}"#), Err(FrameError::Malformed(_))));
-        assert_eq!(decode_body(br#"{"v":9,"type":"ping","nonce":1}"#), Err(FrameError::Version(9)));
+        assert!(matches!(
+            decode_body(b"{not json"),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_body(br#"{"v":1,"type":"launch"}"#),
+            Err(FrameError::Malformed(_))
+        ));
+        assert_eq!(
+            decode_body(br#"{"v":9,"type":"ping","nonce":1}"#),
+            Err(FrameError::Version(9))
+        );
         let mut d = FrameDecoder::default();
         d.push(&[0, 0, 0, 0]);
         assert_eq!(d.next_frame(), Err(FrameError::Empty));

@@ -37,9 +37,23 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("beckon-test-{prefix}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let lab = Lab { prefix: prefix.into(), dir, procs: Vec::new() };
-        let out = Command::new(repo().join("scripts/lab/lab.sh")).arg("up").arg(prefix).args(args).output().unwrap();
-        assert!(out.status.success(), "lab up failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let lab = Lab {
+            prefix: prefix.into(),
+            dir,
+            procs: Vec::new(),
+        };
+        let out = Command::new(repo().join("scripts/lab/lab.sh"))
+            .arg("up")
+            .arg(prefix)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lab up failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         lab
     }
 
@@ -83,7 +97,10 @@ impl Lab {
 
     pub fn write(&self, file: &str, text: &str) -> String {
         let p = self.dir.join(file);
-        std::fs::File::create(&p).unwrap().write_all(text.as_bytes()).unwrap();
+        std::fs::File::create(&p)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
         p.display().to_string()
     }
 
@@ -146,29 +163,47 @@ ports = ["udp/5060"]
         let cfg = self.server_config(keepalive_secs);
         self.spawn("server", "srv", &["server", "--config", &cfg]);
         let ca = PathBuf::from(self.state_dir()).join("ca.pem");
-        wait_for(Duration::from_secs(10), "server admin endpoint", || self.try_status().is_some());
+        wait_for(Duration::from_secs(10), "server admin endpoint", || {
+            self.try_status().is_some()
+        });
         assert!(ca.exists());
     }
 
     pub fn start_trigger(&mut self, site: &str) {
-        let ca = PathBuf::from(self.state_dir()).join("ca.pem").display().to_string();
+        let ca = PathBuf::from(self.state_dir())
+            .join("ca.pem")
+            .display()
+            .to_string();
         let cfg = self.trigger_config(site, &format!("token-{site}-0123456789"), &ca);
-        self.spawn(&format!("trigger-{site}"), &format!("trg-{site}"), &["trigger", "--config", &cfg]);
+        self.spawn(
+            &format!("trigger-{site}"),
+            &format!("trg-{site}"),
+            &["trigger", "--config", &cfg],
+        );
     }
 
     /// Wait until the status shows the site connected with a camera reported.
     pub fn wait_registered(&self, site: &str) {
-        wait_for(Duration::from_secs(15), &format!("site-{site} registered"), || {
-            self.try_status().is_some_and(|s| {
-                s["sites"].as_array().unwrap().iter().any(|x| {
-                    x["name"] == format!("site-{site}") && x["connected"] == true && !x["cameras"].as_array().unwrap().is_empty()
+        wait_for(
+            Duration::from_secs(15),
+            &format!("site-{site} registered"),
+            || {
+                self.try_status().is_some_and(|s| {
+                    s["sites"].as_array().unwrap().iter().any(|x| {
+                        x["name"] == format!("site-{site}")
+                            && x["connected"] == true
+                            && !x["cameras"].as_array().unwrap().is_empty()
+                    })
                 })
-            })
-        });
+            },
+        );
     }
 
     pub fn try_status(&self) -> Option<serde_json::Value> {
-        let out = Command::new("ip").args(["netns", "exec", &self.ns("srv"), BECKON, "status", "--json"]).output().ok()?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns("srv"), BECKON, "status", "--json"])
+            .output()
+            .ok()?;
         if !out.status.success() {
             return None;
         }
@@ -194,13 +229,32 @@ ports = ["udp/5060"]
 
     /// Packets the trigger host's kernel received from its TUN = trigger packets injected.
     pub fn tun_injected_packets(&self, site: &str) -> u64 {
-        let out = Command::new("ip").args(["netns", "exec", &self.ns(&format!("trg-{site}")), "cat", "/sys/class/net/beckon0/statistics/rx_packets"]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(u64::MAX)
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(&format!("trg-{site}")),
+                "cat",
+                "/sys/class/net/beckon0/statistics/rx_packets",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(u64::MAX)
     }
 
     pub fn lab(&self, args: &[&str]) -> String {
-        let out = Command::new(repo().join("scripts/lab/lab.sh")).args(args).output().unwrap();
-        assert!(out.status.success(), "lab.sh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(repo().join("scripts/lab/lab.sh"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lab.sh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -210,10 +264,17 @@ impl Drop for Lab {
         for (name, mut child) in self.procs.drain(..) {
             let code = terminate(&mut child);
             if std::thread::panicking() {
-                eprintln!("---- {name} (exit {code:?}) ----\n{}", std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default());
+                eprintln!(
+                    "---- {name} (exit {code:?}) ----\n{}",
+                    std::fs::read_to_string(self.dir.join(format!("{name}.log")))
+                        .unwrap_or_default()
+                );
             }
         }
-        let _ = Command::new(repo().join("scripts/lab/lab.sh")).arg("down").arg(&self.prefix).output();
+        let _ = Command::new(repo().join("scripts/lab/lab.sh"))
+            .arg("down")
+            .arg(&self.prefix)
+            .output();
     }
 }
 
@@ -250,7 +311,8 @@ pub struct Client {
 impl Client {
     pub fn new(port: u16) -> Client {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
         Client { sock, port }
     }
 
@@ -268,11 +330,18 @@ impl Client {
 }
 
 pub fn mappings_for<'a>(st: &'a serde_json::Value, camera: &str) -> Vec<&'a serde_json::Value> {
-    st["mappings"].as_array().unwrap().iter().filter(|m| m["camera"] == camera).collect()
+    st["mappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["camera"] == camera)
+        .collect()
 }
 
 pub fn counter(st: &serde_json::Value, name: &str) -> u64 {
-    st["counters"][name].as_u64().unwrap_or_else(|| panic!("no counter {name}"))
+    st["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name}"))
 }
 
 pub fn path_exists(p: &str) -> bool {
