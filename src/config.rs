@@ -92,6 +92,14 @@ pub struct TlsFiles {
 pub struct SiteConfig {
     pub name: String,
     pub token: String,
+    /// Try direct TCP through this site's NAT (site profile, then direct strategies). `false`
+    /// sends every TCP connection of the site over the trigger-assisted path.
+    #[serde(default = "default_true")]
+    pub direct_tcp: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]

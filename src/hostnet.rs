@@ -67,6 +67,9 @@ impl SysctlGuard {
 impl Drop for SysctlGuard {
     fn drop(&mut self) {
         for (k, v) in self.restore.drain(..).rev() {
+            if !std::path::Path::new(&sysctl_path(&k)).exists() {
+                continue; // a per-device setting whose device is gone (our TUN)
+            }
             match sysctl_set(&k, &v) {
                 Ok(()) => tracing::info!(key = %k, value = %v, "restored sysctl"),
                 Err(e) => tracing::warn!("could not restore {k}={v}: {e:#}"),

@@ -38,6 +38,9 @@ pub struct ProfileStatus {
     pub tcp: Vec<StrategyResult>,
     /// The strategy camera connections use directly, if any works.
     pub direct_strategy: Option<String>,
+    /// Every strategy that worked, in the order connections try them before the assisted path.
+    #[serde(default)]
+    pub direct_order: Vec<String>,
     pub summary: String,
 }
 
@@ -48,6 +51,12 @@ pub struct StrategyResult {
     pub detail: String,
     pub setup_ms: u64,
     pub trigger_packets: u64,
+    /// steered-resync/ttl: the TTL its steered packets used.
+    #[serde(default)]
+    pub steer_ttl: Option<u8>,
+    /// Sequential waits for packets through the NAT during setup (WAN round trips).
+    #[serde(default)]
+    pub round_trips: u32,
 }
 
 /// One platform-client TCP connection to a camera service.
@@ -60,8 +69,14 @@ pub struct ConnectionStatus {
     /// `connecting`, `direct` or `assisted`
     pub path: String,
     pub strategy: Option<String>,
+    /// steered-resync: `ttl`, `ttl-1`, `md5`, …
+    #[serde(default)]
+    pub steering: Option<String>,
     pub public_endpoint: Option<String>,
     pub setup_ms: Option<u64>,
+    /// WAN round trips the setup waited for.
+    #[serde(default)]
+    pub round_trips: u32,
     /// Why the direct path was not used (when it was not).
     pub note: Option<String>,
     pub age_secs: u64,
@@ -237,12 +252,16 @@ impl StatusDoc {
         for c in &self.connections {
             let _ = writeln!(
                 s,
-                "{:<14} {:<9} {:<21} {:<9} {:<12} {:<22} {:>5}ms {:>4} {:>12} {:>12}",
+                "{:<14} {:<9} {:<21} {:<9} {:<20} {:<22} {:>5}ms {:>4} {:>12} {:>12}",
                 c.camera,
                 c.service,
                 c.client,
                 c.path,
-                c.strategy.as_deref().unwrap_or("-"),
+                match (&c.strategy, &c.steering) {
+                    (Some(st), Some(sg)) => format!("{st}/{sg}"),
+                    (Some(st), None) => st.clone(),
+                    _ => "-".into(),
+                },
                 c.public_endpoint.as_deref().unwrap_or("-"),
                 c.setup_ms.unwrap_or(0),
                 c.trigger_packets,

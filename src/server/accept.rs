@@ -248,8 +248,24 @@ fn handle(
     match m {
         Message::Report { cameras, probe } => {
             validate_report(&cameras)?;
-            if let Some(probe) = probe {
-                tokio::spawn(super::profile::run(shared.clone(), site.to_string(), probe));
+            let direct_tcp = shared
+                .cfg
+                .sites
+                .iter()
+                .any(|s| s.name == site && s.direct_tcp);
+            match probe {
+                Some(probe) if direct_tcp => {
+                    tokio::spawn(super::profile::run(shared.clone(), site.to_string(), probe));
+                }
+                _ => super::profile::record_without_measuring(
+                    shared,
+                    site,
+                    if direct_tcp {
+                        "the trigger has no probe listener"
+                    } else {
+                        "direct TCP disabled for this site (direct_tcp = false)"
+                    },
+                ),
             }
             let n = cameras.len();
             for c in &cameras {

@@ -3,7 +3,7 @@
 //! whether camera connections try the direct path, and with which strategy.
 
 use super::tcp_conn::{ConnRecord, DirectParams, Shard};
-use super::tcp_strategy::Strategy;
+use super::tcp_strategy::{Steering, Strategy};
 use super::Shared;
 use crate::status::{ProfileStatus, StrategyResult};
 use crate::wire::control::{Probe, PROBE_BANNER};
@@ -16,45 +16,37 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 pub async fn run(shared: Arc<Shared>, site: String, probe: Probe) {
     let target = SocketAddrV4::new(probe.ip, probe.tcp_port);
     tracing::info!(site = %site, probe = %target, "measuring the site's NAT (direct TCP strategies against the trigger's probe listener)");
-    let mut results = Vec::new();
-    for strategy in Strategy::ALL {
-        let record = Arc::new(ConnRecord::new(
-            shared.next_id(),
-            format!("{site}/(probe)"),
-            format!("tcp/{}", probe.tcp_port),
-            "profile".into(),
-        ));
-        let t0 = Instant::now();
-        let params = DirectParams {
-            strategy,
-            site: site.clone(),
-            camera: target,
-            virt: shared.virt_addr(&site, "(probe)"),
-            timeout: ATTEMPT_TIMEOUT,
-            buffer: 4096,
-            keepalive: None,
-        };
-        let outcome = match Shard::connect(shared.clone(), params, record.clone()).await {
-            Ok(shard) => shard.read_banner(PROBE_BANNER, ATTEMPT_TIMEOUT).await,
-            Err(why) => Err(why),
-        };
-        let r = StrategyResult {
-            strategy: strategy.name().into(),
-            works: outcome.is_ok(),
-            detail: outcome
-                .err()
-                .unwrap_or_else(|| "handshake and data through the NAT".into()),
-            setup_ms: t0.elapsed().as_millis() as u64,
-            trigger_packets: record
-                .trigger_packets
-                .load(std::sync::atomic::Ordering::Relaxed),
-        };
-        tracing::info!(site = %site, strategy = strategy.name(), works = r.works, "profile: {}", r.detail);
-        results.push(r);
+    // Each attempt has its own server port and conntrack entry: run them side by side.
+    let mut results = futures::future::join_all(
+        Strategy::BASIC
+            .into_iter()
+            .map(|s| attempt(&shared, &site, target, s)),
+    )
+    .await;
+    // Calibrate the TTL steering if the exact arithmetic failed: one hop either way.
+    let ttl0 = Strategy::SteeredResync(Steering::Ttl { adjust: 0 });
+    if results
+        .iter()
+        .any(|r| r.strategy == ttl0.label() && !r.works)
+    {
+        for adjust in [-1, 1] {
+            let r = attempt(
+                &shared,
+                &site,
+                target,
+                Strategy::SteeredResync(Steering::Ttl { adjust }),
+            )
+            .await;
+            let works = r.works;
+            results.push(r);
+            if works {
+                break;
+            }
+        }
     }
-    let direct = choose_by_name(&results);
-    let summary = match direct {
-        Some(s) => format!("direct TCP works with {}", s.name()),
+    let direct = choose(&results);
+    let summary = match direct.first() {
+        Some(s) => format!("direct TCP works with {}", s.label()),
         None => {
             "direct TCP does not work through this NAT; TCP uses the trigger-assisted path".into()
         }
@@ -66,22 +58,111 @@ pub async fn run(shared: Arc<Shared>, site: String, probe: Probe) {
             measured_unix: super::record::unix_now(),
             probe: target.to_string(),
             tcp: results,
-            direct_strategy: direct.map(|s| s.name().to_string()),
+            direct_strategy: direct.first().map(|s| s.label()),
+            direct_order: direct.iter().map(|s| s.label()).collect(),
             summary,
         },
     );
 }
 
-/// Which strategy to prefer among those that worked: the patent's own form first (it needs one
-/// trigger packet and no swallowed SYN), then reverse-syn.
-pub fn choose_by_name(results: &[StrategyResult]) -> Option<Strategy> {
-    [Strategy::PatentSyn, Strategy::ReverseSyn]
-        .into_iter()
-        .find(|s| results.iter().any(|r| r.strategy == s.name() && r.works))
+/// A profile that measured nothing: TCP of this site goes assisted, and status says why.
+pub fn record_without_measuring(shared: &Shared, site: &str, why: &str) {
+    tracing::info!(
+        site,
+        "site profile: {why}; TCP uses the trigger-assisted path"
+    );
+    shared.profiles.lock().unwrap().insert(
+        site.to_string(),
+        ProfileStatus {
+            measured_unix: super::record::unix_now(),
+            summary: format!("{why}; TCP uses the trigger-assisted path"),
+            ..Default::default()
+        },
+    );
 }
 
-pub fn strategy_from_name(name: &str) -> Option<Strategy> {
-    Strategy::ALL.into_iter().find(|s| s.name() == name)
+/// One strategy against the probe; a failure is retried once (a lost packet must not mark a
+/// working strategy as broken for the whole session).
+async fn attempt(
+    shared: &Arc<Shared>,
+    site: &str,
+    target: SocketAddrV4,
+    strategy: Strategy,
+) -> StrategyResult {
+    let first = attempt_once(shared, site, target, strategy).await;
+    if first.works {
+        return first;
+    }
+    let mut second = attempt_once(shared, site, target, strategy).await;
+    second.trigger_packets += first.trigger_packets;
+    second
+}
+
+async fn attempt_once(
+    shared: &Arc<Shared>,
+    site: &str,
+    target: SocketAddrV4,
+    strategy: Strategy,
+) -> StrategyResult {
+    let record = Arc::new(ConnRecord::new(
+        shared.next_id(),
+        format!("{site}/(probe)"),
+        format!("tcp/{}", target.port()),
+        "profile".into(),
+    ));
+    let t0 = Instant::now();
+    let params = DirectParams {
+        strategy,
+        site: site.to_string(),
+        camera: target,
+        virt: shared.virt_addr(site, "(probe)"),
+        timeout: ATTEMPT_TIMEOUT,
+        buffer: 4096,
+        keepalive: None,
+    };
+    let mut steer_ttl = None;
+    let mut round_trips = 0;
+    let outcome = match Shard::connect(shared.clone(), params, record.clone()).await {
+        Ok(shard) => {
+            steer_ttl = shard.attempt.steer_ttl();
+            round_trips = shard.attempt.round_trips;
+            shard.read_banner(PROBE_BANNER, ATTEMPT_TIMEOUT).await
+        }
+        Err(why) => Err(why),
+    };
+    let r = StrategyResult {
+        strategy: strategy.label(),
+        works: outcome.is_ok(),
+        detail: outcome
+            .err()
+            .unwrap_or_else(|| "handshake and data through the NAT".into()),
+        setup_ms: t0.elapsed().as_millis() as u64,
+        trigger_packets: record
+            .trigger_packets
+            .load(std::sync::atomic::Ordering::Relaxed),
+        steer_ttl,
+        round_trips,
+    };
+    tracing::info!(site, strategy = %r.strategy, works = r.works, "profile: {}", r.detail);
+    r
+}
+
+/// The strategies that worked, in the order connections try them: cheapest first (fewest
+/// trigger packets and round trips): patent-syn, reverse-syn, steered-resync by TTL, by MD5.
+pub fn choose(results: &[StrategyResult]) -> Vec<Strategy> {
+    let mut ok: Vec<Strategy> = results
+        .iter()
+        .filter(|r| r.works)
+        .filter_map(|r| Strategy::from_label(&r.strategy))
+        .collect();
+    ok.sort_by_key(|s| match s {
+        Strategy::PatentSyn => 0,
+        Strategy::ReverseSyn => 1,
+        Strategy::SteeredResync(Steering::Ttl { .. }) => 2,
+        Strategy::SteeredResync(Steering::Md5) => 3,
+    });
+    ok.dedup();
+    ok
 }
 
 #[cfg(test)]
@@ -90,34 +171,34 @@ mod tests {
 
     fn r(s: Strategy, works: bool) -> StrategyResult {
         StrategyResult {
-            strategy: s.name().into(),
+            strategy: s.label(),
             works,
-            detail: String::new(),
-            setup_ms: 0,
-            trigger_packets: 1,
+            ..Default::default()
         }
     }
 
     #[test]
-    fn prefers_the_patent_form_then_reverse() {
+    fn order_is_cheapest_first() {
+        let ttl = Strategy::SteeredResync(Steering::Ttl { adjust: -1 });
+        let md5 = Strategy::SteeredResync(Steering::Md5);
         assert_eq!(
-            choose_by_name(&[r(Strategy::ReverseSyn, true), r(Strategy::PatentSyn, true)]),
-            Some(Strategy::PatentSyn)
+            choose(&[r(md5, true), r(Strategy::ReverseSyn, true), r(ttl, true)]),
+            vec![Strategy::ReverseSyn, ttl, md5]
         );
         assert_eq!(
-            choose_by_name(&[r(Strategy::ReverseSyn, true), r(Strategy::PatentSyn, false)]),
-            Some(Strategy::ReverseSyn)
+            choose(&[r(Strategy::ReverseSyn, false), r(md5, true)]),
+            vec![md5]
         );
-        assert_eq!(
-            choose_by_name(&[
-                r(Strategy::ReverseSyn, false),
-                r(Strategy::PatentSyn, false)
-            ]),
-            None
-        );
-        assert_eq!(
-            strategy_from_name("reverse-syn"),
-            Some(Strategy::ReverseSyn)
-        );
+        assert!(choose(&[r(Strategy::PatentSyn, false)]).is_empty());
+        for s in [
+            Strategy::PatentSyn,
+            Strategy::ReverseSyn,
+            ttl,
+            md5,
+            Strategy::SteeredResync(Steering::Ttl { adjust: 0 }),
+        ] {
+            assert_eq!(Strategy::from_label(&s.label()), Some(s), "{}", s.label());
+        }
+        assert_eq!(ttl.label(), "steered-resync/ttl-1");
     }
 }

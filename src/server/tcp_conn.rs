@@ -125,8 +125,10 @@ impl ConnRecord {
             client: self.client.clone(),
             path: i.path,
             strategy: i.strategy.map(|s| s.name().to_string()),
+            steering: i.strategy.and_then(|s| s.steering()),
             public_endpoint: i.public,
             setup_ms: i.setup_ms,
+            round_trips: i.round_trips,
             note: i.note,
             age_secs: self.started.elapsed().as_secs(),
             trigger_packets: self.trigger_packets.load(Ordering::Relaxed),
@@ -143,6 +145,7 @@ pub struct ConnInfo {
     pub strategy: Option<Strategy>,
     pub public: Option<String>,
     pub setup_ms: Option<u64>,
+    pub round_trips: u32,
     /// Why the direct path was not used, if it was not.
     pub note: Option<String>,
 }

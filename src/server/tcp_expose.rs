@@ -3,8 +3,8 @@
 //! the direct attempt fails) trigger-assisted. Bytes are spliced both ways with backpressure;
 //! half-close and reset are propagated; everything is freed on close.
 
-use super::profile::strategy_from_name;
 use super::tcp_conn::{ConnRecord, DirectParams, Shard};
+use super::tcp_strategy::Strategy;
 use super::Shared;
 use crate::catalog::Proto;
 use crate::config::ExposeConfig;
@@ -95,21 +95,23 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, client: TcpStream, peer: S
     let t0 = Instant::now();
     let site = e.site().to_string();
 
-    let preferred = shared
+    let profile = shared
         .profiles
         .lock()
         .unwrap()
         .get(&site)
-        .map(|p| (p.direct_strategy.clone(), p.summary.clone()));
-    let mut note = match &preferred {
-        None => Some("no site profile yet".to_string()),
-        Some((None, summary)) => Some(summary.clone()),
-        Some((Some(_), _)) => None,
+        .map(|p| (p.direct_order.clone(), p.summary.clone()));
+    let (order, mut note) = match profile {
+        None => (Vec::new(), Some("no site profile yet".to_string())),
+        Some((order, summary)) => {
+            let note = order.is_empty().then_some(summary);
+            (order, note)
+        }
     };
-    if let Some(strategy) = preferred
-        .and_then(|(s, _)| s)
-        .and_then(|s| strategy_from_name(&s))
-    {
+    // The profile's working strategies, cheapest first; each failure moves on to the next
+    // (e.g. the other steering method), then to the assisted path.
+    let mut failures = Vec::new();
+    for strategy in order.iter().filter_map(|l| Strategy::from_label(l)) {
         let params = DirectParams {
             strategy,
             site: site.clone(),
@@ -129,13 +131,16 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, client: TcpStream, peer: S
                     i.strategy = Some(strategy);
                     i.public = public.clone();
                     i.setup_ms = Some(setup);
+                    i.round_trips = shard.attempt.round_trips;
+                    i.note = (!failures.is_empty()).then(|| failures.join("; "));
                 }
                 shared
                     .stats
                     .tcp_connections_direct
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::info!(camera = %e.camera, client = %peer, strategy = strategy.name(), public = public.as_deref().unwrap_or("-"),
-                    setup_ms = setup, trigger_packets = record.trigger_packets.load(Ordering::Relaxed), "direct TCP connection up");
+                tracing::info!(camera = %e.camera, client = %peer, strategy = %strategy.label(), public = public.as_deref().unwrap_or("-"),
+                    setup_ms = setup, round_trips = shard.attempt.round_trips,
+                    trigger_packets = record.trigger_packets.load(Ordering::Relaxed), "direct TCP connection up");
                 shard.splice(client).await;
                 finish(&shared, &record, true);
                 return;
@@ -145,10 +150,13 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, client: TcpStream, peer: S
                     .stats
                     .tcp_direct_fallbacks
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(camera = %e.camera, client = %peer, strategy = strategy.name(), "direct attempt failed ({why}); falling back to the assisted path");
-                note = Some(format!("{} failed: {why}", strategy.name()));
+                tracing::warn!(camera = %e.camera, client = %peer, strategy = %strategy.label(), "direct attempt failed: {why}");
+                failures.push(format!("{} failed: {why}", strategy.label()));
             }
         }
+    }
+    if !failures.is_empty() {
+        note = Some(failures.join("; "));
     }
 
     let handle = shared.assist.lock().unwrap().get(&site).cloned();

@@ -12,6 +12,15 @@
 //!   the NAT maps it and forwards it; the server swallows it (no SYN-ACK, no RST), learns the
 //!   mapping and opens with its own SYN to it (simultaneous-open on the NAT, an ordinary
 //!   passive open on the camera). Works where the NAT does not track TCP windows strictly.
+//! * `steered-resync`: direct TCP through a strict, window-tracking conntrack NAT (the lab's
+//!   measured sequence, `docs/architecture.md`): (1) trigger: reverse SYN camera→server, seq T;
+//!   the server learns the mapping and the hop count; (2) server: a *steered* SYN-ACK (seq S =
+//!   smoltcp's ISN, ack T+1) that conntrack sees but the camera never gets (TTL expiring at the
+//!   NAT, or a TCP-MD5 option the camera drops); (3) trigger: the patent's SYN server→camera with
+//!   seq S; the camera's SYN-ACK (seq C) is now translated to the server and *held*; (4) trigger:
+//!   reverse SYN seq C, then a steered SYN-ACK acking C+1: conntrack resyncs to S and C; (5) the
+//!   held SYN-ACK goes to smoltcp, which completes the handshake; nothing of smoltcp's connection
+//!   leaves the server before that.
 
 use crate::wire::rewrite::{self, End};
 use rand::Rng;
@@ -25,14 +34,68 @@ use std::time::{Duration, Instant};
 pub enum Strategy {
     PatentSyn,
     ReverseSyn,
+    SteeredResync(Steering),
+}
+
+/// How a steered packet is kept from the camera while conntrack still sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Steering {
+    /// IP TTL expiring at the NAT: derived from the arriving TTL of step 1 (both ends are TUNs,
+    /// so a packet the server writes needs `64 - ttl_seen - 1`), plus a per-site `adjust`
+    /// calibrated in the site profile.
+    Ttl { adjust: i8 },
+    /// TCP-MD5 option (kind 19) with a random digest: conntrack passes it, a camera without a key
+    /// drops the segment.
+    Md5,
 }
 
 impl Strategy {
-    pub const ALL: [Strategy; 2] = [Strategy::ReverseSyn, Strategy::PatentSyn];
+    /// The strategies a site profile measures first, cheapest first.
+    pub const BASIC: [Strategy; 4] = [
+        Strategy::PatentSyn,
+        Strategy::ReverseSyn,
+        Strategy::SteeredResync(Steering::Ttl { adjust: 0 }),
+        Strategy::SteeredResync(Steering::Md5),
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Strategy::PatentSyn => "patent-syn",
             Strategy::ReverseSyn => "reverse-syn",
+            Strategy::SteeredResync(_) => "steered-resync",
+        }
+    }
+
+    pub fn steering(self) -> Option<String> {
+        match self {
+            Strategy::SteeredResync(Steering::Ttl { adjust: 0 }) => Some("ttl".into()),
+            Strategy::SteeredResync(Steering::Ttl { adjust }) => Some(format!("ttl{adjust:+}")),
+            Strategy::SteeredResync(Steering::Md5) => Some("md5".into()),
+            _ => None,
+        }
+    }
+
+    /// `patent-syn`, `reverse-syn`, `steered-resync/ttl`, `steered-resync/ttl-1`, `steered-resync/md5`.
+    pub fn label(self) -> String {
+        match self.steering() {
+            Some(st) => format!("{}/{st}", self.name()),
+            None => self.name().to_string(),
+        }
+    }
+
+    pub fn from_label(s: &str) -> Option<Strategy> {
+        match s {
+            "patent-syn" => Some(Strategy::PatentSyn),
+            "reverse-syn" => Some(Strategy::ReverseSyn),
+            "steered-resync/md5" => Some(Strategy::SteeredResync(Steering::Md5)),
+            "steered-resync/ttl" => Some(Strategy::SteeredResync(Steering::Ttl { adjust: 0 })),
+            other => {
+                let adj = other.strip_prefix("steered-resync/ttl")?;
+                Some(Strategy::SteeredResync(Steering::Ttl {
+                    adjust: adj.parse().ok()?,
+                }))
+            }
         }
     }
 }
@@ -56,8 +119,13 @@ pub enum Out {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum State {
-    /// reverse-syn: waiting for the trigger's reverse SYN to arrive through the NAT.
+    /// steered-resync: waiting for smoltcp's SYN, whose ISN S the sequence is built on.
+    AwaitIsn,
+    /// reverse-syn, steered-resync step 1: waiting for the trigger's reverse SYN to arrive
+    /// through the NAT.
     AwaitReverseSyn,
+    /// steered-resync step 4: the camera's SYN-ACK is held; waiting for the resync SYN.
+    AwaitResync,
     /// Waiting for the camera's SYN-ACK.
     AwaitSynAck,
     Established,
@@ -78,12 +146,28 @@ pub struct Attempt {
     pub started: Instant,
     pub established_at: Option<Instant>,
     pub indications: u32,
+    /// Indications for the current step (each step is retried on its own budget).
+    step_tries: u32,
+    step_state: Option<State>,
+    step_timeout: Duration,
     last_indication: Option<Instant>,
     /// The trigger packet to repeat if it (or the camera's answer) is lost.
     last_pd1: Option<(bool, Vec<u8>)>,
     deadline: Instant,
     /// A SYN-ACK arrived from a private address: the NAT leaked it untranslated.
     leaked: bool,
+    /// steered-resync: smoltcp's ISN and SYN segment, the TTL for steered packets, the camera's
+    /// held SYN-ACK and its ISN.
+    isn: Option<u32>,
+    syn_pd1: Option<Vec<u8>>,
+    steer_ttl: Option<u8>,
+    held_synack: Option<Vec<u8>>,
+    camera_isn: Option<u32>,
+    /// The last steered packet, re-sent with a retried step.
+    last_steered: Option<Vec<u8>>,
+    /// Sequential waits for a packet through the NAT (each one WAN round trip).
+    pub round_trips: u32,
+    rng: rand::rngs::StdRng,
 }
 
 fn tcp_of(pkt: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4, TcpPacket<&[u8]>)> {
@@ -131,18 +215,86 @@ impl Attempt {
             state: match strategy {
                 Strategy::PatentSyn => State::AwaitSynAck,
                 Strategy::ReverseSyn => State::AwaitReverseSyn,
+                Strategy::SteeredResync(_) => State::AwaitIsn,
             },
             started: now,
             established_at: None,
             indications: 0,
+            step_tries: 0,
+            step_state: None,
+            step_timeout: timeout,
             last_indication: None,
             last_pd1: None,
             deadline: now + timeout,
             leaked: false,
+            isn: None,
+            syn_pd1: None,
+            steer_ttl: None,
+            held_synack: None,
+            camera_isn: None,
+            last_steered: None,
+            round_trips: 0,
+            rng: rand::SeedableRng::from_os_rng(),
         }
     }
 
+    /// TTL the steered packets use (steered-resync/ttl, once step 1 arrived).
+    pub fn steer_ttl(&self) -> Option<u8> {
+        self.steer_ttl
+    }
+
+    /// A SYN-ACK from server:P to the mapping that conntrack sees and the camera must not.
+    fn steered_synack(&mut self, ack: u32) -> Option<Vec<u8>> {
+        let public = self.public?;
+        let seq = self.isn?;
+        let md5 = matches!(self.strategy, Strategy::SteeredResync(Steering::Md5));
+        let hl = if md5 { 40 } else { 20 };
+        let mut seg = vec![0u8; hl];
+        {
+            let mut t = TcpPacket::new_unchecked(&mut seg[..]);
+            t.set_src_port(self.server.port());
+            t.set_dst_port(public.port());
+            t.set_seq_number(TcpSeqNumber(seq as i32));
+            t.set_ack_number(TcpSeqNumber(ack as i32));
+            t.set_header_len(hl as u8);
+            t.clear_flags();
+            t.set_syn(true);
+            t.set_ack(true);
+            t.set_window_len(64240);
+        }
+        if md5 {
+            // kind 19, length 18, a random digest no camera can verify; 2 bytes of NOP padding.
+            seg[20] = 19;
+            seg[21] = 18;
+            self.rng.fill(&mut seg[22..38]);
+            seg[38] = 1;
+            seg[39] = 1;
+        }
+        let a = crate::wire::trigger_packet::Addressing {
+            proto: crate::catalog::Proto::Tcp,
+            src: *self.server.ip(),
+            src_port: self.server.port(),
+            dst: *public.ip(),
+            dst_port: public.port(),
+        };
+        let mut pkt = crate::wire::trigger_packet::build(&a, &seg, self.rng.random()).ok()?;
+        if let Some(ttl) = self.steer_ttl.filter(|_| !md5) {
+            let mut ip = Ipv4Packet::new_unchecked(&mut pkt[..]);
+            ip.set_hop_limit(ttl);
+            ip.fill_checksum();
+        }
+        self.last_steered = Some(pkt.clone());
+        Some(pkt)
+    }
+
     fn indicate(&mut self, now: Instant, to_server: bool, pd1: Vec<u8>) -> Out {
+        if self.step_state.as_ref() != Some(&self.state) {
+            // A new step: its own retry and time budget.
+            self.step_state = Some(self.state.clone());
+            self.step_tries = 0;
+            self.deadline = self.deadline.max(now + self.step_timeout);
+        }
+        self.step_tries += 1;
         self.indications += 1;
         self.last_indication = Some(now);
         self.last_pd1 = Some((to_server, pd1.clone()));
@@ -153,7 +305,7 @@ impl Attempt {
     /// comes back through [`Attempt::from_stack`]).
     pub fn start(&mut self, now: Instant, rng: &mut impl Rng) -> Vec<Out> {
         match self.strategy {
-            Strategy::PatentSyn => vec![Out::Connect],
+            Strategy::PatentSyn | Strategy::SteeredResync(_) => vec![Out::Connect],
             Strategy::ReverseSyn => {
                 let seg = syn_segment(self.camera.port(), self.server.port(), rng.random());
                 vec![self.indicate(now, true, seg)]
@@ -172,6 +324,15 @@ impl Attempt {
         let is_syn = t.syn() && !t.ack();
         let hl = Ipv4Packet::new_unchecked(&pkt[..]).header_len() as usize;
         match (&self.state, self.strategy) {
+            (State::AwaitIsn, Strategy::SteeredResync(_)) if is_syn => {
+                // Step 1: smoltcp's ISN is S; ask for the reverse SYN (seq T).
+                self.isn = Some(t.seq_number().0 as u32);
+                self.syn_pd1 = Some(pkt[hl..].to_vec());
+                self.state = State::AwaitReverseSyn;
+                let seg = syn_segment(self.camera.port(), self.server.port(), self.rng.random());
+                vec![self.indicate(now, true, seg)]
+            }
+            (_, Strategy::SteeredResync(_)) if self.state != State::Established => vec![], // smoltcp's SYN retransmissions
             (State::AwaitSynAck, Strategy::PatentSyn) if is_syn => {
                 // smoltcp's SYN (and its retransmissions) become the trigger packet.
                 if self.indications < MAX_INDICATIONS {
@@ -204,7 +365,24 @@ impl Attempt {
         }
         let private = super::udp_mapping::is_private(*src.ip());
         let (syn, ack, rst) = (t.syn(), t.ack(), t.rst());
+        let (seq, ackn) = (t.seq_number().0 as u32, t.ack_number().0 as u32);
+        if let Strategy::SteeredResync(steering) = self.strategy {
+            if self.state != State::Established {
+                let ttl = Ipv4Packet::new_unchecked(&pkt[..]).hop_limit();
+                return self.steered_from_wire(
+                    src,
+                    private,
+                    (syn, ack, rst),
+                    (seq, ackn),
+                    ttl,
+                    steering,
+                    pkt,
+                    now,
+                );
+            }
+        }
         match self.state {
+            State::AwaitIsn | State::AwaitResync => vec![],
             State::AwaitReverseSyn => {
                 if syn && !ack && src.port() != 0 {
                     if private {
@@ -213,6 +391,7 @@ impl Attempt {
                     }
                     // The reverse SYN came through the NAT: swallow it, learn the mapping.
                     self.public = Some(src);
+                    self.round_trips += 1;
                     self.state = State::AwaitSynAck;
                     return vec![Out::Connect];
                 }
@@ -236,6 +415,7 @@ impl Attempt {
                 }
                 if syn && ack {
                     self.public = Some(src);
+                    self.round_trips += 1;
                     self.state = State::Established;
                     self.established_at = Some(now);
                 } else if syn {
@@ -259,45 +439,170 @@ impl Attempt {
         }
     }
 
-    /// When to call [`Attempt::tick`] next.
-    pub fn poll_at(&self) -> Option<Instant> {
-        match self.state {
-            State::AwaitReverseSyn => Some(
-                self.deadline.min(
-                    self.last_indication
-                        .map(|t| t + REINDICATE_AFTER)
-                        .unwrap_or(self.deadline),
-                ),
-            ),
-            State::AwaitSynAck => Some(self.deadline),
-            _ => None,
+    #[allow(clippy::too_many_arguments)]
+    fn steered_from_wire(
+        &mut self,
+        src: SocketAddrV4,
+        private: bool,
+        (syn, ack, rst): (bool, bool, bool),
+        (seq, ackn): (u32, u32),
+        ttl: u8,
+        steering: Steering,
+        pkt: Vec<u8>,
+        now: Instant,
+    ) -> Vec<Out> {
+        if private {
+            self.leaked |= syn && ack;
+            return vec![];
         }
-    }
-
-    pub fn tick(&mut self, now: Instant) -> Vec<Out> {
+        if self.public.is_some_and(|p| p != src) {
+            return vec![];
+        }
         match self.state {
-            State::AwaitReverseSyn | State::AwaitSynAck if now >= self.deadline => {
-                let why = match (&self.state, self.leaked) {
-                    (_, true) => "the NAT leaked the camera's answer untranslated (private source): no mapping".to_string(),
-                    (State::AwaitReverseSyn, _) => "the reverse SYN never arrived through the NAT".to_string(),
-                    _ => "no translated SYN-ACK arrived (the NAT dropped the camera's answer, e.g. as conntrack INVALID)".to_string(),
+            State::AwaitReverseSyn if syn && !ack => {
+                // Step 1 arrived: the mapping and the hop count. Step 2 (steered), then step 3.
+                self.public = Some(src);
+                self.round_trips += 1;
+                if let Steering::Ttl { adjust } = steering {
+                    let hops = 64i16 - ttl as i16 - 1 + adjust as i16;
+                    if !(1..=64).contains(&hops) {
+                        self.state =
+                            State::Failed(format!("cannot steer: step 1 arrived with TTL {ttl}"));
+                        return vec![];
+                    }
+                    self.steer_ttl = Some(hops as u8);
+                }
+                let Some(isn) = self.isn else { return vec![] };
+                let Some(steered) = self.steered_synack(seq.wrapping_add(1)) else {
+                    return vec![];
                 };
-                self.state = State::Failed(why);
+                let _ = isn;
+                self.state = State::AwaitSynAck;
+                let syn_pd1 = self.syn_pd1.clone().unwrap_or_default();
+                // Two copies: a lost steered packet costs a retry round trip (step 2) or a
+                // stalled connection (step 4, where nothing tells the server it was lost).
+                vec![
+                    Out::ToWire(steered.clone()),
+                    Out::ToWire(steered),
+                    self.indicate(now, false, syn_pd1),
+                ]
+            }
+            State::AwaitSynAck if rst => {
+                self.state = State::Failed(format!(
+                    "the camera (via {src}) sent RST: a steered packet reached it ({})",
+                    if matches!(steering, Steering::Ttl { .. }) {
+                        "TTL too high for this path"
+                    } else {
+                        "it does not drop TCP-MD5 segments"
+                    }
+                ));
                 vec![]
             }
-            State::AwaitReverseSyn => {
-                let due = self
-                    .last_indication
-                    .is_some_and(|t| now.duration_since(t) >= REINDICATE_AFTER);
-                if due && self.indications < MAX_INDICATIONS {
-                    if let Some((to_server, pd1)) = self.last_pd1.clone() {
-                        return vec![self.indicate(now, to_server, pd1)];
-                    }
+            State::AwaitSynAck
+                if syn && ack && Some(ackn) == self.isn.map(|s| s.wrapping_add(1)) =>
+            {
+                // Step 3 answered and translated: hold the SYN-ACK, ask for the resync SYN (seq C).
+                self.round_trips += 1;
+                self.camera_isn = Some(seq);
+                self.held_synack = Some(pkt);
+                self.state = State::AwaitResync;
+                let seg = syn_segment(self.camera.port(), self.server.port(), seq);
+                vec![self.indicate(now, true, seg)]
+            }
+            State::AwaitResync if syn && !ack && Some(seq) == self.camera_isn => {
+                // Step 4 arrived: the steered SYN-ACK acking C+1 resyncs conntrack; then the held
+                // SYN-ACK completes smoltcp's handshake.
+                self.round_trips += 1;
+                let Some(steered) = self.steered_synack(seq.wrapping_add(1)) else {
+                    return vec![];
+                };
+                let Some(mut held) = self.held_synack.take() else {
+                    return vec![];
+                };
+                if rewrite::rewrite(&mut held, End::Src, self.virt).is_err() {
+                    return vec![];
                 }
+                self.state = State::Established;
+                self.established_at = Some(now);
+                vec![
+                    Out::ToWire(steered.clone()),
+                    Out::ToWire(steered),
+                    Out::ToStack(held),
+                ]
+            }
+            State::AwaitResync if rst => {
+                self.state = State::Failed(format!(
+                    "the camera (via {src}) reset the connection during the resync"
+                ));
                 vec![]
             }
             _ => vec![],
         }
+    }
+
+    /// When to call [`Attempt::tick`] next.
+    pub fn poll_at(&self) -> Option<Instant> {
+        let retry = self.deadline.min(
+            self.last_indication
+                .map(|t| t + REINDICATE_AFTER)
+                .unwrap_or(self.deadline),
+        );
+        match self.state {
+            State::AwaitReverseSyn | State::AwaitResync => Some(retry),
+            State::AwaitSynAck if self.retries_synack() => Some(retry),
+            State::AwaitSynAck | State::AwaitIsn => Some(self.deadline),
+            _ => None,
+        }
+    }
+
+    /// steered-resync repeats step 2+3 when the camera's SYN-ACK does not come; patent-syn
+    /// relies on smoltcp's own SYN retransmissions instead.
+    fn retries_synack(&self) -> bool {
+        matches!(self.strategy, Strategy::SteeredResync(_))
+    }
+
+    pub fn tick(&mut self, now: Instant) -> Vec<Out> {
+        let waiting = matches!(
+            self.state,
+            State::AwaitIsn | State::AwaitReverseSyn | State::AwaitSynAck | State::AwaitResync
+        );
+        if waiting && now >= self.deadline {
+            let why = match (&self.state, self.leaked) {
+                (_, true) => "the NAT leaked the camera's answer untranslated (private source): no mapping".to_string(),
+                (State::AwaitIsn, _) => "the userspace stack emitted no SYN".to_string(),
+                (State::AwaitReverseSyn, _) => "the reverse SYN never arrived through the NAT".to_string(),
+                (State::AwaitResync, _) => "the resync SYN never arrived through the NAT".to_string(),
+                _ if self.retries_synack() => {
+                    "no translated SYN-ACK arrived (the steered SYN-ACK did not reach the NAT's conntrack: TTL too low, or the path drops it)".to_string()
+                }
+                _ => "no translated SYN-ACK arrived (the NAT dropped the camera's answer, e.g. as conntrack INVALID)".to_string(),
+            };
+            self.state = State::Failed(why);
+            return vec![];
+        }
+        let retries = match self.state {
+            State::AwaitReverseSyn | State::AwaitResync => true,
+            State::AwaitSynAck => self.retries_synack(),
+            _ => false,
+        };
+        let due = self
+            .last_indication
+            .is_some_and(|t| now.duration_since(t) >= REINDICATE_AFTER);
+        if !(retries && due && self.step_tries < MAX_INDICATIONS) {
+            return vec![];
+        }
+        let Some((to_server, pd1)) = self.last_pd1.clone() else {
+            return vec![];
+        };
+        let mut out = Vec::new();
+        // A lost step 2 would make step 3's answer INVALID: steer again first.
+        if self.state == State::AwaitSynAck {
+            if let Some(st) = self.last_steered.clone() {
+                out.push(Out::ToWire(st));
+            }
+        }
+        out.push(self.indicate(now, to_server, pd1));
+        out
     }
 
     pub fn failed(&self) -> Option<&str> {
@@ -475,5 +780,300 @@ mod tests {
             .from_wire(pkt(NAT, "203.0.113.100:1", true, false, false), t0)
             .is_empty());
         assert_eq!(c.state, State::AwaitReverseSyn);
+    }
+}
+
+#[cfg(test)]
+mod steered_tests {
+    use super::*;
+    use crate::catalog::Proto;
+    use crate::wire::trigger_packet::{build, Addressing};
+    use smoltcp::wire::IpAddress;
+
+    const SERVER: &str = "203.0.113.100:40000";
+    const CAMERA: &str = "198.18.1.10:554";
+    const VIRT: &str = "198.19.128.1:554";
+    const NAT: &str = "203.0.113.2:31000";
+    const S: u32 = 0xfffffff0; // smoltcp's ISN, near the wrap on purpose
+    const C: u32 = 777_000;
+
+    fn seg(src: &str, dst: &str, flags: &str, seq: u32, ack: u32, ttl: u8) -> Vec<u8> {
+        let (s, d): (SocketAddrV4, SocketAddrV4) = (src.parse().unwrap(), dst.parse().unwrap());
+        let mut b = syn_segment(s.port(), d.port(), seq);
+        {
+            let mut t = TcpPacket::new_unchecked(&mut b[..]);
+            t.clear_flags();
+            t.set_syn(flags.contains('S'));
+            t.set_ack(flags.contains('A'));
+            t.set_rst(flags.contains('R'));
+            t.set_ack_number(TcpSeqNumber(ack as i32));
+        }
+        let mut p = build(
+            &Addressing {
+                proto: Proto::Tcp,
+                src: *s.ip(),
+                src_port: s.port(),
+                dst: *d.ip(),
+                dst_port: d.port(),
+            },
+            &b,
+            1,
+        )
+        .unwrap();
+        let mut ip = Ipv4Packet::new_unchecked(&mut p[..]);
+        ip.set_hop_limit(ttl);
+        ip.fill_checksum();
+        p
+    }
+
+    fn tcp(p: &[u8]) -> (Ipv4Packet<&[u8]>, TcpPacket<&[u8]>) {
+        let ip = Ipv4Packet::new_checked(p).unwrap();
+        let t = TcpPacket::new_checked(&p[20..]).unwrap();
+        assert!(ip.verify_checksum());
+        assert!(
+            t.verify_checksum(
+                &IpAddress::Ipv4(ip.src_addr()),
+                &IpAddress::Ipv4(ip.dst_addr())
+            ),
+            "TCP checksum"
+        );
+        (ip, t)
+    }
+
+    fn attempt(steering: Steering) -> (Attempt, Instant) {
+        let t0 = Instant::now();
+        let a = Attempt::new(
+            Strategy::SteeredResync(steering),
+            SERVER.parse().unwrap(),
+            CAMERA.parse().unwrap(),
+            VIRT.parse().unwrap(),
+            t0,
+            Duration::from_secs(3),
+        );
+        (a, t0)
+    }
+
+    /// Drive to step 1's indication; returns the reverse SYN's seq T.
+    fn to_step1(a: &mut Attempt, t0: Instant) -> u32 {
+        assert_eq!(a.start(t0, &mut rand::rng()), vec![Out::Connect]);
+        let out = a.from_stack(seg(SERVER, VIRT, "S", S, 0, 64), t0);
+        let [Out::Indicate {
+            to_server: true,
+            pd1,
+        }] = &out[..]
+        else {
+            panic!("{out:?}")
+        };
+        let t = TcpPacket::new_checked(&pd1[..]).unwrap();
+        assert!(t.syn() && !t.ack());
+        assert_eq!((t.src_port(), t.dst_port()), (554, 40000));
+        // smoltcp's own SYN retransmissions never leave the server.
+        assert!(a
+            .from_stack(seg(SERVER, VIRT, "S", S, 0, 64), t0)
+            .is_empty());
+        t.seq_number().0 as u32
+    }
+
+    /// Through step 3's indication (step 1 arrived with TTL 61, so the steered TTL is 2).
+    fn to_step3(a: &mut Attempt, t0: Instant) {
+        let t = to_step1(a, t0);
+        let out = a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
+        let [Out::ToWire(steered), Out::ToWire(copy), Out::Indicate {
+            to_server: false,
+            pd1,
+        }] = &out[..]
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(steered, copy);
+        let (ip, st) = tcp(steered);
+        assert_eq!(
+            std::net::Ipv4Addr::from(ip.dst_addr()),
+            "203.0.113.2".parse::<std::net::Ipv4Addr>().unwrap()
+        );
+        assert!(st.syn() && st.ack());
+        assert_eq!(
+            (st.seq_number().0 as u32, st.ack_number().0 as u32),
+            (S, t.wrapping_add(1))
+        );
+        if matches!(a.strategy, Strategy::SteeredResync(Steering::Ttl { .. })) {
+            assert_eq!(ip.hop_limit(), 2);
+        } else {
+            assert_eq!(ip.hop_limit(), 64);
+            assert_eq!(st.header_len(), 40);
+            assert_eq!(&st.options()[..2], &[19, 18]);
+        }
+        // Step 3 is the patent's SYN: smoltcp's own segment, seq S.
+        assert_eq!(
+            TcpPacket::new_checked(&pd1[..]).unwrap().seq_number().0 as u32,
+            S
+        );
+    }
+
+    #[test]
+    fn full_sequence_ttl_and_md5() {
+        for steering in [Steering::Ttl { adjust: 0 }, Steering::Md5] {
+            let (mut a, t0) = attempt(steering);
+            to_step3(&mut a, t0);
+            // A SYN-ACK that does not ack S+1 is not the camera's answer to step 3.
+            assert!(a.from_wire(seg(NAT, SERVER, "SA", C, 5, 61), t0).is_empty());
+            // The camera's translated SYN-ACK is held (nothing to smoltcp yet); resync requested.
+            let out = a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
+            let [Out::Indicate {
+                to_server: true,
+                pd1,
+            }] = &out[..]
+            else {
+                panic!("{out:?}")
+            };
+            assert_eq!(
+                TcpPacket::new_checked(&pd1[..]).unwrap().seq_number().0 as u32,
+                C
+            );
+            assert_eq!(a.state, State::AwaitResync);
+            // The camera retransmitting its SYN-ACK meanwhile changes nothing.
+            assert!(a
+                .from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0)
+                .is_empty());
+            let out = a.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t0);
+            let [Out::ToWire(steered), Out::ToWire(_), Out::ToStack(held)] = &out[..] else {
+                panic!("{out:?}")
+            };
+            let (_, st) = tcp(steered);
+            assert_eq!(
+                (st.seq_number().0 as u32, st.ack_number().0 as u32),
+                (S, C.wrapping_add(1))
+            );
+            let (_, h) = tcp(held);
+            assert_eq!(
+                crate::wire::rewrite::endpoint(held, End::Src).unwrap(),
+                VIRT.parse().unwrap()
+            );
+            assert_eq!(h.seq_number().0 as u32, C);
+            assert_eq!(a.state, State::Established);
+            assert_eq!((a.indications, a.round_trips), (3, 3));
+            // From now on smoltcp's segments go to the mapping.
+            let out = a.from_stack(
+                seg(SERVER, VIRT, "A", S.wrapping_add(1), C.wrapping_add(1), 64),
+                t0,
+            );
+            assert!(
+                matches!(&out[..], [Out::ToWire(p)] if crate::wire::rewrite::endpoint(p, End::Dst).unwrap() == NAT.parse().unwrap())
+            );
+        }
+    }
+
+    #[test]
+    fn every_step_may_be_lost() {
+        let (mut a, t0) = attempt(Steering::Ttl { adjust: 0 });
+        // Step 1 lost: re-indicated after a second.
+        let t = to_step1(&mut a, t0);
+        assert!(matches!(
+            &a.tick(t0 + Duration::from_millis(1000))[..],
+            [Out::Indicate {
+                to_server: true,
+                ..
+            }]
+        ));
+        // Step 3 (or step 2) lost: steer again, then re-indicate the patent SYN.
+        let t1 = t0 + Duration::from_millis(1500);
+        a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t1);
+        let out = a.tick(t1 + Duration::from_millis(1000));
+        assert!(
+            matches!(
+                &out[..],
+                [
+                    Out::ToWire(_),
+                    Out::Indicate {
+                        to_server: false,
+                        ..
+                    }
+                ]
+            ),
+            "{out:?}"
+        );
+        // Step 4 lost: re-indicated.
+        let t2 = t1 + Duration::from_millis(1200);
+        a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t2);
+        assert!(matches!(
+            &a.tick(t2 + Duration::from_millis(1000))[..],
+            [Out::Indicate {
+                to_server: true,
+                ..
+            }]
+        ));
+        // Each step has its own budget: bounded retries, then a clear failure.
+        for i in 2..10 {
+            a.tick(t2 + Duration::from_millis(1000 * i));
+        }
+        assert!(
+            a.failed().unwrap().contains("resync SYN never arrived"),
+            "{:?}",
+            a.state
+        );
+        assert!(a.indications <= 3 * MAX_INDICATIONS);
+    }
+
+    #[test]
+    fn steered_packet_reaching_the_camera_or_a_camera_reset_fails_the_attempt() {
+        let (mut a, t0) = attempt(Steering::Ttl { adjust: 0 });
+        to_step3(&mut a, t0);
+        assert!(a.from_wire(seg(NAT, SERVER, "R", 0, 0, 61), t0).is_empty());
+        assert!(
+            a.failed().unwrap().contains("TTL too high"),
+            "{:?}",
+            a.state
+        );
+        let (mut b, t0) = attempt(Steering::Md5);
+        to_step3(&mut b, t0);
+        b.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
+        b.from_wire(seg(NAT, SERVER, "R", 0, 0, 61), t0);
+        assert!(b.failed().unwrap().contains("reset"), "{:?}", b.state);
+    }
+
+    #[test]
+    fn hop_count_comes_from_the_arriving_ttl_with_the_sites_adjustment() {
+        for (ttl_seen, adjust, want) in [
+            (61u8, 0i8, Some(2u8)),
+            (59, 0, Some(4)),
+            (61, -1, Some(1)),
+            (61, 1, Some(3)),
+            (63, -1, None),
+            (64, 0, None),
+        ] {
+            let (mut a, t0) = attempt(Steering::Ttl { adjust });
+            let t = to_step1(&mut a, t0);
+            a.from_wire(seg(NAT, SERVER, "S", t, 0, ttl_seen), t0);
+            assert_eq!(a.steer_ttl(), want, "ttl_seen {ttl_seen} adjust {adjust}");
+            if want.is_none() {
+                assert!(a.failed().unwrap().contains("cannot steer"));
+            }
+        }
+        // Too short a TTL (dies before the NAT): no translated SYN-ACK, a reason that says so.
+        let (mut a, t0) = attempt(Steering::Ttl { adjust: -1 });
+        let t = to_step1(&mut a, t0);
+        a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
+        for i in 1..=4 {
+            a.tick(t0 + Duration::from_secs(i));
+        }
+        assert!(a.failed().unwrap().contains("TTL too low"), "{:?}", a.state);
+    }
+
+    #[test]
+    fn private_sources_and_strangers_are_ignored() {
+        let (mut a, t0) = attempt(Steering::Md5);
+        let t = to_step1(&mut a, t0);
+        assert!(a
+            .from_wire(seg(CAMERA, SERVER, "S", t, 0, 61), t0)
+            .is_empty());
+        assert_eq!(a.state, State::AwaitReverseSyn);
+        a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
+        assert!(a
+            .from_wire(
+                seg("203.0.113.9:31000", SERVER, "SA", C, S.wrapping_add(1), 61),
+                t0
+            )
+            .is_empty());
+        assert_eq!(a.state, State::AwaitSynAck);
     }
 }
