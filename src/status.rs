@@ -42,6 +42,21 @@ pub struct ProfileStatus {
     #[serde(default)]
     pub direct_order: Vec<String>,
     pub summary: String,
+    /// UDP behaviour of the NAT, measured against the probe's UDP responder.
+    #[serde(default)]
+    pub udp: Option<UdpProfile>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UdpProfile {
+    /// The responder's mapping as the server saw it.
+    pub public: Option<String>,
+    /// Did the NAT keep the responder's source port?
+    pub port_preserved: Option<bool>,
+    /// `endpoint-independent` (same public port towards another server port) or `endpoint-dependent`.
+    pub mapping: String,
+    /// `address-and-port-dependent` (only the exact server port may answer) or `address-dependent or looser`.
+    pub filtering: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -273,6 +288,19 @@ impl StatusDoc {
         for site in &self.sites {
             if let Some(p) = &site.profile {
                 let _ = writeln!(s, "{:<16} {}", site.name, p.summary);
+                if let Some(u) = &p.udp {
+                    let _ = writeln!(
+                        s,
+                        "{:<16}   udp: public {}, port preserved {}, mapping {}, filtering {}",
+                        "",
+                        u.public.as_deref().unwrap_or("-"),
+                        u.port_preserved
+                            .map(|b| if b { "yes" } else { "no" })
+                            .unwrap_or("-"),
+                        u.mapping,
+                        u.filtering
+                    );
+                }
                 for r in &p.tcp {
                     let _ = writeln!(
                         s,

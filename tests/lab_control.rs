@@ -80,8 +80,11 @@ fn server_refuses_bad_tokens_and_bad_frames_without_crashing() {
         out.push(("oversized", read_msg(&mut s), read_msg(&mut s).is_none()));
         // 3. a valid frame, but not a register
         let mut s = client(&ca);
-        s.write_all(&encode(&Message::Report { cameras: vec![] }))
-            .unwrap();
+        s.write_all(&encode(&Message::Report {
+            cameras: vec![],
+            probe: None,
+        }))
+        .unwrap();
         s.flush().unwrap();
         out.push(("out of order", read_msg(&mut s), read_msg(&mut s).is_none()));
         // 4. another protocol version
@@ -185,6 +188,7 @@ fn trigger_refuses_indications_outside_its_allowlist() {
             proto: proto.parse().unwrap(),
             command: Command::Inject,
             pd1,
+            direction: beckon::wire::control::Direction::ToCamera,
         })
     };
     let hostile = [

@@ -150,6 +150,11 @@ fn http_direct_through_strict_and_lenient_nats() {
         "{pa:#}"
     );
     assert_eq!(pa["direct_strategy"], "steered-resync/ttl");
+    // UDP behaviour of a plain Linux masquerade: keeps ports, filters by address and port.
+    let ua = &pa["udp"];
+    assert_eq!(ua["port_preserved"], true, "{ua:#}");
+    assert_eq!(ua["mapping"], "endpoint-independent", "{ua:#}");
+    assert_eq!(ua["filtering"], "address-and-port-dependent", "{ua:#}");
     // Lenient NAT: reverse-syn works (and is cheaper); the patent's SYN-ACK is still INVALID.
     assert_eq!(profile_result(pb, "patent-syn")["works"], false, "{pb:#}");
     assert_eq!(pb["direct_strategy"], "reverse-syn", "{pb:#}");
@@ -340,6 +345,10 @@ fn frames(lab: &Lab, port: u16) -> u64 {
 fn rtsp_direct_through_two_strict_nats_while_both_triggers_die() {
     let mut lab = Lab::up("bk-t3", &["--mode-b", "random-invdrop", "--rtsp"]);
     start(&mut lab, true);
+    // `random,fully-random` masquerade: a random port per mapping.
+    let ub = &site(&lab.status(), "site-b")["profile"]["udp"].clone();
+    assert_eq!(ub["port_preserved"], false, "{ub:#}");
+    assert_eq!(ub["mapping"], "endpoint-dependent", "{ub:#}");
     let mut fa = ffmpeg(&lab, 18080, 14);
     let mut fb = ffmpeg(&lab, 18081, 14);
     wait_for(Duration::from_secs(15), "both streams flowing", || {

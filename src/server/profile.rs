@@ -5,7 +5,7 @@
 use super::tcp_conn::{ConnRecord, DirectParams, Shard};
 use super::tcp_strategy::{Steering, Strategy};
 use super::Shared;
-use crate::status::{ProfileStatus, StrategyResult};
+use crate::status::{ProfileStatus, StrategyResult, UdpProfile};
 use crate::wire::control::{Probe, PROBE_BANNER};
 use std::net::SocketAddrV4;
 use std::sync::Arc;
@@ -17,12 +17,18 @@ pub async fn run(shared: Arc<Shared>, site: String, probe: Probe) {
     let target = SocketAddrV4::new(probe.ip, probe.tcp_port);
     tracing::info!(site = %site, probe = %target, "measuring the site's NAT (direct TCP strategies against the trigger's probe listener)");
     // Each attempt has its own server port and conntrack entry: run them side by side.
-    let mut results = futures::future::join_all(
+    let tcp = futures::future::join_all(
         Strategy::BASIC
             .into_iter()
             .map(|s| attempt(&shared, &site, target, s)),
-    )
-    .await;
+    );
+    let udp = async {
+        match probe.udp_port {
+            Some(p) => Some(udp_profile(&shared, &site, SocketAddrV4::new(probe.ip, p)).await),
+            None => None,
+        }
+    };
+    let (mut results, udp) = futures::future::join(tcp, udp).await;
     // Calibrate the TTL steering if the exact arithmetic failed: one hop either way.
     let ttl0 = Strategy::SteeredResync(Steering::Ttl { adjust: 0 });
     if results
@@ -61,8 +67,101 @@ pub async fn run(shared: Arc<Shared>, site: String, probe: Probe) {
             direct_strategy: direct.first().map(|s| s.label()),
             direct_order: direct.iter().map(|s| s.label()).collect(),
             summary,
+            udp,
         },
     );
+}
+
+/// Wait for a datagram from a public source on a claimed probe port.
+async fn answer(
+    rx: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
+    within: Duration,
+) -> Option<SocketAddrV4> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let pkt = tokio::time::timeout_at(deadline, rx.recv()).await.ok()??;
+        if let Ok(src) = crate::wire::rewrite::endpoint(&pkt, crate::wire::rewrite::End::Src) {
+            if !super::udp_mapping::is_private(*src.ip()) {
+                return Some(src);
+            }
+        }
+    }
+}
+
+/// The probe responder's public mapping as seen from `claim`'s port, by the signalling form.
+async fn udp_mapping_from(
+    shared: &Shared,
+    site: &str,
+    responder: SocketAddrV4,
+    port: u16,
+    rx: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
+) -> Option<SocketAddrV4> {
+    for _ in 0..3 {
+        let _ = super::indicate::udp(
+            shared,
+            site,
+            *responder.ip(),
+            responder.port(),
+            port,
+            b"beckon-probe",
+        );
+        if let Some(e) = answer(rx, Duration::from_secs(1)).await {
+            return Some(e);
+        }
+    }
+    None
+}
+
+/// UDP behaviour of the site's NAT: port preservation, mapping and filtering (RFC 4787 terms).
+async fn udp_profile(shared: &Arc<Shared>, site: &str, responder: SocketAddrV4) -> UdpProfile {
+    let unknown = |why: &str| UdpProfile {
+        mapping: why.into(),
+        filtering: why.into(),
+        ..Default::default()
+    };
+    let (Some((c1, mut rx1)), Some((c2, mut rx2))) =
+        (shared.tcp_routes.claim_udp(), shared.tcp_routes.claim_udp())
+    else {
+        return unknown("unknown (no free probe port)");
+    };
+    let Some(e1) = udp_mapping_from(shared, site, responder, c1.port, &mut rx1).await else {
+        return unknown("unknown (the responder never answered)");
+    };
+    // Filtering: a datagram from another server port straight to the mapping.
+    let a = crate::wire::trigger_packet::Addressing {
+        proto: crate::catalog::Proto::Udp,
+        src: shared.cfg.public_ip,
+        src_port: c2.port,
+        dst: *e1.ip(),
+        dst_port: e1.port(),
+    };
+    let mut filtering = "address-and-port-dependent".to_string();
+    if let Ok(pkt) = crate::wire::trigger_packet::build(
+        &a,
+        &crate::wire::trigger_packet::udp_pd1(&a, b"beckon-probe"),
+        rand::random(),
+    ) {
+        for _ in 0..2 {
+            let _ = shared.tun().send(&pkt).await;
+            if answer(&mut rx2, Duration::from_millis(700)).await.is_some() {
+                filtering = "address-dependent or looser".into();
+                break;
+            }
+        }
+    }
+    // Mapping: the responder's public port towards the other server port.
+    let mapping = match udp_mapping_from(shared, site, responder, c2.port, &mut rx2).await {
+        Some(e2) if e2.port() == e1.port() => "endpoint-independent".to_string(),
+        Some(_) => "endpoint-dependent".to_string(),
+        None => "unknown (no answer to the second port)".to_string(),
+    };
+    tracing::info!(site, public = %e1, port_preserved = e1.port() == responder.port(), %mapping, %filtering, "profile: UDP");
+    UdpProfile {
+        public: Some(e1.to_string()),
+        port_preserved: Some(e1.port() == responder.port()),
+        mapping,
+        filtering,
+    }
 }
 
 /// A profile that measured nothing: TCP of this site goes assisted, and status says why.

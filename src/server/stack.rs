@@ -183,6 +183,15 @@ impl Stack {
                 }
             }
         }
+        if ip.next_header() == IpProtocol::Udp {
+            if let Ok(dst) = crate::wire::rewrite::endpoint(pkt, crate::wire::rewrite::End::Dst) {
+                if crate::server::tcp_conn::UDP_PROBE_PORTS.contains(&dst.port())
+                    && self.shared.tcp_routes.dispatch_udp(dst.port(), pkt)
+                {
+                    return;
+                }
+            }
+        }
         if ip.next_header() == IpProtocol::Icmp {
             if let Some((port, to)) = unreachable_for(&ip, self.shared.cfg.public_ip) {
                 self.table.unreachable(Instant::now(), port, to);

@@ -26,10 +26,26 @@ const SHARD_QUEUE: usize = 1024;
 /// Server ports for TCP attempts (TCP and UDP port spaces are separate).
 const PORTS: std::ops::RangeInclusive<u16> = 20000..=60999;
 
-/// TUN reader → shard dispatch by server port.
+/// TUN reader → shard dispatch by server port (TCP), and UDP ports claimed by the site
+/// profile's probes (UDP flows are served by the stack's own smoltcp sockets).
 #[derive(Default)]
 pub struct TcpRoutes {
     map: Mutex<HashMap<u16, mpsc::Sender<Vec<u8>>>>,
+    udp: Mutex<HashMap<u16, mpsc::Sender<Vec<u8>>>>,
+}
+
+/// UDP ports for profile probes: outside the UDP flows' range, so they never collide.
+pub const UDP_PROBE_PORTS: std::ops::RangeInclusive<u16> = 61000..=61999;
+
+pub struct UdpClaim {
+    routes: Arc<TcpRoutes>,
+    pub port: u16,
+}
+
+impl Drop for UdpClaim {
+    fn drop(&mut self) {
+        self.routes.udp.lock().unwrap().remove(&self.port);
+    }
 }
 
 pub struct RouteGuard {
@@ -63,6 +79,36 @@ impl TcpRoutes {
             }
         }
         None
+    }
+
+    pub fn claim_udp(self: &Arc<Self>) -> Option<(UdpClaim, mpsc::Receiver<Vec<u8>>)> {
+        let mut map = self.udp.lock().unwrap();
+        let mut rng = rand::rng();
+        for _ in 0..64 {
+            let port = rng.random_range(UDP_PROBE_PORTS);
+            if let std::collections::hash_map::Entry::Vacant(e) = map.entry(port) {
+                let (tx, rx) = mpsc::channel(64);
+                e.insert(tx);
+                return Some((
+                    UdpClaim {
+                        routes: self.clone(),
+                        port,
+                    },
+                    rx,
+                ));
+            }
+        }
+        None
+    }
+
+    pub fn dispatch_udp(&self, port: u16, pkt: &[u8]) -> bool {
+        match self.udp.lock().unwrap().get(&port) {
+            Some(tx) => {
+                let _ = tx.try_send(pkt.to_vec());
+                true
+            }
+            None => false,
+        }
     }
 
     /// Hand a packet to the shard owning `port`; false if none does.

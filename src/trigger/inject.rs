@@ -48,7 +48,7 @@ impl Injector {
 }
 
 /// Sans-IO half of injection: allowlist, decoding, packet building.
-/// The trigger's own probe listener is allowed too (TCP only): the site profile targets it.
+/// The trigger's own probe listener and responder are allowed too: the site profile targets them.
 pub fn build_p3(
     cfg: &TriggerConfig,
     probe: Option<Probe>,
@@ -59,7 +59,11 @@ pub fn build_p3(
         port: ind.camera_port,
     };
     let is_probe = probe.is_some_and(|p| {
-        ind.proto == Proto::Tcp && p.ip == ind.camera_ip && p.tcp_port == ind.camera_port
+        p.ip == ind.camera_ip
+            && match ind.proto {
+                Proto::Tcp => p.tcp_port == ind.camera_port,
+                Proto::Udp => p.udp_port == Some(ind.camera_port),
+            }
     });
     if !cfg.allows(ind.camera_ip, service) && !is_probe {
         return Err((
@@ -145,10 +149,11 @@ mod tests {
     fn allowlist_is_enforced_whatever_the_server_sends() {
         let c = cfg();
         assert!(build_p3(&c, None, &ind("198.18.1.10", 5060, Proto::Udp, pd1(5060))).is_ok());
-        // The probe listener is allowed for TCP only.
+        // The probe listener (TCP) and responder (UDP) are allowed on their own ports only.
         let probe = Some(Probe {
             ip: "198.18.1.20".parse().unwrap(),
             tcp_port: 4000,
+            udp_port: Some(4001),
         });
         let mut tcp = ind("198.18.1.20", 4000, Proto::Tcp, vec![]);
         tcp.pd1 = base64::engine::general_purpose::STANDARD
@@ -164,6 +169,7 @@ mod tests {
                 .0,
             ErrorCode::NotAllowed
         );
+        assert!(build_p3(&c, probe, &ind("198.18.1.20", 4001, Proto::Udp, pd1(4001))).is_ok());
         for bad in [
             ind("198.18.1.11", 5060, Proto::Udp, pd1(5060)),
             ind("198.18.1.10", 5061, Proto::Udp, pd1(5061)),

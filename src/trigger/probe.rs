@@ -1,6 +1,8 @@
 //! The trigger's probe listener: a TCP listener on the trigger's own LAN address that plays a
 //! camera for the server's site profile (so measuring the NAT never touches a camera). Every
-//! accepted connection gets a short banner, then is read until EOF (bounded) and closed.
+//! accepted connection gets a short banner, then is read until EOF (bounded) and closed. A UDP
+//! responder beside it answers every datagram to its sender (mapping and filtering tests). A UDP
+//! responder beside it answers every datagram to its sender (mapping and filtering tests).
 
 use crate::wire::control::{Probe, PROBE_BANNER};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -31,9 +33,31 @@ pub async fn start(lan_ip: Ipv4Addr) -> anyhow::Result<Probe> {
             });
         }
     });
-    tracing::info!(addr = %format!("{lan_ip}:{port}"), "probe listener ready (the server measures the site's NAT against it)");
+    let udp_port = match tokio::net::UdpSocket::bind(SocketAddr::from((lan_ip, 0))).await {
+        Ok(u) => {
+            let p = u.local_addr()?.port();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                loop {
+                    let Ok((_, from)) = u.recv_from(&mut buf).await else {
+                        continue;
+                    };
+                    let _ = u
+                        .send_to(format!("beckon-probe {from}\n").as_bytes(), from)
+                        .await;
+                }
+            });
+            Some(p)
+        }
+        Err(e) => {
+            tracing::warn!("no UDP probe responder: {e}");
+            None
+        }
+    };
+    tracing::info!(tcp = %format!("{lan_ip}:{port}"), udp = ?udp_port, "probe listener ready (the server measures the site's NAT against it)");
     Ok(Probe {
         ip: lan_ip,
         tcp_port: port,
+        udp_port,
     })
 }

@@ -112,6 +112,9 @@ pub struct CameraReport {
 pub struct Probe {
     pub ip: Ipv4Addr,
     pub tcp_port: u16,
+    /// The probe's UDP responder (answers every datagram to its sender), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_port: Option<u16>,
 }
 
 /// Bytes the probe listener sends first on every accepted connection.
