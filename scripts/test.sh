@@ -20,7 +20,7 @@ fi
 
 # Release profile: the lab tests move real traffic; one build serves unit and lab tests.
 status=0
-cargo test --release --all-targets "$@" || status=$?
+cargo test --release --no-fail-fast --all-targets "$@" || status=$?
 
 left=$(ip netns list | awk '{print $1}' | grep '^bk-' || true)
 if [ -n "$left" ]; then

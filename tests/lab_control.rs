@@ -151,11 +151,18 @@ fn trigger_refuses_indications_outside_its_allowlist() {
 
     let accept = |listener: &TcpListener, tls: &Arc<rustls::ServerConfig>| {
         listener.set_nonblocking(false).unwrap();
-        let (tcp, _) = listener.accept().unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut s =
-            rustls::StreamOwned::new(rustls::ServerConnection::new(tls.clone()).unwrap(), tcp);
-        assert!(matches!(read_msg(&mut s), Some(Message::Register { .. })));
+        // The trigger also opens its assist link here; this hostile server ignores it.
+        let mut s = loop {
+            let (tcp, _) = listener.accept().unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut s =
+                rustls::StreamOwned::new(rustls::ServerConnection::new(tls.clone()).unwrap(), tcp);
+            match read_msg(&mut s) {
+                Some(Message::Register { .. }) => break s,
+                Some(Message::AssistAttach { .. }) => continue,
+                other => panic!("unexpected first frame {other:?}"),
+            }
+        };
         s.write_all(&encode(&Message::Registered {
             site: "site-a".into(),
             trigger_public: "x".into(),
@@ -210,6 +217,18 @@ fn trigger_refuses_indications_outside_its_allowlist() {
         (
             4,
             ind(4, "198.18.1.1", 5060, "udp", pd1(5060)),
+            ErrorCode::NotAllowed,
+        ),
+        // The reverse direction (a packet *from* the camera) is held to the same allowlist.
+        (
+            8,
+            {
+                let mut m = ind(8, CAMERA_IP, 22, "udp", pd1(22));
+                if let Message::Indication(i) = &mut m {
+                    i.direction = beckon::wire::control::Direction::ToServer;
+                }
+                m
+            },
             ErrorCode::NotAllowed,
         ),
         // Fields say 5060, the packet inside says 22.
