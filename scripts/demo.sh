@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# beckon demo: two camera sites whose LANs use the SAME subnet and camera IP (198.18.1.10),
-# each behind its own real Linux NAT router (nftables masquerade + conntrack, invalid drop),
-# a trigger on each LAN, a server on the "internet". A platform client on the server host
-# talks UDP to both cameras through beckon; then one trigger is killed and its camera keeps
-# answering, because the trigger is not in the data path.
-#   sudo ./scripts/demo.sh
-# Everything runs in network namespaces named bk-demo-*; all of it is removed on exit/Ctrl-C.
+# beckon demo: two camera sites whose LANs use the SAME subnet and camera IP (198.18.1.10), each
+# behind its own strict Linux NAT router (nftables masquerade + conntrack, `ct state invalid drop`;
+# site b with `random,fully-random` ports), a trigger on each LAN, a server on the "internet".
+# Unchanged clients on the server host (curl, ffmpeg, a SIP client) reach both cameras through
+# beckon; then both triggers are killed and the live streams go on: the triggers only sent a few
+# packets per connection.
+#   sudo ./scripts/demo.sh            (snapshots are left in ./beckon-demo/)
+# Everything runs in network namespaces named bk-demo-*; all of it is removed on exit or Ctrl-C.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PREFIX=bk-demo
 WORK=$(mktemp -d /tmp/beckon-demo.XXXXXX)
+OUT=${BECKON_DEMO_OUT:-$PWD/beckon-demo}
 PIDS=()
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -27,10 +29,11 @@ trap 'exit 130' INT TERM
 
 say "1/6 prerequisites"
 need=""
-for c in nft:nftables conntrack:conntrack ip:iproute2 ping:iputils-ping; do
+for c in nft:nftables conntrack:conntrack ip:iproute2 ping:iputils-ping curl:curl ffmpeg:ffmpeg; do
   command -v "${c%%:*}" >/dev/null || need="$need ${c#*:}"
 done
-[ -x /usr/bin/python3 ] || need="$need python3"
+/usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0")' 2>/dev/null \
+  || need="$need python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly"
 if [ -n "$need" ]; then
   echo "installing:$need"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -41,16 +44,18 @@ echo "building beckon (release)…"
 (cd "$ROOT" && cargo build --release --quiet)
 BECKON=$ROOT/target/release/beckon
 
-say "2/6 lab: two sites, same camera IP 198.18.1.10, each behind a Linux NAT (UDP timeouts 5 s)"
-"$ROOT/scripts/lab/lab.sh" up "$PREFIX" --udp-timeout 5
+say "2/6 lab: two sites, same camera IP 198.18.1.10, each behind a strict Linux NAT; RTSP + web cameras"
+"$ROOT/scripts/lab/lab.sh" up "$PREFIX" --mode-a invdrop --mode-b random-invdrop --rtsp
 nsx() { local ns=$1; shift; ip netns exec "$PREFIX-$ns" "$@"; }
+status_json() { nsx srv "$BECKON" status --json; }
+jq_py() { /usr/bin/python3 -c "import json,sys; s=json.load(sys.stdin); $1"; }
 
 cat >"$WORK/server.toml" <<EOT
 control_listen = "203.0.113.1:7443"
 public_ip      = "203.0.113.100"
 wan_interface  = "eth0"
 state_dir      = "$WORK/state"
-keepalive_secs = 2
+keepalive_secs = 5
 [[site]]
 name = "site-a"
 token = "demo-token-a-5f1c9e"
@@ -59,14 +64,34 @@ name = "site-b"
 token = "demo-token-b-77ad20"
 [[expose]]
 camera = "site-a/cam1"
+port = 554
+proto = "tcp"
+listen = "127.0.0.1:15541"
+[[expose]]
+camera = "site-b/cam1"
+port = 554
+proto = "tcp"
+listen = "127.0.0.1:15542"
+[[expose]]
+camera = "site-a/cam1"
+port = 80
+proto = "tcp"
+listen = "127.0.0.1:18081"
+[[expose]]
+camera = "site-b/cam1"
+port = 80
+proto = "tcp"
+listen = "127.0.0.1:18082"
+[[expose]]
+camera = "site-a/cam1"
 port = 5060
 proto = "udp"
-listen = "127.0.0.1:15060"
+listen = "127.0.0.1:15061"
 [[expose]]
 camera = "site-b/cam1"
 port = 5060
 proto = "udp"
-listen = "127.0.0.1:15061"
+listen = "127.0.0.1:15062"
 EOT
 for s in a b; do
   tok=$([ $s = a ] && echo demo-token-a-5f1c9e || echo demo-token-b-77ad20)
@@ -78,79 +103,87 @@ token  = "$tok"
 [[camera]]
 name = "cam1"
 ip = "198.18.1.10"
-device_type = "gb28181"
+device_type = "hikvision"
+ports = ["udp/5060"]
 EOT
 done
 
-say "3/6 server on 203.0.113.1 (public_ip 203.0.113.100 served by its own TUN + smoltcp stack)"
+say "3/6 server on 203.0.113.1 (public_ip 203.0.113.100 served by its own TUN + userspace TCP/IP), triggers on both LANs"
 t0=$(date +%s.%N)
 # (ip netns exec execs beckon, so $! is beckon's own PID)
 ip netns exec "$PREFIX-srv" "$BECKON" server --config "$WORK/server.toml" 2>"$WORK/server.log" & PIDS+=($!)
 for _ in $(seq 1 50); do nsx srv "$BECKON" status >/dev/null 2>&1 && break; sleep 0.1; done
+ip netns exec "$PREFIX-trg-a" "$BECKON" trigger --config "$WORK/trigger-a.toml" 2>"$WORK/trigger-a.log" & PIDS+=($!); TRG_A=$!
+ip netns exec "$PREFIX-trg-b" "$BECKON" trigger --config "$WORK/trigger-b.toml" 2>"$WORK/trigger-b.log" & PIDS+=($!); TRG_B=$!
+for _ in $(seq 1 300); do
+  [ "$(status_json | jq_py 'print(sum(1 for x in s["sites"] if x["profile"]))')" = 2 ] && break; sleep 0.1
+done
+awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "triggers registered, cameras reported and both NATs profiled %.1f s after the server started\n", b - a }'
+grep -h -E "trigger registered|camera reported" "$WORK/server.log" | sed -e 's/^[^ ]* *INFO [^ ]* /  /'
+status_json | jq_py '
+for x in s["sites"]:
+    p = x["profile"]; u = p.get("udp") or {}
+    print(f"  {x[\"name\"]}: {p[\"summary\"]}")
+    for r in p["tcp"]:
+        print(f"      {r[\"strategy\"]:<20} {\"works\" if r[\"works\"] else \"fails\"}  ({r[\"detail\"]})")
+    print(f"      udp: port preserved {u.get(\"port_preserved\")}, mapping {u.get(\"mapping\")}, filtering {u.get(\"filtering\")}")'
+
+say "4/6 each camera's web page and SIP service through beckon (curl, a UDP client on the server host)"
+for p in 18081 18082; do
+  body=$(nsx srv curl -s -m 10 "http://127.0.0.1:$p/")
+  printf '  127.0.0.1:%s -> %s; the camera saw its peer as %s\n' "$p" \
+    "$(echo "$body" | grep -o '<h1>[^<]*</h1>' | sed 's/<[^>]*>//g')" "$(echo "$body" | grep -o 'you are [0-9.:]*' | cut -d' ' -f3)"
+done
+echo "  (203.0.113.100 = the server's public IP: the connection crossed the NAT directly, not via the trigger)"
+echo "  SIP OPTIONS over UDP (the patent's signalling form):"
+for p in 15061 15062; do
+  ans=$(nsx srv /usr/bin/python3 - "$p" <<'EOT'
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1.5)
+s.sendto(b"OPTIONS sip:cam SIP/2.0\r\nCall-ID: demo-1\r\nCSeq: 1 OPTIONS\r\n\r\n", ("127.0.0.1", int(sys.argv[1])))
+try: print(s.recv(2048).split(b"\r\n")[0].decode())
+except socket.timeout: print("no answer")
+EOT
+)
+  echo "  127.0.0.1:$p -> $ans"
+done
+
+
+say "5/6 a snapshot from each RTSP camera (ffmpeg, H.264 over RTSP/TCP)"
+mkdir -p "$OUT"
 for s in a b; do
-  ip netns exec "$PREFIX-trg-$s" "$BECKON" trigger --config "$WORK/trigger-$s.toml" 2>"$WORK/trigger-$s.log" & PIDS+=($!)
+  p=$([ $s = a ] && echo 15541 || echo 15542)
+  nsx srv ffmpeg -nostdin -loglevel error -rtsp_transport tcp -i "rtsp://127.0.0.1:$p/stream" -frames:v 1 -y "$OUT/snapshot-site-$s.png"
+  echo "  $OUT/snapshot-site-$s.png ($(stat -c %s "$OUT/snapshot-site-$s.png") bytes)"
 done
-for _ in $(seq 1 100); do
-  [ "$(nsx srv "$BECKON" status --json | grep -o '"connected":true' | wc -l)" = 2 ] && break; sleep 0.1
+
+say "6/6 live streams from both sites; both triggers are killed 4 s in"
+for p in 15541 15542; do
+  ip netns exec "$PREFIX-srv" ffmpeg -nostdin -rtsp_transport tcp -i "rtsp://127.0.0.1:$p/stream" -t 12 -f null - >"$WORK/ff-$p.log" 2>&1 &
+  eval "FF_$p=\$!"
 done
-awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "triggers registered and cameras reported %.2f s after the server started\n", b - a }'
-grep -h -E "trigger registered|camera reported" "$WORK/server.log" | sed 's/^[^ ]* */  /'
+sleep 4
+status_json | jq_py '
+for c in s["connections"]:
+    st = c["strategy"] + ("/" + c["steering"] if c.get("steering") else "")
+    print(f"  {c[\"camera\"]} {c[\"service\"]}: {c[\"path\"]} via {st}, NAT mapping {c[\"public_endpoint\"]}, setup {c[\"setup_ms\"]} ms "
+          f"({c[\"round_trips\"]} WAN round trips), {c[\"trigger_packets\"]} trigger packets, {c[\"bytes_from_camera\"]} bytes so far")'
+kill "$TRG_A" "$TRG_B"
+echo "  triggers of site-a and site-b killed"
+wait "$FF_15541" "$FF_15542" || true
+for p in 15541 15542; do
+  site=$([ $p = 15541 ] && echo a || echo b)
+  echo "  site-$site: $(grep -o 'frame= *[0-9]*' "$WORK/ff-$p.log" | tail -1 | tr -s ' ') decoded in 12 s (25 fps camera)"
+done
 
-say "4/6 a platform client (SIP OPTIONS over UDP) reaches both cameras through beckon"
-cat >"$WORK/client.py" <<'EOT'
-import socket, sys, time
-def options(n):
-    return (f"OPTIONS sip:cam SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bK{n}\r\n"
-            f"From: <sip:vms@platform>;tag=1\r\nTo: <sip:cam>\r\nCall-ID: demo-{n}\r\nCSeq: {n} OPTIONS\r\n"
-            "Content-Length: 0\r\n\r\n").encode()
-socks = {p: socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for p in (15060, 15061)}
-for s in socks.values(): s.settimeout(2)
-def ask(port, n, quiet=False):
-    t = time.time(); socks[port].sendto(options(n), ("127.0.0.1", port))
-    try:
-        d, _ = socks[port].recvfrom(4096)
-    except socket.timeout:
-        print(f"  127.0.0.1:{port}: no answer"); return False
-    lines = d.decode(errors="replace").split("\r\n")
-    server = [l[8:] for l in lines if l.startswith("Server:")] or ["?"]
-    if not quiet:
-        print(f"  127.0.0.1:{port} -> {lines[0]} from {server[0]} in {(time.time()-t)*1000:.1f} ms")
-    return True
-work = sys.argv[1]
-for p in (15060, 15061): ask(p, 1); ask(p, 2)
-open(f"{work}/phase1", "w").close()
-for _ in range(600):                      # wait (bounded) for the shell to kill a trigger
-    try: open(f"{work}/go").close(); break
-    except FileNotFoundError: time.sleep(0.1)
-ok = sum(ask(p, 100 + i, quiet=True) for i in range(100) for p in (15060, 15061))
-print(f"  same two clients, same mappings: {ok} of 200 requests answered")
-for p in (15060, 15061): ask(p, 999)
-EOT
-ip netns exec "$PREFIX-srv" /usr/bin/python3 -u "$WORK/client.py" "$WORK" & CLIENT=$!
-for _ in $(seq 1 100); do [ -e "$WORK/phase1" ] && break; sleep 0.1; done
-nsx srv "$BECKON" status
-
-say "5/6 kill site-a's trigger; its camera keeps answering over the learned mapping"
-kill "${PIDS[1]}"; wait "${PIDS[1]}" 2>/dev/null || true
-echo "  trigger of site-a stopped; waiting 12 s (> 2x the NATs' 5 s UDP timeout; server keepalives hold the mappings)"
-sleep 12
-touch "$WORK/go"
-wait "$CLIENT"
-
-say "6/6 summary"
-nsx srv "$BECKON" status --json >"$WORK/status.json"
-/usr/bin/python3 - "$WORK/status.json" <<'EOT'
-import json, sys
-s = json.load(open(sys.argv[1])); c = s["counters"]
-for site in s["sites"]:
-    print(f"  {site['name']}: trigger {'connected' if site['connected'] else 'offline'} (last seen from {site['trigger_public']})")
-for m in s["mappings"]:
-    print(f"  {m['camera']} {m['service']} <- NAT mapping {m['public_endpoint']} via {m['reached_by']}: "
-          f"{m['indications']} trigger packet(s), {m['datagrams_to_camera']}/{m['datagrams_from_camera']} datagrams direct, "
-          f"keepalives {m['keepalives_sent']} sent / {m['keepalives_answered']} answered")
-direct = c["bytes_direct_to_cameras"] + c["bytes_direct_from_cameras"]
-print(f"  triggers injected {c['trigger_packets_injected']} packets ({c['bytes_injected_by_triggers']} bytes); "
-      f"server and cameras exchanged {direct} bytes directly")
-EOT
+say "summary"
+status_json | jq_py '
+c = s["counters"]
+for x in s["sites"]:
+    print(f"  {x[\"name\"]}: trigger {\"connected\" if x[\"connected\"] else \"offline\"}, last seen from {x[\"trigger_public\"]}; direct strategy: {x[\"profile\"][\"direct_strategy\"]}")
+delivered = c["tcp_bytes_direct"] + c["tcp_bytes_assisted"]
+print(f"  TCP connections: {c[\"tcp_connections_direct\"]} direct, {c[\"tcp_connections_assisted\"]} trigger-assisted, {c[\"tcp_connections_failed\"]} failed")
+print(f"  bytes delivered: {delivered} ({c[\"tcp_bytes_direct\"]} direct); bytes the triggers carried: {c[\"tcp_bytes_assisted\"]}")
+print(f"  trigger packets injected: {c[\"trigger_packets_injected\"]} ({c[\"bytes_injected_by_triggers\"]} bytes, NAT profiles included)")'
 echo
-echo "demo done; cleaning up (namespaces bk-demo-*)"
+echo "demo done; cleaning up (namespaces $PREFIX-*); snapshots stay in $OUT"

@@ -6,8 +6,10 @@
 #
 #   lab.sh up PREFIX [--mode-a MODE] [--mode-b MODE] [--liberal-a] [--liberal-b]
 #                    [--udp-timeout SECS] [--delay-ms MS] [--loss PCT] [--rtsp]
+#                    [--dnat-a PORT:CAMPORT]... [--dnat-b PORT:CAMPORT]...
 #   lab.sh down PREFIX
 #   lab.sh router PREFIX SITE MODE        MODE: plain | invdrop | random | random-invdrop
+#   lab.sh delay PREFIX MS                change the WAN delay of a running lab (0 = no relay)
 #   lab.sh flush PREFIX SITE              conntrack -F in PREFIX-nat-SITE
 #   lab.sh counters PREFIX SITE           forward counters + conntrack -L of PREFIX-nat-SITE
 #   lab.sh status PREFIX                  namespaces and background processes of a lab
@@ -38,7 +40,7 @@ warn() { echo "lab: $*" >&2; }
 die() { echo "lab: error: $*" >&2; exit 1; }
 
 usage() {
-  sed -n '7,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '7,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -51,6 +53,19 @@ check_mode() {
   case ${1:-} in plain | invdrop | random | random-invdrop) ;;
     *) die "MODE must be plain, invdrop, random or random-invdrop, got '${1:-}'" ;;
   esac
+}
+# PORT:CAMPORT, both 1-65535
+check_dnat() {
+  [[ ${1:-} =~ ^([1-9][0-9]{0,4}):([1-9][0-9]{0,4})$ ]] \
+    && [ "${BASH_REMATCH[1]}" -le 65535 ] && [ "${BASH_REMATCH[2]}" -le 65535 ] \
+    || die "--dnat-SITE wants PORT:CAMPORT (1-65535 each), got '${1:-}'"
+}
+check_dnat_unique() {
+  local f seen=" "
+  for f in $1; do
+    case $seen in *" ${f%%:*} "*) die "--dnat: port ${f%%:*} forwarded twice on one site" ;; esac
+    seen="$seen${f%%:*} "
+  done
 }
 need_root() { [ "$(id -u)" = 0 ] || die "must run as root"; }
 
@@ -124,17 +139,23 @@ kill_pids() {
 }
 
 # ---------------------------------------------------------------- router configuration
-# router_apply NS MODE : (re)install the router's nftables tables atomically.
+# router_apply NS MODE [DNATS] : (re)install the router's nftables tables atomically.
 #   plain          : nat postrouting  oifname "wan0" masquerade
 #   invdrop        : + filter forward "ct state invalid drop" (what OpenWrt fw4 does)
 #   random         : masquerade random,fully-random
 #   random-invdrop : both
+# DNATS ("PORT:CAMPORT ..."): static port-forwards in chain prerouting of ip bk_nat.
 # The forward chain always counts packets per ct state. Conntrack entries are kept
 # (use "lab.sh flush" to drop them).
 router_apply() {
-  local ns=$1 mode=$2 masq="masquerade" inv=""
+  local ns=$1 mode=$2 dnats=${3:-} masq="masquerade" inv="" fwd rules=""
   case $mode in *random*) masq="masquerade random,fully-random" ;; esac
   case $mode in *invdrop*) inv="drop" ;; esac
+  # static port-forwards (--dnat-SITE PORT:CAMPORT): wan0:PORT -> camera:CAMPORT, TCP and UDP
+  for fwd in $dnats; do
+    rules="$rules    iifname \"wan0\" meta l4proto { tcp, udp } th dport ${fwd%%:*} counter dnat to $CAM_IP:${fwd##*:} comment \"dnat $fwd\"
+"
+  done
   nsx "$ns" nft -f - <<EOF
 add table ip bk_nat
 delete table ip bk_nat
@@ -142,6 +163,9 @@ add table inet bk_filter
 delete table inet bk_filter
 table ip bk_nat {
   comment "mode $mode"
+  chain prerouting {
+    type nat hook prerouting priority dstnat; policy accept;
+$rules  }
   chain postrouting {
     type nat hook postrouting priority srcnat; policy accept;
     oifname "wan0" counter $masq comment "masquerade"
@@ -232,6 +256,49 @@ if __name__ == "__main__":
 PYEOF
 }
 
+# relay_links PREFIX : the second bridge br1 and the relay's taps (tap0 in br0, tap1 in br1)
+relay_links() {
+  local w="$1-wan"
+  ip -n "$w" link add br1 type bridge stp_state 0
+  ip -n "$w" link set br1 up
+  ip -n "$w" tuntap add dev tap0 mode tap
+  ip -n "$w" tuntap add dev tap1 mode tap
+  ip -n "$w" link set tap0 txqueuelen 10000 master br0 up
+  ip -n "$w" link set tap1 txqueuelen 10000 master br1 up
+}
+
+# relay_start PREFIX MS : start the delay relay (pidfile wan-delay) and wait until it is ready
+relay_start() {
+  local p=$1 ms=$2 run="$RUN_BASE/$1" n
+  write_relay "$run/wan_delay.py"
+  n=$(grep -c "relay ready" "$run/wan-delay.log" 2>/dev/null) || n=0
+  bg_start "$run" wan-delay "$p-wan" "$PY" "$run/wan_delay.py" tap0 tap1 "$ms"
+  wait_until 50 relay_ready "$run/wan-delay.log" "$n" \
+    || die "WAN delay relay did not start: $(tail -3 "$run/wan-delay.log" 2>/dev/null)"
+}
+relay_ready() { [ "$(grep -c "relay ready" "$1" 2>/dev/null)" -gt "$2" ]; }
+
+# ---------------------------------------------------------------- delay (running lab)
+# cmd_delay PREFIX MS : MS > 0: (re)start the relay with MS and hang the server's port on br1
+# behind it; MS = 0: stop the relay and put the server's port back on br0 (no relay in the
+# path, full veth speed). Established connections survive (a short pause while the port moves).
+cmd_delay() {
+  local p=$1 ms=$2 run="$RUN_BASE/$1" w="$1-wan" pid
+  [[ $ms =~ ^[0-9]+$ ]] || die "delay wants whole milliseconds, got '$ms'"
+  ns_exists "$w" && [ -f "$run/lab.env" ] || die "lab $p is not up"
+  if pid=$(pid_ours "$run" wan-delay); then kill_pids "$pid"; fi
+  rm -f "$run/wan-delay.pid" "$run/wan-delay.start"
+  if [ "$ms" = 0 ]; then
+    ip -n "$w" link set p-srv master br0
+  else
+    ip -n "$w" link show br1 >/dev/null 2>&1 || relay_links "$p"
+    relay_start "$p" "$ms"
+    ip -n "$w" link set p-srv master br1
+  fi
+  sed -i "s/^DELAY_MS=.*/DELAY_MS=$ms/" "$run/lab.env"
+  say "delay $p: ${ms} ms one way"
+}
+
 # ---------------------------------------------------------------- down
 do_down() {
   local p=$1 run="$RUN_BASE/$1" f name pid ns pids="" alive
@@ -312,6 +379,7 @@ cmd_up() {
   local p=$1
   shift
   local mode_a=invdrop mode_b=invdrop lib_a=0 lib_b=0 udp_to="" delay=0 loss=0 rtsp=0
+  local dnat_a="" dnat_b=""
   while [ $# -gt 0 ]; do
     case $1 in
       --mode-a) mode_a=${2:-}; shift 2 || die "--mode-a needs a value" ;;
@@ -322,11 +390,15 @@ cmd_up() {
       --delay-ms) delay=${2:-}; shift 2 || die "--delay-ms needs a value" ;;
       --loss) loss=${2:-}; shift 2 || die "--loss needs a value" ;;
       --rtsp) rtsp=1; shift ;;
+      --dnat-a) check_dnat "${2:-}"; dnat_a="${dnat_a:+$dnat_a }$2"; shift 2 ;;
+      --dnat-b) check_dnat "${2:-}"; dnat_b="${dnat_b:+$dnat_b }$2"; shift 2 ;;
       *) die "unknown option '$1' (see lab.sh without arguments)" ;;
     esac
   done
   check_mode "$mode_a"
   check_mode "$mode_b"
+  check_dnat_unique "$dnat_a"
+  check_dnat_unique "$dnat_b"
   [ -z "$udp_to" ] || [[ $udp_to =~ ^[1-9][0-9]*$ ]] || die "--udp-timeout wants whole seconds > 0"
   [[ $delay =~ ^[0-9]+$ ]] || die "--delay-ms wants whole milliseconds"
   [[ $loss =~ ^[0-9]+(\.[0-9]+)?$ ]] && awk -v l="$loss" 'BEGIN{exit !(l <= 100)}' \
@@ -360,7 +432,8 @@ cmd_up() {
 
   mkdir -p "$run"
   say "up $p: mode-a=$mode_a mode-b=$mode_b liberal-a=$lib_a liberal-b=$lib_b" \
-    "udp-timeout=${udp_to:-default} delay-ms=$delay loss=$loss% rtsp=$rtsp"
+    "udp-timeout=${udp_to:-default} delay-ms=$delay loss=$loss% rtsp=$rtsp" \
+    "dnat-a=${dnat_a:-none} dnat-b=${dnat_b:-none}"
   cat >"$run/lab.env" <<EOF
 PREFIX=$p
 MODE_A=$mode_a
@@ -371,6 +444,8 @@ UDP_TIMEOUT=$udp_to
 DELAY_MS=$delay
 LOSS_PCT=$loss
 RTSP=$rtsp
+DNAT_A="$dnat_a"
+DNAT_B="$dnat_b"
 EOF
 
   # namespaces: lo up, IPv6 off
@@ -393,12 +468,7 @@ EOF
   local srv_sw=br0
   if [ "$delay" != 0 ]; then
     srv_sw=br1
-    ip -n "$p-wan" link add br1 type bridge stp_state 0
-    ip -n "$p-wan" link set br1 up
-    ip -n "$p-wan" tuntap add dev tap0 mode tap
-    ip -n "$p-wan" tuntap add dev tap1 mode tap
-    ip -n "$p-wan" link set tap0 txqueuelen 10000 master br0 up
-    ip -n "$p-wan" link set tap1 txqueuelen 10000 master br1 up
+    relay_links "$p"
   fi
   vlink "$p-wan" p-srv "$p-srv" eth0
   ip -n "$p-wan" link set p-srv master "$srv_sw" up
@@ -416,15 +486,15 @@ EOF
   ip -n "$p-srv" link set eth0 up
 
   # sites (identical LAN addressing on purpose)
-  local nat_ip mode lib
+  local nat_ip mode lib dnats
   for s in $SITES; do
-    eval "nat_ip=\$NAT_IP_$s mode=\$mode_$s lib=\$lib_$s"
+    eval "nat_ip=\$NAT_IP_$s mode=\$mode_$s lib=\$lib_$s dnats=\$dnat_$s"
     ip -n "$p-nat-$s" addr add "$GW_IP/$LAN_LEN" dev lan0
     ip -n "$p-nat-$s" addr add "$nat_ip/$WAN_LEN" dev wan0
     ip -n "$p-nat-$s" link set lan0 up
     ip -n "$p-nat-$s" link set wan0 up
     nsx "$p-nat-$s" sysctl -q -w net.ipv4.ip_forward=1
-    router_apply "$p-nat-$s" "$mode"
+    router_apply "$p-nat-$s" "$mode" "$dnats"
     # conntrack sysctls are per namespace; set them after the ct rules are loaded
     if [ -n "$udp_to" ]; then
       nsx "$p-nat-$s" sysctl -q -w net.netfilter.nf_conntrack_udp_timeout="$udp_to" \
@@ -457,10 +527,7 @@ table bridge bk_wan {
 EOF
   fi
   if [ "$delay" != 0 ]; then
-    write_relay "$run/wan_delay.py"
-    bg_start "$run" wan-delay "$p-wan" "$PY" "$run/wan_delay.py" tap0 tap1 "$delay"
-    wait_until 50 grep -q "relay ready" "$run/wan-delay.log" \
-      || die "WAN delay relay did not start: $(tail -3 "$run/wan-delay.log" 2>/dev/null)"
+    relay_start "$p" "$delay"
   fi
 
   # camera services
@@ -508,6 +575,15 @@ EOF
 }
 
 # ---------------------------------------------------------------- small commands
+# lab_env PREFIX KEY : a value from the lab's lab.env (empty if absent)
+lab_env() {
+  local f="$RUN_BASE/$1/lab.env" v
+  [ -f "$f" ] || return 0
+  v=$(sed -n "s/^$2=//p" "$f" | tail -n1)
+  v=${v#\"}; v=${v%\"}
+  echo "$v"
+}
+
 router_ns() { # PREFIX SITE
   local ns="$1-nat-$2"
   ns_exists "$ns" || die "namespace $ns does not exist (is lab $1 up?)"
@@ -546,10 +622,16 @@ main() {
     router)
       [ $# -eq 3 ] || usage
       check_prefix "$1"; check_site "$2"; check_mode "$3"; need_root
-      local rns
+      local rns dn=""
       rns=$(router_ns "$1" "$2")
-      router_apply "$rns" "$3"
+      dn=$(lab_env "$1" "DNAT_${2^^}")
+      router_apply "$rns" "$3" "$dn"
       say "router $1-nat-$2 mode $3"
+      ;;
+    delay)
+      [ $# -eq 2 ] || usage
+      check_prefix "$1"; need_root
+      cmd_delay "$1" "$2"
       ;;
     flush)
       [ $# -eq 2 ] || usage
@@ -567,7 +649,7 @@ main() {
       echo "---- $ns forward counters ----"
       nsx "$ns" nft list chain inet bk_filter forward | grep -E "counter" | sed 's/^[[:space:]]*//'
       echo "---- $ns nat counters ----"
-      nsx "$ns" nft list chain ip bk_nat postrouting | grep -E "counter" | sed 's/^[[:space:]]*//'
+      nsx "$ns" nft list table ip bk_nat | grep -E "counter" | sed 's/^[[:space:]]*//'
       echo "---- $ns conntrack -L ----"
       nsx "$ns" conntrack -L 2>/dev/null || true
       ;;

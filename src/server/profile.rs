@@ -119,19 +119,27 @@ async fn udp_profile(shared: &Arc<Shared>, site: &str, responder: SocketAddrV4) 
         filtering: why.into(),
         ..Default::default()
     };
-    let (Some((c1, mut rx1)), Some((c2, mut rx2))) =
-        (shared.tcp_routes.claim_udp(), shared.tcp_routes.claim_udp())
+    let r = &shared.tcp_routes;
+    let (Some((c1, mut rx1)), Some((c2, mut rx2)), Some((c3, mut rx3))) =
+        (r.claim_udp(), r.claim_udp(), r.claim_udp())
     else {
         return unknown("unknown (no free probe port)");
     };
     let Some(e1) = udp_mapping_from(shared, site, responder, c1.port, &mut rx1).await else {
         return unknown("unknown (the responder never answered)");
     };
-    // Filtering: a datagram from another server port straight to the mapping.
+    // Mapping: the responder's public port towards another server port.
+    let mapping = match udp_mapping_from(shared, site, responder, c2.port, &mut rx2).await {
+        Some(e2) if e2.port() == e1.port() => "endpoint-independent".to_string(),
+        Some(_) => "endpoint-dependent".to_string(),
+        None => "unknown (no answer to the second port)".to_string(),
+    };
+    // Filtering (last: the stray datagram leaves a conntrack entry on the NAT that would
+    // perturb the mapping test): from a third server port straight to the first mapping.
     let a = crate::wire::trigger_packet::Addressing {
         proto: crate::catalog::Proto::Udp,
         src: shared.cfg.public_ip,
-        src_port: c2.port,
+        src_port: c3.port,
         dst: *e1.ip(),
         dst_port: e1.port(),
     };
@@ -143,18 +151,12 @@ async fn udp_profile(shared: &Arc<Shared>, site: &str, responder: SocketAddrV4) 
     ) {
         for _ in 0..2 {
             let _ = shared.tun().send(&pkt).await;
-            if answer(&mut rx2, Duration::from_millis(700)).await.is_some() {
+            if answer(&mut rx3, Duration::from_millis(700)).await.is_some() {
                 filtering = "address-dependent or looser".into();
                 break;
             }
         }
     }
-    // Mapping: the responder's public port towards the other server port.
-    let mapping = match udp_mapping_from(shared, site, responder, c2.port, &mut rx2).await {
-        Some(e2) if e2.port() == e1.port() => "endpoint-independent".to_string(),
-        Some(_) => "endpoint-dependent".to_string(),
-        None => "unknown (no answer to the second port)".to_string(),
-    };
     tracing::info!(site, public = %e1, port_preserved = e1.port() == responder.port(), %mapping, %filtering, "profile: UDP");
     UdpProfile {
         public: Some(e1.to_string()),

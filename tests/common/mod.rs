@@ -182,17 +182,19 @@ ports = ["udp/5060"]
         );
     }
 
-    /// Wait until the status shows the site connected with a camera reported.
+    /// Wait until the status shows the site connected with a camera reported and its NAT
+    /// profiled (the profile's probes are trigger packets too: tests count from after it).
     pub fn wait_registered(&self, site: &str) {
         wait_for(
-            Duration::from_secs(15),
-            &format!("site-{site} registered"),
+            Duration::from_secs(40),
+            &format!("site-{site} registered and profiled"),
             || {
                 self.try_status().is_some_and(|s| {
                     s["sites"].as_array().unwrap().iter().any(|x| {
                         x["name"] == format!("site-{site}")
                             && x["connected"] == true
                             && !x["cameras"].as_array().unwrap().is_empty()
+                            && !x["profile"].is_null()
                     })
                 })
             },
