@@ -48,7 +48,38 @@ say "2/6 lab: two sites, same camera IP 198.18.1.10, each behind a strict Linux 
 "$ROOT/scripts/lab/lab.sh" up "$PREFIX" --mode-a invdrop --mode-b random-invdrop --rtsp
 nsx() { local ns=$1; shift; ip netns exec "$PREFIX-$ns" "$@"; }
 status_json() { nsx srv "$BECKON" status --json; }
-jq_py() { /usr/bin/python3 -c "import json,sys; s=json.load(sys.stdin); $1"; }
+cat >"$WORK/show.py" <<'EOT'
+# Renders parts of `beckon status --json` (stdin) for the demo.
+import json, sys
+s = json.load(sys.stdin)
+what = sys.argv[1]
+if what == "ready":
+    print(sum(1 for x in s["sites"] if x["profile"]))
+elif what == "profiles":
+    for x in s["sites"]:
+        p = x["profile"]
+        u = p.get("udp") or {}
+        print("  %s: %s" % (x["name"], p["summary"]))
+        for r in p["tcp"]:
+            print("      %-20s %s  (%s)" % (r["strategy"], "works" if r["works"] else "fails", r["detail"]))
+        print("      udp: port preserved %s, mapping %s, filtering %s" % (u.get("port_preserved"), u.get("mapping"), u.get("filtering")))
+elif what == "connections":
+    for c in s["connections"]:
+        st = c["strategy"] + ("/" + c["steering"] if c.get("steering") else "")
+        print("  %s %s: %s via %s, NAT mapping %s, setup %s ms (%s WAN round trips), %s trigger packets, %s bytes so far"
+              % (c["camera"], c["service"], c["path"], st, c["public_endpoint"], c["setup_ms"], c["round_trips"], c["trigger_packets"], c["bytes_from_camera"]))
+elif what == "summary":
+    c = s["counters"]
+    for x in s["sites"]:
+        print("  %s: trigger %s, last seen from %s; direct strategy: %s"
+              % (x["name"], "connected" if x["connected"] else "offline", x["trigger_public"], x["profile"]["direct_strategy"]))
+    delivered = c["tcp_bytes_direct"] + c["tcp_bytes_assisted"]
+    print("  TCP connections: %d direct, %d trigger-assisted, %d failed" % (c["tcp_connections_direct"], c["tcp_connections_assisted"], c["tcp_connections_failed"]))
+    print("  bytes delivered: %d (%d direct); bytes the triggers carried: %d" % (delivered, c["tcp_bytes_direct"], c["tcp_bytes_assisted"]))
+    print("  UDP mappings learned: %d; trigger packets injected: %d (%d bytes, NAT profiles included)"
+          % (c["mappings_learned"], c["trigger_packets_injected"], c["bytes_injected_by_triggers"]))
+EOT
+show() { status_json | /usr/bin/python3 "$WORK/show.py" "$1"; }
 
 cat >"$WORK/server.toml" <<EOT
 control_listen = "203.0.113.1:7443"
@@ -116,17 +147,11 @@ for _ in $(seq 1 50); do nsx srv "$BECKON" status >/dev/null 2>&1 && break; slee
 ip netns exec "$PREFIX-trg-a" "$BECKON" trigger --config "$WORK/trigger-a.toml" 2>"$WORK/trigger-a.log" & PIDS+=($!); TRG_A=$!
 ip netns exec "$PREFIX-trg-b" "$BECKON" trigger --config "$WORK/trigger-b.toml" 2>"$WORK/trigger-b.log" & PIDS+=($!); TRG_B=$!
 for _ in $(seq 1 300); do
-  [ "$(status_json | jq_py 'print(sum(1 for x in s["sites"] if x["profile"]))')" = 2 ] && break; sleep 0.1
+  [ "$(show ready 2>/dev/null)" = 2 ] && break; sleep 0.1
 done
 awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "triggers registered, cameras reported and both NATs profiled %.1f s after the server started\n", b - a }'
 grep -h -E "trigger registered|camera reported" "$WORK/server.log" | sed -e 's/^[^ ]* *INFO [^ ]* /  /'
-status_json | jq_py '
-for x in s["sites"]:
-    p = x["profile"]; u = p.get("udp") or {}
-    print(f"  {x[\"name\"]}: {p[\"summary\"]}")
-    for r in p["tcp"]:
-        print(f"      {r[\"strategy\"]:<20} {\"works\" if r[\"works\"] else \"fails\"}  ({r[\"detail\"]})")
-    print(f"      udp: port preserved {u.get(\"port_preserved\")}, mapping {u.get(\"mapping\")}, filtering {u.get(\"filtering\")}")'
+show profiles
 
 say "4/6 each camera's web page and SIP service through beckon (curl, a UDP client on the server host)"
 for p in 18081 18082; do
@@ -163,11 +188,7 @@ for p in 15541 15542; do
   eval "FF_$p=\$!"
 done
 sleep 4
-status_json | jq_py '
-for c in s["connections"]:
-    st = c["strategy"] + ("/" + c["steering"] if c.get("steering") else "")
-    print(f"  {c[\"camera\"]} {c[\"service\"]}: {c[\"path\"]} via {st}, NAT mapping {c[\"public_endpoint\"]}, setup {c[\"setup_ms\"]} ms "
-          f"({c[\"round_trips\"]} WAN round trips), {c[\"trigger_packets\"]} trigger packets, {c[\"bytes_from_camera\"]} bytes so far")'
+show connections
 kill "$TRG_A" "$TRG_B"
 echo "  triggers of site-a and site-b killed"
 wait "$FF_15541" "$FF_15542" || true
@@ -177,13 +198,6 @@ for p in 15541 15542; do
 done
 
 say "summary"
-status_json | jq_py '
-c = s["counters"]
-for x in s["sites"]:
-    print(f"  {x[\"name\"]}: trigger {\"connected\" if x[\"connected\"] else \"offline\"}, last seen from {x[\"trigger_public\"]}; direct strategy: {x[\"profile\"][\"direct_strategy\"]}")
-delivered = c["tcp_bytes_direct"] + c["tcp_bytes_assisted"]
-print(f"  TCP connections: {c[\"tcp_connections_direct\"]} direct, {c[\"tcp_connections_assisted\"]} trigger-assisted, {c[\"tcp_connections_failed\"]} failed")
-print(f"  bytes delivered: {delivered} ({c[\"tcp_bytes_direct\"]} direct); bytes the triggers carried: {c[\"tcp_bytes_assisted\"]}")
-print(f"  trigger packets injected: {c[\"trigger_packets_injected\"]} ({c[\"bytes_injected_by_triggers\"]} bytes, NAT profiles included)")'
+show summary
 echo
 echo "demo done; cleaning up (namespaces $PREFIX-*); snapshots stay in $OUT"

@@ -1,0 +1,127 @@
+#!/usr/bin/python3
+"""Many UDP mappings through one exposure (run inside the server's namespace): --flows UDP
+sockets, each its own platform client, so each gets its own server port and its own NAT
+mapping at the camera's router (an emulated camera each, seen from the server). Round 1: each
+flow's first datagram (carried to the camera by a trigger packet, at most --window waiting at
+once, retried after --timeout s up to --tries times). Round 2: one more datagram on every
+mapped flow, which goes directly to the mapping. Bounded by --budget seconds."""
+import argparse
+import os
+import resource
+import select
+import socket
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib as bl  # noqa: E402
+
+
+def round_(socks, idx, port, rnd, window, timeout, tries, deadline):
+    """Send one datagram on each socket in idx (window-limited), wait for its answer."""
+    ep = select.epoll()
+    pending = {}  # fd -> (i, sent_at, tries)
+    todo = list(idx)
+    done, failed, lat = set(), [], []
+    fd2i = {}
+    buf = bytearray(2048)
+    tag = f" round {rnd}".encode()
+    nxt = 0
+    while (nxt < len(todo) or pending) and time.monotonic() < deadline:
+        while nxt < len(todo) and len(pending) < window:
+            i = todo[nxt]
+            nxt += 1
+            s = socks[i]
+            s.send(f"bench flow {i} round {rnd}".encode())
+            pending[s.fileno()] = (i, time.monotonic(), 1)
+            fd2i[s.fileno()] = i
+            ep.register(s.fileno(), select.EPOLLIN)
+        for fd, _ in ep.poll(0.05):
+            s = socks[fd2i[fd]]
+            ours = False
+            try:
+                while True:
+                    n = s.recv_into(buf)
+                    ours = ours or tag in bytes(buf[:n])
+            except (BlockingIOError, OSError):
+                pass
+            if not ours or fd not in pending:
+                continue  # a late answer of an earlier round
+            i, t, _n = pending.pop(fd)
+            ep.unregister(fd)
+            done.add(i)
+            lat.append(time.monotonic() - t)
+        now = time.monotonic()
+        for fd, (i, t, n) in list(pending.items()):
+            if now - t > timeout:
+                if n >= tries:
+                    pending.pop(fd)
+                    ep.unregister(fd)
+                    failed.append(i)
+                else:
+                    socks[i].send(f"bench flow {i} round {rnd} retry {n}".encode())
+                    pending[fd] = (i, now, n + 1)
+    ep.close()
+    lat.sort()
+    return done, failed, lat
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--beckon", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--flows", type=int, default=10_000)
+    ap.add_argument("--window", type=int, default=200)
+    ap.add_argument("--timeout", type=float, default=2.0)
+    ap.add_argument("--tries", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=150)
+    ap.add_argument("--pid", action="append", default=[])
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = a.flows + 1024
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), max(want, hard)))
+    deadline = time.monotonic() + a.budget
+    socks = []
+    for _ in range(a.flows):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.connect(("127.0.0.1", a.port))
+        s.setblocking(False)
+        socks.append(s)
+    pids = dict(p.split("=", 1) for p in a.pid)
+    c0 = bl.counters(a.beckon)
+    probe = bl.CpuProbe(pids)
+    probe.start()
+    t0 = time.monotonic()
+    done1, failed1, lat1 = round_(socks, range(a.flows), a.port, 1, a.window, a.timeout, a.tries, deadline)
+    t1 = time.monotonic()
+    cpu1 = probe.stop()
+    c1 = bl.counters(a.beckon)
+    print(f"udp round 1: {len(done1)} of {a.flows} flows mapped in {t1 - t0:.1f} s ({len(failed1)} failed)",
+          file=sys.stderr)
+    probe.start()
+    done2, failed2, lat2 = round_(socks, sorted(done1), a.port, 2, a.window, a.timeout, 1, deadline)
+    t2 = time.monotonic()
+    cpu2 = probe.stop()
+    c2 = bl.counters(a.beckon)
+    print(f"udp round 2: {len(done2)} of {len(done1)} mapped flows answered directly in {t2 - t1:.1f} s",
+          file=sys.stderr)
+    pct = lambda xs, q: round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 2) if xs else None  # noqa: E731
+    res = {
+        "flows": a.flows, "mapped": len(done1), "failed_round1": len(failed1),
+        "round1_s": round(t1 - t0, 2), "round1_ms_p50": pct(lat1, 0.5), "round1_ms_p99": pct(lat1, 0.99),
+        "answered_round2": len(done2), "round2_s": round(t2 - t1, 2),
+        "round2_ms_p50": pct(lat2, 0.5), "round2_ms_p99": pct(lat2, 0.99),
+        "budget_exceeded": time.monotonic() >= deadline,
+        "counters_round1": bl.delta(c0, c1), "counters_round2": bl.delta(c1, c2),
+        "cpu_round1": cpu1, "cpu_round2": cpu2,
+    }
+    bl.write_json(a.out, res)
+    for s in socks:
+        s.close()
+
+
+if __name__ == "__main__":
+    main()
