@@ -222,6 +222,10 @@ pub struct TriggerConfig {
     /// Name of the trigger's TUN device used for injection.
     #[serde(default = "default_tun")]
     pub tun_name: String,
+    /// Optional pin of the server's `public_ip`: the trigger refuses a server that announces
+    /// another one (without it, the address the server announces at registration is used).
+    #[serde(default)]
+    pub server_public_ip: Option<Ipv4Addr>,
     #[serde(default, rename = "camera")]
     pub cameras: Vec<CameraConfig>,
 }

@@ -166,6 +166,7 @@ fn trigger_refuses_indications_outside_its_allowlist() {
         s.write_all(&encode(&Message::Registered {
             site: "site-a".into(),
             trigger_public: "x".into(),
+            public_ip: Some("203.0.113.100".parse().unwrap()),
         }))
         .unwrap();
         assert!(matches!(read_msg(&mut s), Some(Message::Report { .. })));
@@ -217,6 +218,18 @@ fn trigger_refuses_indications_outside_its_allowlist() {
         (
             4,
             ind(4, "198.18.1.1", 5060, "udp", pd1(5060)),
+            ErrorCode::NotAllowed,
+        ),
+        // A packet "from the server" at an address that is not the server's public_ip.
+        (
+            9,
+            {
+                let mut m = ind(9, CAMERA_IP, 5060, "udp", pd1(5060));
+                if let Message::Indication(i) = &mut m {
+                    i.server_ip = "198.51.100.7".parse().unwrap();
+                }
+                m
+            },
             ErrorCode::NotAllowed,
         ),
         // The reverse direction (a packet *from* the camera) is held to the same allowlist.

@@ -94,13 +94,17 @@ fn site<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
         .unwrap()
 }
 
-/// HTTP/1.0 GET through an exposure (from inside the server namespace): raw response bytes.
+/// HTTP/1.0 GET through an exposure (from inside the server namespace), half-closing after the
+/// request: raw response bytes.
 fn get_raw(lab: &Lab, port: u16, path: &str) -> Vec<u8> {
     let path = path.to_string();
     lab.in_ns("srv", move || {
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+        // Half-close: the request is complete. The answer must still arrive (beckon carries
+        // the FIN towards the camera and keeps the other direction open).
+        s.shutdown(std::net::Shutdown::Write).unwrap();
         let mut out = Vec::new();
         s.read_to_end(&mut out).unwrap();
         out

@@ -168,6 +168,7 @@ async fn session(
     let _ = tx.try_send(Message::Registered {
         site: site.clone(),
         trigger_public: peer.to_string(),
+        public_ip: Some(shared.cfg.public_ip),
     });
 
     let writer = tokio::spawn(async move {
@@ -349,6 +350,7 @@ async fn assist_link<R, W>(
         &Message::Registered {
             site: site.clone(),
             trigger_public: peer.to_string(),
+            public_ip: Some(shared.cfg.public_ip),
         },
     )
     .await

@@ -124,8 +124,18 @@ async fn session(
         Ok(Ok(Message::Registered {
             site,
             trigger_public,
+            public_ip,
         })) => {
-            tracing::info!(%site, %trigger_public, "registered with the server");
+            let server_ip = match (cfg.server_public_ip, public_ip) {
+                (Some(pin), Some(announced)) if pin != announced => {
+                    tracing::error!(%pin, %announced, "the server announces another public_ip than `server_public_ip` pins; refusing it");
+                    return lost(false, "server public_ip does not match the pin".into());
+                }
+                (Some(pin), _) => Some(pin),
+                (None, announced) => announced,
+            };
+            injector.set_server_ip(server_ip);
+            tracing::info!(%site, %trigger_public, public_ip = ?server_ip, "registered with the server");
         }
         Ok(Ok(Message::Error { code, message, .. })) => {
             if code == ErrorCode::Unauthorized {

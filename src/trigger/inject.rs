@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Injector {
     cfg: TriggerConfig,
     probe: Option<Probe>,
+    /// The server's public_ip as announced at registration (or pinned in the config).
+    server_ip: std::sync::Mutex<Option<std::net::Ipv4Addr>>,
     tun: tun_rs::AsyncDevice,
     pub packets: AtomicU64,
     pub bytes: AtomicU64,
@@ -26,14 +28,20 @@ impl Injector {
         Ok(Injector {
             cfg: cfg.clone(),
             probe,
+            server_ip: std::sync::Mutex::new(None),
             tun,
             packets: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
         })
     }
 
+    pub fn set_server_ip(&self, ip: Option<std::net::Ipv4Addr>) {
+        *self.server_ip.lock().unwrap() = ip;
+    }
+
     /// Inject the indication's trigger packet; returns the bytes written.
     pub async fn inject(&self, ind: &Indication) -> Result<usize, (ErrorCode, String)> {
+        check_server_ip(*self.server_ip.lock().unwrap(), ind)?;
         let p3 = build_p3(&self.cfg, self.probe, ind)?;
         self.tun.send(&p3).await.map_err(|e| {
             (
@@ -44,6 +52,28 @@ impl Injector {
         self.packets.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(p3.len() as u64, Ordering::Relaxed);
         Ok(p3.len())
+    }
+}
+
+/// The server end of every trigger packet must be the server's own public_ip: otherwise a
+/// compromised server could make the trigger send packets "from" a camera to anyone.
+pub fn check_server_ip(
+    expected: Option<std::net::Ipv4Addr>,
+    ind: &Indication,
+) -> Result<(), (ErrorCode, String)> {
+    match expected {
+        Some(ip) if ip == ind.server_ip => Ok(()),
+        Some(ip) => Err((
+            ErrorCode::NotAllowed,
+            format!(
+                "server address {} is not the server's public_ip {ip}",
+                ind.server_ip
+            ),
+        )),
+        None => Err((
+            ErrorCode::NotAllowed,
+            "the server did not announce its public_ip at registration".into(),
+        )),
     }
 }
 
@@ -143,6 +173,22 @@ mod tests {
             dst_port: port,
         };
         trigger_packet::udp_pd1(&a, b"x")
+    }
+
+    #[test]
+    fn server_end_must_be_the_announced_public_ip() {
+        let i = ind("198.18.1.10", 5060, Proto::Udp, pd1(5060));
+        assert!(check_server_ip(Some("203.0.113.100".parse().unwrap()), &i).is_ok());
+        assert_eq!(
+            check_server_ip(Some("198.51.100.7".parse().unwrap()), &i)
+                .unwrap_err()
+                .0,
+            ErrorCode::NotAllowed
+        );
+        assert_eq!(
+            check_server_ip(None, &i).unwrap_err().0,
+            ErrorCode::NotAllowed
+        );
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub enum Message {
     Registered {
         site: String,
         trigger_public: String,
+        /// The server's camera-facing address (`public_ip`): the trigger injects only packets
+        /// whose server end is this address.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        public_ip: Option<Ipv4Addr>,
     },
     /// Trigger → server (S3): the cameras on this LAN.
     Report {
