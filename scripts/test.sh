@@ -19,10 +19,12 @@ if [ -n "$missing" ]; then
 fi
 
 # Release profile: the lab tests move real traffic; one build serves unit and lab tests.
+before=$(ip netns list | awk '{print $1}' | grep '^bk-' | sort || true)
 status=0
 cargo test --release --no-fail-fast --all-targets "$@" || status=$?
 
-left=$(ip netns list | awk '{print $1}' | grep '^bk-' || true)
+# Namespaces the tests created and left (another lab running beside the tests is not ours).
+left=$(comm -13 <(echo "$before") <(ip netns list | awk '{print $1}' | grep '^bk-' | sort) || true)
 if [ -n "$left" ]; then
   echo "test.sh: namespaces left behind by the tests: $left" >&2
   status=1
