@@ -28,9 +28,7 @@ impl FromStr for Proto {
         match s {
             "tcp" => Ok(Proto::Tcp),
             "udp" => Ok(Proto::Udp),
-            other => Err(format!(
-                "unknown protocol {other:?}, expected \"tcp\" or \"udp\""
-            )),
+            other => Err(format!("unknown protocol {other:?}, expected \"tcp\" or \"udp\"")),
         }
     }
 }
@@ -51,13 +49,9 @@ impl fmt::Display for Service {
 impl FromStr for Service {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (proto, port) = s
-            .split_once('/')
-            .ok_or_else(|| format!("service {s:?} must look like \"tcp/554\" or \"udp/5060\""))?;
+        let (proto, port) = s.split_once('/').ok_or_else(|| format!("service {s:?} must look like \"tcp/554\" or \"udp/5060\""))?;
         let proto = proto.parse()?;
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("service {s:?}: port must be a number 1-65535"))?;
+        let port: u16 = port.parse().map_err(|_| format!("service {s:?}: port must be a number 1-65535"))?;
         if port == 0 {
             return Err(format!("service {s:?}: port 0 is not a service port"));
         }
@@ -95,21 +89,12 @@ pub fn ports_of(device_type: &str) -> Option<Vec<Service>> {
     BUILTIN
         .iter()
         .find(|(name, _)| *name == device_type)
-        .map(|(_, ports)| {
-            ports
-                .iter()
-                .map(|p| p.parse().expect("built-in catalog entries are valid"))
-                .collect()
-        })
+        .map(|(_, ports)| ports.iter().map(|p| p.parse().expect("built-in catalog entries are valid")).collect())
 }
 
 /// Names of all known device types, for error messages.
 pub fn known_types() -> String {
-    BUILTIN
-        .iter()
-        .map(|(n, _)| *n)
-        .collect::<Vec<_>>()
-        .join(", ")
+    BUILTIN.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
@@ -119,13 +104,7 @@ mod tests {
     #[test]
     fn service_round_trip() {
         let s: Service = "udp/5060".parse().unwrap();
-        assert_eq!(
-            s,
-            Service {
-                proto: Proto::Udp,
-                port: 5060
-            }
-        );
+        assert_eq!(s, Service { proto: Proto::Udp, port: 5060 });
         assert_eq!(s.to_string(), "udp/5060");
         assert!("udp5060".parse::<Service>().is_err());
         assert!("sctp/1".parse::<Service>().is_err());

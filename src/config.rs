@@ -18,24 +18,18 @@ pub struct ConfigError {
 }
 
 fn err(file: &Path, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        file: file.display().to_string(),
-        message: message.into(),
-    }
+    ConfigError { file: file.display().to_string(), message: message.into() }
 }
 
 fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| err(path, format!("cannot read the config file: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| err(path, format!("cannot read the config file: {e}")))?;
     parse(path, &text)
 }
 
 /// Parse TOML text; `path` only names the file in errors.
 pub fn parse<T: for<'de> Deserialize<'de>>(path: &Path, text: &str) -> Result<T, ConfigError> {
     toml::from_str(text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
         let msg = e.message().replace('\n', " ");
         match line {
             Some(l) => err(path, format!("line {l}: {msg}")),
@@ -120,10 +114,7 @@ impl ExposeConfig {
         self.camera.split_once('/').map(|(_, c)| c).unwrap_or("")
     }
     pub fn service(&self) -> Service {
-        Service {
-            proto: self.proto,
-            port: self.port,
-        }
+        Service { proto: self.proto, port: self.port }
     }
 }
 
@@ -142,63 +133,36 @@ impl ServerConfig {
             return Err(err(path, "key `control_listen`: must differ from `public_ip` (public_ip belongs to beckon's userspace stack, the control link to the host)"));
         }
         if self.tun_name.is_empty() || self.tun_name.len() > 15 {
-            return Err(err(
-                path,
-                "key `tun_name`: must be 1-15 characters (a Linux interface name)",
-            ));
+            return Err(err(path, "key `tun_name`: must be 1-15 characters (a Linux interface name)"));
         }
         let mut names = HashSet::new();
         for (i, s) in self.sites.iter().enumerate() {
             if s.name.is_empty() || s.name.contains('/') {
-                return Err(err(
-                    path,
-                    format!("key `site[{i}].name`: must be non-empty and contain no '/'"),
-                ));
+                return Err(err(path, format!("key `site[{i}].name`: must be non-empty and contain no '/'")));
             }
             if !names.insert(s.name.as_str()) {
-                return Err(err(
-                    path,
-                    format!("key `site[{i}].name`: site {:?} is defined twice", s.name),
-                ));
+                return Err(err(path, format!("key `site[{i}].name`: site {:?} is defined twice", s.name)));
             }
             if s.token.len() < 8 {
-                return Err(err(path, format!("key `site[{i}].token`: token of site {:?} is shorter than 8 characters; use a long random secret", s.name)));
+                return Err(err(
+                    path,
+                    format!("key `site[{i}].token`: token of site {:?} is shorter than 8 characters; use a long random secret", s.name),
+                ));
             }
         }
         let mut listens = HashSet::new();
         for (i, e) in self.exposes.iter().enumerate() {
             if e.site().is_empty() || e.camera_name().is_empty() {
-                return Err(err(
-                    path,
-                    format!(
-                        "key `expose[{i}].camera`: {:?} must be \"<site>/<camera>\"",
-                        e.camera
-                    ),
-                ));
+                return Err(err(path, format!("key `expose[{i}].camera`: {:?} must be \"<site>/<camera>\"", e.camera)));
             }
             if !names.contains(e.site()) {
-                return Err(err(
-                    path,
-                    format!(
-                        "key `expose[{i}].camera`: site {:?} has no [[site]] entry",
-                        e.site()
-                    ),
-                ));
+                return Err(err(path, format!("key `expose[{i}].camera`: site {:?} has no [[site]] entry", e.site())));
             }
             if e.port == 0 {
-                return Err(err(
-                    path,
-                    format!("key `expose[{i}].port`: must be the camera's port, 1-65535"),
-                ));
+                return Err(err(path, format!("key `expose[{i}].port`: must be the camera's port, 1-65535")));
             }
             if !listens.insert((e.proto, e.listen)) {
-                return Err(err(
-                    path,
-                    format!(
-                        "key `expose[{i}].listen`: {} {} is used by another exposure",
-                        e.proto, e.listen
-                    ),
-                ));
+                return Err(err(path, format!("key `expose[{i}].listen`: {} {} is used by another exposure", e.proto, e.listen)));
             }
         }
         Ok(())
@@ -260,68 +224,39 @@ impl TriggerConfig {
 
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         if !self.server.contains(':') {
-            return Err(err(
-                path,
-                format!(
-                    "key `server`: {:?} must be \"host:port\" of the server's control_listen",
-                    self.server
-                ),
-            ));
+            return Err(err(path, format!("key `server`: {:?} must be \"host:port\" of the server's control_listen", self.server)));
         }
         if self.site.is_empty() {
-            return Err(err(
-                path,
-                "key `site`: must name this trigger's site as in the server's [[site]]",
-            ));
+            return Err(err(path, "key `site`: must name this trigger's site as in the server's [[site]]"));
         }
         if self.tun_name.is_empty() || self.tun_name.len() > 15 {
-            return Err(err(
-                path,
-                "key `tun_name`: must be 1-15 characters (a Linux interface name)",
-            ));
+            return Err(err(path, "key `tun_name`: must be 1-15 characters (a Linux interface name)"));
         }
         let mut names = HashSet::new();
         for (i, c) in self.cameras.iter().enumerate() {
             if c.name.is_empty() || c.name.contains('/') {
-                return Err(err(
-                    path,
-                    format!("key `camera[{i}].name`: must be non-empty and contain no '/'"),
-                ));
+                return Err(err(path, format!("key `camera[{i}].name`: must be non-empty and contain no '/'")));
             }
             if !names.insert(c.name.as_str()) {
-                return Err(err(
-                    path,
-                    format!(
-                        "key `camera[{i}].name`: camera {:?} is listed twice",
-                        c.name
-                    ),
-                ));
+                return Err(err(path, format!("key `camera[{i}].name`: camera {:?} is listed twice", c.name)));
             }
             if catalog::ports_of(&c.device_type).is_none() {
                 return Err(err(
                     path,
-                    format!(
-                        "key `camera[{i}].device_type`: unknown type {:?}; known: {}",
-                        c.device_type,
-                        catalog::known_types()
-                    ),
+                    format!("key `camera[{i}].device_type`: unknown type {:?}; known: {}", c.device_type, catalog::known_types()),
                 ));
             }
             if c.services().is_empty() {
-                return Err(err(path, format!("key `camera[{i}].ports`: device type {:?} implies no ports; list them, e.g. ports = [\"udp/5060\"]", c.device_type)));
-            }
-            if c.ip.is_unspecified()
-                || c.ip.is_loopback()
-                || c.ip.is_broadcast()
-                || c.ip.is_multicast()
-            {
                 return Err(err(
                     path,
                     format!(
-                        "key `camera[{i}].ip`: {} is not a camera's unicast LAN address",
-                        c.ip
+                        "key `camera[{i}].ports`: device type {:?} implies no ports; list them, e.g. ports = [\"udp/5060\"]",
+                        c.device_type
                     ),
                 ));
+            }
+            if c.ip.is_unspecified() || c.ip.is_loopback() || c.ip.is_broadcast() || c.ip.is_multicast() {
+                return Err(err(path, format!("key `camera[{i}].ip`: {} is not a camera's unicast LAN address", c.ip)));
             }
         }
         Ok(())
@@ -329,9 +264,7 @@ impl TriggerConfig {
 
     /// Is `camera:service` in this trigger's configuration (its injection allowlist)?
     pub fn allows(&self, ip: Ipv4Addr, service: Service) -> bool {
-        self.cameras
-            .iter()
-            .any(|c| c.ip == ip && c.services().contains(&service))
+        self.cameras.iter().any(|c| c.ip == ip && c.services().contains(&service))
     }
 }
 
@@ -374,10 +307,7 @@ listen = "127.0.0.1:15060"
         let bad = SERVER.replace("site-a/cam1", "site-b/cam1");
         let c: ServerConfig = parse(p, &bad).unwrap();
         let e = c.validate(p).unwrap_err().to_string();
-        assert!(
-            e.contains("expose[0].camera") && e.contains("site-b"),
-            "{e}"
-        );
+        assert!(e.contains("expose[0].camera") && e.contains("site-b"), "{e}");
         assert_eq!(e.lines().count(), 1);
     }
 
@@ -412,9 +342,6 @@ ports = ["udp/5060"]
         let p = Path::new("trigger.toml");
         let c: TriggerConfig = parse(p, "server = \"a:1\"\nca = \"c\"\nsite = \"s\"\ntoken = \"t\"\n[[camera]]\nname = \"c\"\nip = \"198.18.1.10\"\ndevice_type = \"toaster\"\n").unwrap();
         let e = c.validate(p).unwrap_err().to_string();
-        assert!(
-            e.contains("camera[0].device_type") && e.contains("gb28181"),
-            "{e}"
-        );
+        assert!(e.contains("camera[0].device_type") && e.contains("gb28181"), "{e}");
     }
 }

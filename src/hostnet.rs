@@ -11,15 +11,13 @@ pub fn sysctl_path(key: &str) -> String {
 
 pub fn sysctl_get(key: &str) -> Result<String> {
     let p = sysctl_path(key);
-    Ok(std::fs::read_to_string(&p)
-        .with_context(|| format!("reading {p}"))?
-        .trim()
-        .to_string())
+    Ok(std::fs::read_to_string(&p).with_context(|| format!("reading {p}"))?.trim().to_string())
 }
 
 pub fn sysctl_set(key: &str, value: &str) -> Result<()> {
     let p = sysctl_path(key);
-    std::fs::write(&p, value).with_context(|| format!("cannot set {key}={value} (writing {p}); run as root with CAP_NET_ADMIN or set it in /etc/sysctl.d"))
+    std::fs::write(&p, value)
+        .with_context(|| format!("cannot set {key}={value} (writing {p}); run as root with CAP_NET_ADMIN or set it in /etc/sysctl.d"))
 }
 
 /// Set a sysctl, returning the previous value if it changed (for restoring).
@@ -35,16 +33,9 @@ pub fn sysctl_ensure(key: &str, value: &str) -> Result<Option<String>> {
 
 /// Run `ip ARGS`; the error carries ip's own message.
 pub fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running `ip` (install iproute2)")?;
+    let out = Command::new("ip").args(args).output().context("running `ip` (install iproute2)")?;
     if !out.status.success() {
-        bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

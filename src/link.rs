@@ -21,11 +21,7 @@ pub struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R) -> Self {
-        FrameReader {
-            inner,
-            decoder: FrameDecoder::default(),
-            buf: vec![0u8; 16 * 1024].into_boxed_slice(),
-        }
+        FrameReader { inner, decoder: FrameDecoder::default(), buf: vec![0u8; 16 * 1024].into_boxed_slice() }
     }
 
     /// Next message; `Err(Closed)` on a clean end of stream.

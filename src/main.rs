@@ -40,38 +40,26 @@ enum Cmd {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Server { config } => beckon::config::ServerConfig::load(&config)
-            .map_err(anyhow::Error::from)
-            .and_then(|cfg| {
-                init_logging();
-                runtime()?.block_on(beckon::server::run(cfg))
-            }),
-        Cmd::Trigger { config } => beckon::config::TriggerConfig::load(&config)
-            .map_err(anyhow::Error::from)
-            .and_then(|cfg| {
-                init_logging();
-                runtime()?.block_on(beckon::trigger::run(cfg))
-            }),
+        Cmd::Server { config } => beckon::config::ServerConfig::load(&config).map_err(anyhow::Error::from).and_then(|cfg| {
+            init_logging();
+            runtime()?.block_on(beckon::server::run(cfg))
+        }),
+        Cmd::Trigger { config } => beckon::config::TriggerConfig::load(&config).map_err(anyhow::Error::from).and_then(|cfg| {
+            init_logging();
+            runtime()?.block_on(beckon::trigger::run(cfg))
+        }),
         Cmd::Status { admin, json } => status(&admin, json),
     };
     if let Err(e) = result {
@@ -91,8 +79,7 @@ fn status(admin: &str, json: bool) -> Result<()> {
     if json {
         println!("{body}");
     } else {
-        let doc: beckon::status::StatusDoc =
-            serde_json::from_str(&body).context("the server sent an unexpected status document")?;
+        let doc: beckon::status::StatusDoc = serde_json::from_str(&body).context("the server sent an unexpected status document")?;
         print!("{}", doc.render());
     }
     Ok(())

@@ -7,11 +7,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Copy one direction, counting; half-close the writer at EOF. Err on reset.
-async fn copy_counted<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    r: &mut R,
-    w: &mut W,
-    count: &AtomicU64,
-) -> std::io::Result<()> {
+async fn copy_counted<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(r: &mut R, w: &mut W, count: &AtomicU64) -> std::io::Result<()> {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         let n = r.read(&mut buf).await?;
@@ -25,13 +21,7 @@ async fn copy_counted<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 
 /// Splice client ↔ assist stream. A reset on either side ends both at once.
 /// `leftover`: bytes already read from `stream` that belong to `client`.
-pub async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
-    client: TcpStream,
-    stream: S,
-    leftover: Vec<u8>,
-    up: &AtomicU64,
-    down: &AtomicU64,
-) {
+pub async fn relay<S: AsyncRead + AsyncWrite + Unpin>(client: TcpStream, stream: S, leftover: Vec<u8>, up: &AtomicU64, down: &AtomicU64) {
     let (mut cr, mut cw) = client.into_split();
     if !leftover.is_empty() {
         if cw.write_all(&leftover).await.is_err() {

@@ -180,57 +180,24 @@ impl StatusDoc {
             self.version, self.public_ip, self.uptime_secs, self.keepalive_secs
         );
         let _ = writeln!(s, "\nSITES");
-        let _ = writeln!(
-            s,
-            "{:<16} {:<10} {:<22} {}",
-            "site", "trigger", "public endpoint", "cameras"
-        );
+        let _ = writeln!(s, "{:<16} {:<10} {:<22} {}", "site", "trigger", "public endpoint", "cameras");
         for site in &self.sites {
-            let cams: Vec<String> = site
-                .cameras
-                .iter()
-                .map(|c| {
-                    format!(
-                        "{} {} {} [{}]",
-                        c.name,
-                        c.ip,
-                        c.device_type,
-                        c.services.join(",")
-                    )
-                })
-                .collect();
+            let cams: Vec<String> =
+                site.cameras.iter().map(|c| format!("{} {} {} [{}]", c.name, c.ip, c.device_type, c.services.join(","))).collect();
             let _ = writeln!(
                 s,
                 "{:<16} {:<10} {:<22} {}",
                 site.name,
-                if site.connected {
-                    "connected"
-                } else {
-                    "offline"
-                },
+                if site.connected { "connected" } else { "offline" },
                 site.trigger_public.as_deref().unwrap_or("-"),
-                if cams.is_empty() {
-                    "-".to_string()
-                } else {
-                    cams.join("; ")
-                }
+                if cams.is_empty() { "-".to_string() } else { cams.join("; ") }
             );
         }
         let _ = writeln!(s, "\nMAPPINGS");
         let _ = writeln!(
             s,
             "{:<14} {:<9} {:<21} {:<22} {:<8} {:<15} {:>6} {:>5} {:>9} {:>9} {:>10}",
-            "camera",
-            "service",
-            "client",
-            "public endpoint",
-            "state",
-            "reached by",
-            "age",
-            "ind",
-            "ka s/a",
-            "dgrams",
-            "bytes"
+            "camera", "service", "client", "public endpoint", "state", "reached by", "age", "ind", "ka s/a", "dgrams", "bytes"
         );
         for m in &self.mappings {
             let _ = writeln!(
@@ -253,16 +220,7 @@ impl StatusDoc {
         let _ = writeln!(
             s,
             "{:<14} {:<9} {:<21} {:<9} {:<12} {:<22} {:>7} {:>4} {:>12} {:>12}",
-            "camera",
-            "service",
-            "client",
-            "path",
-            "strategy",
-            "public endpoint",
-            "setup",
-            "trg",
-            "to camera",
-            "from camera"
+            "camera", "service", "client", "path", "strategy", "public endpoint", "setup", "trg", "to camera", "from camera"
         );
         for c in &self.connections {
             let _ = writeln!(
@@ -294,9 +252,7 @@ impl StatusDoc {
                         "{:<16}   udp: public {}, port preserved {}, mapping {}, filtering {}",
                         "",
                         u.public.as_deref().unwrap_or("-"),
-                        u.port_preserved
-                            .map(|b| if b { "yes" } else { "no" })
-                            .unwrap_or("-"),
+                        u.port_preserved.map(|b| if b { "yes" } else { "no" }).unwrap_or("-"),
                         u.mapping,
                         u.filtering
                     );
@@ -319,31 +275,25 @@ impl StatusDoc {
         let _ = writeln!(
             s,
             "indications sent {} (errors {}), trigger packets {} ({} bytes)",
-            c.indications_sent,
-            c.indication_errors,
-            c.trigger_packets_injected,
-            c.bytes_injected_by_triggers
+            c.indications_sent, c.indication_errors, c.trigger_packets_injected, c.bytes_injected_by_triggers
         );
-        let _ = writeln!(
-            s,
-            "bytes direct: to cameras {}, from cameras {}",
-            c.bytes_direct_to_cameras, c.bytes_direct_from_cameras
-        );
+        let _ = writeln!(s, "bytes direct: to cameras {}, from cameras {}", c.bytes_direct_to_cameras, c.bytes_direct_from_cameras);
         let _ = writeln!(
             s,
             "mappings learned {}, dropped {}, re-triggers {}; unsolicited {}, client drops {}",
-            c.mappings_learned,
-            c.mappings_dropped,
-            c.retriggers,
-            c.unsolicited_datagrams,
-            c.dropped_client_datagrams
+            c.mappings_learned, c.mappings_dropped, c.retriggers, c.unsolicited_datagrams, c.dropped_client_datagrams
         );
-        let _ = writeln!(s, "tcp: direct {} ({} bytes), assisted {} ({} bytes carried by triggers), failed {}, direct fallbacks {}", c.tcp_connections_direct, c.tcp_bytes_direct, c.tcp_connections_assisted, c.tcp_bytes_assisted, c.tcp_connections_failed, c.tcp_direct_fallbacks);
         let _ = writeln!(
             s,
-            "control: auth failures {}, bad frames {}",
-            c.auth_failures, c.bad_frames
+            "tcp: direct {} ({} bytes), assisted {} ({} bytes carried by triggers), failed {}, direct fallbacks {}",
+            c.tcp_connections_direct,
+            c.tcp_bytes_direct,
+            c.tcp_connections_assisted,
+            c.tcp_bytes_assisted,
+            c.tcp_connections_failed,
+            c.tcp_direct_fallbacks
         );
+        let _ = writeln!(s, "control: auth failures {}, bad frames {}", c.auth_failures, c.bad_frames);
         s
     }
 }

@@ -28,28 +28,20 @@ pub fn ensure_dev_material(state_dir: &Path) -> Result<(std::path::PathBuf, std:
     }
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "beckon dev CA");
-    ca_params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "beckon dev CA");
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
     let ca_keypair = rcgen::KeyPair::generate()?;
     let ca_key_pem = ca_keypair.serialize_pem();
     let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_keypair)?;
 
     let mut params = rcgen::CertificateParams::new(vec![DEFAULT_SERVER_NAME.to_string()])?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, DEFAULT_SERVER_NAME);
+    params.distinguished_name.push(rcgen::DnType::CommonName, DEFAULT_SERVER_NAME);
     let key = rcgen::KeyPair::generate()?;
     let cert = params.signed_by(&key, &ca)?;
 
     write_private(&ca_key, ca_key_pem.as_bytes())?;
     write_private(&srv_key, key.serialize_pem().as_bytes())?;
-    std::fs::write(&srv_pem, cert.pem())
-        .with_context(|| format!("writing {}", srv_pem.display()))?;
+    std::fs::write(&srv_pem, cert.pem()).with_context(|| format!("writing {}", srv_pem.display()))?;
     std::fs::write(&ca_pem, ca.pem()).with_context(|| format!("writing {}", ca_pem.display()))?;
     tracing::info!(ca = %ca_pem.display(), "generated dev CA and server certificate; triggers pin this ca.pem");
     Ok((srv_pem, srv_key))
@@ -70,8 +62,7 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let data =
-        std::fs::read(path).with_context(|| format!("reading certificate {}", path.display()))?;
+    let data = std::fs::read(path).with_context(|| format!("reading certificate {}", path.display()))?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut &data[..])
         .collect::<Result<_, _>>()
         .with_context(|| format!("{}: not a PEM certificate file", path.display()))?;
@@ -100,9 +91,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
 pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     for c in load_certs(ca)? {
-        roots
-            .add(c)
-            .with_context(|| format!("{}: not a usable CA certificate", ca.display()))?;
+        roots.add(c).with_context(|| format!("{}: not a usable CA certificate", ca.display()))?;
     }
     let cfg = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
         .with_root_certificates(roots)
@@ -111,8 +100,7 @@ pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
 }
 
 pub fn server_name(name: &str) -> Result<ServerName<'static>> {
-    ServerName::try_from(name.to_string())
-        .with_context(|| format!("{name:?} is not a valid TLS server name"))
+    ServerName::try_from(name.to_string()).with_context(|| format!("{name:?} is not a valid TLS server name"))
 }
 
 #[cfg(test)]

@@ -17,10 +17,7 @@ fn read_msg<C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>, D: rust
     let mut len = [0u8; 4];
     s.read_exact(&mut len).ok()?;
     let n = u32::from_be_bytes(len) as usize;
-    assert!(
-        n <= beckon::wire::control::MAX_FRAME,
-        "peer sent an oversized frame"
-    );
+    assert!(n <= beckon::wire::control::MAX_FRAME, "peer sent an oversized frame");
     let mut body = vec![0u8; n];
     s.read_exact(&mut body).ok()?;
     Some(decode_body(&body).expect("peer sent a frame we cannot decode"))
@@ -29,9 +26,7 @@ fn read_msg<C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>, D: rust
 fn client(ca: &str) -> Tls<rustls::ClientConnection> {
     beckon::tls::install_crypto_provider();
     let cfg = beckon::tls::client_config(std::path::Path::new(ca)).unwrap();
-    let conn =
-        rustls::ClientConnection::new(cfg, beckon::tls::server_name("beckon-server").unwrap())
-            .unwrap();
+    let conn = rustls::ClientConnection::new(cfg, beckon::tls::server_name("beckon-server").unwrap()).unwrap();
     let tcp = TcpStream::connect("203.0.113.1:7443").unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     rustls::StreamOwned::new(conn, tcp)
@@ -47,22 +42,12 @@ fn server_refuses_bad_tokens_and_bad_frames_without_crashing() {
     // A trigger with a wrong token is refused (and keeps retrying with backoff, not crashing).
     let bad = lab.trigger_config("a", "wrong-token-0123456789", &ca);
     lab.spawn("trigger-bad", "trg-a", &["trigger", "--config", &bad]);
-    wait_for(Duration::from_secs(10), "auth failure", || {
-        counter(&lab.status(), "auth_failures") >= 1
-    });
+    wait_for(Duration::from_secs(10), "auth failure", || counter(&lab.status(), "auth_failures") >= 1);
     std::thread::sleep(Duration::from_secs(2));
     let st = lab.status();
     assert_eq!(st["sites"][0]["connected"], false);
-    assert!(
-        st["sites"][0]["cameras"].as_array().unwrap().is_empty(),
-        "a refused trigger must not report"
-    );
-    assert!(
-        lab.log("trigger-bad")
-            .contains("server refused this trigger"),
-        "{}",
-        lab.log("trigger-bad")
-    );
+    assert!(st["sites"][0]["cameras"].as_array().unwrap().is_empty(), "a refused trigger must not report");
+    assert!(lab.log("trigger-bad").contains("server refused this trigger"), "{}", lab.log("trigger-bad"));
     lab.kill("trigger-bad");
 
     let results = lab.in_ns("srv", move || {
@@ -80,11 +65,7 @@ fn server_refuses_bad_tokens_and_bad_frames_without_crashing() {
         out.push(("oversized", read_msg(&mut s), read_msg(&mut s).is_none()));
         // 3. a valid frame, but not a register
         let mut s = client(&ca);
-        s.write_all(&encode(&Message::Report {
-            cameras: vec![],
-            probe: None,
-        }))
-        .unwrap();
+        s.write_all(&encode(&Message::Report { cameras: vec![], probe: None })).unwrap();
         s.flush().unwrap();
         out.push(("out of order", read_msg(&mut s), read_msg(&mut s).is_none()));
         // 4. another protocol version
@@ -100,11 +81,7 @@ fn server_refuses_bad_tokens_and_bad_frames_without_crashing() {
         t.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
         let mut buf = [0u8; 64];
         let n = t.read(&mut buf).unwrap_or(0);
-        out.push((
-            "plaintext",
-            None,
-            n == 0 || buf[0] == 0x15, /* TLS alert */
-        ));
+        out.push(("plaintext", None, n == 0 || buf[0] == 0x15 /* TLS alert */));
         out
     });
     let expect = [
@@ -127,10 +104,7 @@ fn server_refuses_bad_tokens_and_bad_frames_without_crashing() {
     lab.start_trigger("b");
     lab.wait_registered("b");
     let c = lab.in_ns("srv", || Client::new(15061));
-    assert_eq!(
-        c.request(b"still here", 3).as_deref(),
-        Some(&b"cam-b: still here"[..])
-    );
+    assert_eq!(c.request(b"still here", 3).as_deref(), Some(&b"cam-b: still here"[..]));
     assert!(counter(&lab.status(), "bad_frames") >= 4);
 }
 
@@ -155,8 +129,7 @@ fn trigger_refuses_indications_outside_its_allowlist() {
         let mut s = loop {
             let (tcp, _) = listener.accept().unwrap();
             tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let mut s =
-                rustls::StreamOwned::new(rustls::ServerConnection::new(tls.clone()).unwrap(), tcp);
+            let mut s = rustls::StreamOwned::new(rustls::ServerConnection::new(tls.clone()).unwrap(), tcp);
             match read_msg(&mut s) {
                 Some(Message::Register { .. }) => break s,
                 Some(Message::AssistAttach { .. }) => continue,
@@ -183,8 +156,7 @@ fn trigger_refuses_indications_outside_its_allowlist() {
             dst: CAMERA_IP.parse().unwrap(),
             dst_port: dport,
         };
-        base64::engine::general_purpose::STANDARD
-            .encode(beckon::wire::trigger_packet::udp_pd1(&a, b"hostile"))
+        base64::engine::general_purpose::STANDARD.encode(beckon::wire::trigger_packet::udp_pd1(&a, b"hostile"))
     };
     let ind = |id: u64, ip: &str, port: u16, proto: &str, pd1: String| {
         Message::Indication(Indication {
@@ -200,26 +172,10 @@ fn trigger_refuses_indications_outside_its_allowlist() {
         })
     };
     let hostile = [
-        (
-            1,
-            ind(1, "198.18.1.11", 5060, "udp", pd1(5060)),
-            ErrorCode::NotAllowed,
-        ),
-        (
-            2,
-            ind(2, CAMERA_IP, 22, "udp", pd1(22)),
-            ErrorCode::NotAllowed,
-        ),
-        (
-            3,
-            ind(3, CAMERA_IP, 5060, "tcp", pd1(5060)),
-            ErrorCode::NotAllowed,
-        ),
-        (
-            4,
-            ind(4, "198.18.1.1", 5060, "udp", pd1(5060)),
-            ErrorCode::NotAllowed,
-        ),
+        (1, ind(1, "198.18.1.11", 5060, "udp", pd1(5060)), ErrorCode::NotAllowed),
+        (2, ind(2, CAMERA_IP, 22, "udp", pd1(22)), ErrorCode::NotAllowed),
+        (3, ind(3, CAMERA_IP, 5060, "tcp", pd1(5060)), ErrorCode::NotAllowed),
+        (4, ind(4, "198.18.1.1", 5060, "udp", pd1(5060)), ErrorCode::NotAllowed),
         // A packet "from the server" at an address that is not the server's public_ip.
         (
             9,
@@ -245,40 +201,20 @@ fn trigger_refuses_indications_outside_its_allowlist() {
             ErrorCode::NotAllowed,
         ),
         // Fields say 5060, the packet inside says 22.
-        (
-            5,
-            ind(5, CAMERA_IP, 5060, "udp", pd1(22)),
-            ErrorCode::InjectFailed,
-        ),
-        (
-            6,
-            ind(6, CAMERA_IP, 5060, "udp", "!!not base64!!".into()),
-            ErrorCode::InjectFailed,
-        ),
+        (5, ind(5, CAMERA_IP, 5060, "udp", pd1(22)), ErrorCode::InjectFailed),
+        (6, ind(6, CAMERA_IP, 5060, "udp", "!!not base64!!".into()), ErrorCode::InjectFailed),
     ];
     for (id, m, code) in hostile {
         s.write_all(&encode(&m)).unwrap();
         match read_msg(&mut s) {
-            Some(Message::Error {
-                code: c,
-                id: Some(i),
-                ..
-            }) => assert_eq!((i, c), (id, code)),
+            Some(Message::Error { code: c, id: Some(i), .. }) => assert_eq!((i, c), (id, code)),
             other => panic!("indication {id}: expected a refusal, got {other:?}"),
         }
     }
-    assert_eq!(
-        lab.tun_injected_packets("a"),
-        0,
-        "nothing may be injected for refused indications"
-    );
-    s.write_all(&encode(&ind(7, CAMERA_IP, 5060, "udp", pd1(5060))))
-        .unwrap();
+    assert_eq!(lab.tun_injected_packets("a"), 0, "nothing may be injected for refused indications");
+    s.write_all(&encode(&ind(7, CAMERA_IP, 5060, "udp", pd1(5060)))).unwrap();
     match read_msg(&mut s) {
-        Some(Message::IndicationResult {
-            id: 7,
-            injected_bytes,
-        }) => assert_eq!(injected_bytes, 20 + 8 + 7),
+        Some(Message::IndicationResult { id: 7, injected_bytes }) => assert_eq!(injected_bytes, 20 + 8 + 7),
         other => panic!("expected the allowed indication to be injected, got {other:?}"),
     }
     assert_eq!(lab.tun_injected_packets("a"), 1);
@@ -286,13 +222,7 @@ fn trigger_refuses_indications_outside_its_allowlist() {
     // An oversized frame from the server: the trigger drops the link and comes back.
     s.write_all(&(1u32 << 30).to_be_bytes()).unwrap();
     s.flush().unwrap();
-    assert!(matches!(
-        read_msg(&mut s),
-        Some(Message::Error {
-            code: ErrorCode::TooLarge,
-            ..
-        })
-    ));
+    assert!(matches!(read_msg(&mut s), Some(Message::Error { code: ErrorCode::TooLarge, .. })));
     let _again = accept(&listener, &tls);
     assert!(lab.log("trigger-a").contains("bad frame from server"));
 }

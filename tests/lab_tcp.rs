@@ -56,9 +56,7 @@ listen = "127.0.0.1:18091"
 fn start(lab: &mut Lab, direct_a: bool) {
     let cfg = tcp_server_config(lab, direct_a);
     lab.spawn("server", "srv", &["server", "--config", &cfg]);
-    wait_for(Duration::from_secs(10), "server admin endpoint", || {
-        lab.try_status().is_some()
-    });
+    wait_for(Duration::from_secs(10), "server admin endpoint", || lab.try_status().is_some());
     for site in ["a", "b"] {
         let ca = format!("{}/ca.pem", lab.state_dir());
         let cfg = lab.write(
@@ -67,31 +65,16 @@ fn start(lab: &mut Lab, direct_a: bool) {
                 "server = \"203.0.113.1:7443\"\nca = \"{ca}\"\nsite = \"site-{site}\"\ntoken = \"token-{site}-0123456789\"\n[[camera]]\nname = \"cam1\"\nip = \"{CAMERA_IP}\"\ndevice_type = \"hikvision\"\n"
             ),
         );
-        lab.spawn(
-            &format!("trigger-{site}"),
-            &format!("trg-{site}"),
-            &["trigger", "--config", &cfg],
-        );
+        lab.spawn(&format!("trigger-{site}"), &format!("trg-{site}"), &["trigger", "--config", &cfg]);
     }
     // Both sites registered and profiled (a profile retries failed strategies once: ≤ ~15 s).
     wait_for(Duration::from_secs(40), "site profiles", || {
-        lab.try_status().is_some_and(|s| {
-            s["sites"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|x| !x["profile"].is_null())
-        })
+        lab.try_status().is_some_and(|s| s["sites"].as_array().unwrap().iter().all(|x| !x["profile"].is_null()))
     });
 }
 
 fn site<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    st["sites"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap()
+    st["sites"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()
 }
 
 /// HTTP/1.0 GET through an exposure (from inside the server namespace), half-closing after the
@@ -116,12 +99,7 @@ fn get(lab: &Lab, port: u16, path: &str) -> String {
 }
 
 fn profile_result<'a>(p: &'a serde_json::Value, strategy: &str) -> &'a serde_json::Value {
-    p["tcp"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["strategy"] == strategy)
-        .unwrap_or_else(|| panic!("{strategy} not measured: {p:#}"))
+    p["tcp"].as_array().unwrap().iter().find(|r| r["strategy"] == strategy).unwrap_or_else(|| panic!("{strategy} not measured: {p:#}"))
 }
 
 /// Site a: a strict NAT (OpenWrt-like: masquerade + invalid drop, default sysctls). Site b: a
@@ -131,28 +109,14 @@ fn http_direct_through_strict_and_lenient_nats() {
     let mut lab = Lab::up("bk-t1", &["--liberal-b"]);
     start(&mut lab, true);
     let st = lab.status();
-    let (pa, pb) = (
-        &site(&st, "site-a")["profile"],
-        &site(&st, "site-b")["profile"],
-    );
+    let (pa, pb) = (&site(&st, "site-a")["profile"], &site(&st, "site-b")["profile"]);
     // Strict NAT: the patent's SYN form and reverse-syn fail, with the reason; the steered
     // resync works, by TTL and by TCP-MD5.
     assert_eq!(profile_result(pa, "patent-syn")["works"], false, "{pa:#}");
     assert_eq!(profile_result(pa, "reverse-syn")["works"], false, "{pa:#}");
-    assert!(!profile_result(pa, "reverse-syn")["detail"]
-        .as_str()
-        .unwrap()
-        .is_empty());
-    assert_eq!(
-        profile_result(pa, "steered-resync/ttl")["works"],
-        true,
-        "{pa:#}"
-    );
-    assert_eq!(
-        profile_result(pa, "steered-resync/md5")["works"],
-        true,
-        "{pa:#}"
-    );
+    assert!(!profile_result(pa, "reverse-syn")["detail"].as_str().unwrap().is_empty());
+    assert_eq!(profile_result(pa, "steered-resync/ttl")["works"], true, "{pa:#}");
+    assert_eq!(profile_result(pa, "steered-resync/md5")["works"], true, "{pa:#}");
     assert_eq!(pa["direct_strategy"], "steered-resync/ttl");
     // UDP behaviour of a plain Linux masquerade: keeps ports, filters by address and port.
     let ua = &pa["udp"];
@@ -167,14 +131,8 @@ fn http_direct_through_strict_and_lenient_nats() {
     // the connection crossed the NAT directly.
     let a = get(&lab, 18090, "/");
     let b = get(&lab, 18091, "/");
-    assert!(
-        a.contains("<h1>camera cam-a</h1>") && a.contains("you are 203.0.113.100:"),
-        "{a}"
-    );
-    assert!(
-        b.contains("<h1>camera cam-b</h1>") && b.contains("you are 203.0.113.100:"),
-        "{b}"
-    );
+    assert!(a.contains("<h1>camera cam-a</h1>") && a.contains("you are 203.0.113.100:"), "{a}");
+    assert!(b.contains("<h1>camera cam-b</h1>") && b.contains("you are 203.0.113.100:"), "{b}");
 
     // Many clients at once on both exposures.
     let handles: Vec<_> = (0..40)
@@ -183,16 +141,7 @@ fn http_direct_through_strict_and_lenient_nats() {
             let ns = lab.ns("srv");
             std::thread::spawn(move || {
                 let out = Command::new("ip")
-                    .args([
-                        "netns",
-                        "exec",
-                        &ns,
-                        "curl",
-                        "-s",
-                        "-m",
-                        "30",
-                        &format!("http://127.0.0.1:{port}/"),
-                    ])
+                    .args(["netns", "exec", &ns, "curl", "-s", "-m", "30", &format!("http://127.0.0.1:{port}/")])
                     .output()
                     .unwrap();
                 (port, String::from_utf8_lossy(&out.stdout).into_owned())
@@ -201,22 +150,14 @@ fn http_direct_through_strict_and_lenient_nats() {
         .collect();
     for h in handles {
         let (port, body) = h.join().unwrap();
-        let want = if port == 18090 {
-            "camera cam-a"
-        } else {
-            "camera cam-b"
-        };
+        let want = if port == 18090 { "camera cam-a" } else { "camera cam-b" };
         assert!(body.contains(want), "{port}: {body}");
     }
 
     // Bulk transfers arrive complete.
     for port in [18090, 18091] {
         let body = get_raw(&lab, port, "/bulk?bytes=20000000");
-        let payload = body
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map(|i| body.len() - i - 4)
-            .unwrap_or(0);
+        let payload = body.windows(4).position(|w| w == b"\r\n\r\n").map(|i| body.len() - i - 4).unwrap_or(0);
         assert_eq!(payload, 20_000_000, "exposure {port}");
     }
 
@@ -226,10 +167,7 @@ fn http_direct_through_strict_and_lenient_nats() {
     assert_eq!(c["tcp_connections_assisted"], 0, "{c:#}");
     assert_eq!(c["tcp_connections_failed"], 0);
     assert!(c["tcp_bytes_direct"].as_u64().unwrap() > 40_000_000);
-    assert!(
-        st["connections"].as_array().unwrap().is_empty(),
-        "closed connections are freed"
-    );
+    assert!(st["connections"].as_array().unwrap().is_empty(), "closed connections are freed");
     // Trigger packets: 3 per steered connection (site a), 1 per reverse-syn one (site b), plus
     // the profile's probes (at most 3 per strategy and try).
     let (ta, tb) = (lab.tun_injected_packets("a"), lab.tun_injected_packets("b"));
@@ -245,32 +183,17 @@ fn assisted_and_direct_rtsp_while_the_direct_sites_trigger_dies() {
     let mut lab = Lab::up("bk-t2", &["--liberal-b", "--rtsp"]);
     start(&mut lab, false);
     let st = lab.status();
-    assert!(site(&st, "site-a")["profile"]["summary"]
-        .as_str()
-        .unwrap()
-        .contains("direct_tcp = false"));
+    assert!(site(&st, "site-a")["profile"]["summary"].as_str().unwrap().contains("direct_tcp = false"));
     let a = get(&lab, 18090, "/");
-    assert!(
-        a.contains("<h1>camera cam-a</h1>") && a.contains("you are 198.18.1.20:"),
-        "assisted: the camera sees the trigger: {a}"
-    );
+    assert!(a.contains("<h1>camera cam-a</h1>") && a.contains("you are 198.18.1.20:"), "assisted: the camera sees the trigger: {a}");
     let body = get_raw(&lab, 18090, "/bulk?bytes=20000000");
-    let payload = body
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| body.len() - i - 4)
-        .unwrap_or(0);
+    let payload = body.windows(4).position(|w| w == b"\r\n\r\n").map(|i| body.len() - i - 4).unwrap_or(0);
     assert_eq!(payload, 20_000_000);
 
     let mut fa = ffmpeg(&lab, 18080, 14);
     let mut fb = ffmpeg(&lab, 18081, 14);
     wait_for(Duration::from_secs(10), "both streams flowing", || {
-        lab.status()["connections"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["bytes_from_camera"].as_u64().unwrap_or(0) > 10_000)
-            .count()
+        lab.status()["connections"].as_array().unwrap().iter().filter(|c| c["bytes_from_camera"].as_u64().unwrap_or(0) > 10_000).count()
             == 2
     });
     let st = lab.status();
@@ -278,25 +201,16 @@ fn assisted_and_direct_rtsp_while_the_direct_sites_trigger_dies() {
     let ca = conns.iter().find(|c| c["camera"] == "site-a/cam1").unwrap();
     let cb = conns.iter().find(|c| c["camera"] == "site-b/cam1").unwrap();
     assert_eq!(ca["path"], "assisted", "{ca:#}");
-    assert!(
-        ca["note"].as_str().unwrap().contains("direct_tcp = false"),
-        "{ca:#}"
-    );
+    assert!(ca["note"].as_str().unwrap().contains("direct_tcp = false"), "{ca:#}");
     assert_eq!(cb["path"], "direct", "{cb:#}");
     assert_eq!(cb["strategy"], "reverse-syn");
-    assert!(cb["public_endpoint"]
-        .as_str()
-        .unwrap()
-        .starts_with("203.0.113.3:"));
+    assert!(cb["public_endpoint"].as_str().unwrap().starts_with("203.0.113.3:"));
 
     lab.kill("trigger-b");
     let (sa, sb) = (fa.wait().unwrap(), fb.wait().unwrap());
     assert!(sa.success() && sb.success(), "ffmpeg failed: {sa:?} {sb:?}");
     let (na, nb) = (frames(&lab, 18080), frames(&lab, 18081));
-    assert!(
-        na >= 300 && nb >= 300,
-        "decoded frames: site-a {na}, site-b {nb}"
-    );
+    assert!(na >= 300 && nb >= 300, "decoded frames: site-a {na}, site-b {nb}");
     let st = lab.status();
     assert!(!site(&st, "site-b")["connected"].as_bool().unwrap());
     assert!(cb["trigger_packets"].as_u64().unwrap() <= 3);
@@ -306,28 +220,8 @@ fn assisted_and_direct_rtsp_while_the_direct_sites_trigger_dies() {
 fn ffmpeg(lab: &Lab, port: u16, secs: u32) -> std::process::Child {
     let log = std::fs::File::create(lab.dir.join(format!("ffmpeg-{port}.log"))).unwrap();
     Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.ns("srv"),
-            "timeout",
-            "60",
-            "ffmpeg",
-            "-nostdin",
-            "-loglevel",
-            "info",
-            "-rtsp_transport",
-            "tcp",
-        ])
-        .args([
-            "-i",
-            &format!("rtsp://127.0.0.1:{port}/stream"),
-            "-t",
-            &secs.to_string(),
-            "-f",
-            "null",
-            "-",
-        ])
+        .args(["netns", "exec", &lab.ns("srv"), "timeout", "60", "ffmpeg", "-nostdin", "-loglevel", "info", "-rtsp_transport", "tcp"])
+        .args(["-i", &format!("rtsp://127.0.0.1:{port}/stream"), "-t", &secs.to_string(), "-f", "null", "-"])
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -336,11 +230,7 @@ fn ffmpeg(lab: &Lab, port: u16, secs: u32) -> std::process::Child {
 
 fn frames(lab: &Lab, port: u16) -> u64 {
     let log = std::fs::read_to_string(lab.dir.join(format!("ffmpeg-{port}.log"))).unwrap();
-    log.rsplit("frame=")
-        .next()
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    log.rsplit("frame=").next().and_then(|s| s.split_whitespace().next()).and_then(|n| n.parse().ok()).unwrap_or(0)
 }
 
 /// Both sites behind strict NATs (site b with `masquerade random,fully-random`): RTSP from both
@@ -356,22 +246,14 @@ fn rtsp_direct_through_two_strict_nats_while_both_triggers_die() {
     let mut fa = ffmpeg(&lab, 18080, 14);
     let mut fb = ffmpeg(&lab, 18081, 14);
     wait_for(Duration::from_secs(15), "both streams flowing", || {
-        lab.status()["connections"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["bytes_from_camera"].as_u64().unwrap_or(0) > 10_000)
-            .count()
+        lab.status()["connections"].as_array().unwrap().iter().filter(|c| c["bytes_from_camera"].as_u64().unwrap_or(0) > 10_000).count()
             == 2
     });
     let st = lab.status();
     for c in st["connections"].as_array().unwrap() {
         assert_eq!(c["path"], "direct", "{c:#}");
         assert_eq!(c["strategy"], "steered-resync", "{c:#}");
-        assert!(
-            ["ttl", "md5"].contains(&c["steering"].as_str().unwrap()),
-            "{c:#}"
-        );
+        assert!(["ttl", "md5"].contains(&c["steering"].as_str().unwrap()), "{c:#}");
         assert!(c["trigger_packets"].as_u64().unwrap() <= 4, "{c:#}");
         assert_eq!(c["round_trips"], 3);
     }
@@ -380,16 +262,9 @@ fn rtsp_direct_through_two_strict_nats_while_both_triggers_die() {
     let (sa, sb) = (fa.wait().unwrap(), fb.wait().unwrap());
     assert!(sa.success() && sb.success(), "ffmpeg failed: {sa:?} {sb:?}");
     let (na, nb) = (frames(&lab, 18080), frames(&lab, 18081));
-    assert!(
-        na >= 300 && nb >= 300,
-        "decoded frames: site-a {na}, site-b {nb}"
-    );
+    assert!(na >= 300 && nb >= 300, "decoded frames: site-a {na}, site-b {nb}");
     let st = lab.status();
-    assert!(st["sites"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|s| s["connected"] == false));
+    assert!(st["sites"].as_array().unwrap().iter().all(|s| s["connected"] == false));
     assert_eq!(st["counters"]["tcp_bytes_assisted"], 0);
 }
 
@@ -402,34 +277,24 @@ fn lossy_wan_twenty_connections_per_site_all_succeed() {
     for i in 0..20 {
         for (port, cam) in [(18090, "cam-a"), (18091, "cam-b")] {
             let out = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &lab.ns("srv"),
-                    "curl",
-                    "-s",
-                    "-m",
-                    "30",
-                    &format!("http://127.0.0.1:{port}/"),
-                ])
+                .args(["netns", "exec", &lab.ns("srv"), "curl", "-s", "-m", "30", &format!("http://127.0.0.1:{port}/")])
                 .output()
                 .unwrap();
             let body = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                body.contains(&format!("camera {cam}")),
-                "connection {i} to {cam} failed: {body}"
-            );
+            assert!(body.contains(&format!("camera {cam}")), "connection {i} to {cam} failed: {body}");
         }
     }
     let st = lab.status();
     let c = &st["counters"];
-    let (direct, assisted) = (
-        c["tcp_connections_direct"].as_u64().unwrap(),
-        c["tcp_connections_assisted"].as_u64().unwrap(),
+    let (direct, assisted) = (c["tcp_connections_direct"].as_u64().unwrap(), c["tcp_connections_assisted"].as_u64().unwrap());
+    eprintln!(
+        "5% loss: {direct} direct, {assisted} assisted, {} direct attempts fell back; trigger packets a {} b {}; profiles: {} / {}",
+        c["tcp_direct_fallbacks"],
+        lab.tun_injected_packets("a"),
+        lab.tun_injected_packets("b"),
+        site(&st, "site-a")["profile"]["summary"],
+        site(&st, "site-b")["profile"]["summary"]
     );
-    eprintln!("5% loss: {direct} direct, {assisted} assisted, {} direct attempts fell back; trigger packets a {} b {}; profiles: {} / {}",
-        c["tcp_direct_fallbacks"], lab.tun_injected_packets("a"), lab.tun_injected_packets("b"),
-        site(&st, "site-a")["profile"]["summary"], site(&st, "site-b")["profile"]["summary"]);
     assert_eq!(direct + assisted, 40, "{c:#}");
     assert_eq!(c["tcp_connections_failed"], 0);
 }

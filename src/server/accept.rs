@@ -61,15 +61,7 @@ pub async fn run(
 }
 
 async fn refuse<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, code: ErrorCode, message: String) {
-    let _ = write_frame(
-        w,
-        &Message::Error {
-            code,
-            message,
-            id: None,
-        },
-    )
-    .await;
+    let _ = write_frame(w, &Message::Error { code, message, id: None }).await;
     let _ = tokio::io::AsyncWriteExt::shutdown(w).await;
 }
 
@@ -93,12 +85,7 @@ async fn session(
         Ok(Ok(other)) => {
             shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, "control link: expected register, got {}", kind(&other));
-            return refuse(
-                &mut wr,
-                ErrorCode::BadFrame,
-                "the first frame must be register".into(),
-            )
-            .await;
+            return refuse(&mut wr, ErrorCode::BadFrame, "the first frame must be register".into()).await;
         }
         Ok(Err(LinkError::Frame(e))) => {
             shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
@@ -114,22 +101,12 @@ async fn session(
             return refuse(&mut wr, ErrorCode::BadFrame, "register timed out".into()).await;
         }
     };
-    let authorised = shared.cfg.sites.iter().any(|s| {
-        s.name == site
-            && bool::from(subtle::ConstantTimeEq::ct_eq(
-                s.token.as_bytes(),
-                token.as_bytes(),
-            ))
-    });
+    let authorised =
+        shared.cfg.sites.iter().any(|s| s.name == site && bool::from(subtle::ConstantTimeEq::ct_eq(s.token.as_bytes(), token.as_bytes())));
     if !authorised {
         shared.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, site = %site, "trigger refused: unknown site or wrong token");
-        return refuse(
-            &mut wr,
-            ErrorCode::Unauthorized,
-            "unknown site or wrong token".into(),
-        )
-        .await;
+        return refuse(&mut wr, ErrorCode::Unauthorized, "unknown site or wrong token".into()).await;
     }
     if assist {
         return assist_link(shared, site, reader, wr, peer, shutdown).await;
@@ -138,16 +115,11 @@ async fn session(
     let (tx, mut rx) = mpsc::channel::<Message>(OUT_QUEUE);
     let (kick_tx, mut kick_rx) = oneshot::channel();
     let id = shared.next_id();
-    let previous = shared.sessions.lock().unwrap().insert(
-        site.clone(),
-        SiteSession {
-            id,
-            tx: tx.clone(),
-            public: peer,
-            since: Instant::now(),
-            kick: Some(kick_tx),
-        },
-    );
+    let previous = shared
+        .sessions
+        .lock()
+        .unwrap()
+        .insert(site.clone(), SiteSession { id, tx: tx.clone(), public: peer, since: Instant::now(), kick: Some(kick_tx) });
     if let Some(mut old) = previous {
         // Documented policy: the newest trigger of a site wins (a restarted trigger must not wait
         // for its old link to time out).
@@ -156,20 +128,12 @@ async fn session(
             let _ = k.send(());
         }
     }
-    if let Err(e) = shared
-        .registry
-        .lock()
-        .unwrap()
-        .record_registration(&site, peer.to_string())
-    {
+    if let Err(e) = shared.registry.lock().unwrap().record_registration(&site, peer.to_string()) {
         tracing::error!("registry write failed: {e:#}");
     }
     tracing::info!(site = %site, trigger_public = %peer, "trigger registered");
-    let _ = tx.try_send(Message::Registered {
-        site: site.clone(),
-        trigger_public: peer.to_string(),
-        public_ip: Some(shared.cfg.public_ip),
-    });
+    let _ =
+        tx.try_send(Message::Registered { site: site.clone(), trigger_public: peer.to_string(), public_ip: Some(shared.cfg.public_ip) });
 
     let writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
@@ -190,22 +154,14 @@ async fn session(
             Err(_) => break format!("silent for {IDLE_TIMEOUT:?}"),
             Ok(Err(LinkError::Frame(e))) => {
                 shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                let _ = tx.try_send(Message::Error {
-                    code: e.code(),
-                    message: e.to_string(),
-                    id: None,
-                });
+                let _ = tx.try_send(Message::Error { code: e.code(), message: e.to_string(), id: None });
                 break format!("bad frame: {e}");
             }
             Ok(Err(e)) => break e.to_string(),
             Ok(Ok(m)) => {
                 if let Err(why) = handle(&shared, &site, &tx, m) {
                     shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                    let _ = tx.try_send(Message::Error {
-                        code: ErrorCode::BadFrame,
-                        message: why.clone(),
-                        id: None,
-                    });
+                    let _ = tx.try_send(Message::Error { code: ErrorCode::BadFrame, message: why.clone(), id: None });
                     break why;
                 }
             }
@@ -240,20 +196,11 @@ fn kind(m: &Message) -> &'static str {
 }
 
 /// One frame from a registered trigger. `Err` closes the link.
-fn handle(
-    shared: &Arc<Shared>,
-    site: &str,
-    tx: &mpsc::Sender<Message>,
-    m: Message,
-) -> Result<(), String> {
+fn handle(shared: &Arc<Shared>, site: &str, tx: &mpsc::Sender<Message>, m: Message) -> Result<(), String> {
     match m {
         Message::Report { cameras, probe } => {
             validate_report(&cameras)?;
-            let direct_tcp = shared
-                .cfg
-                .sites
-                .iter()
-                .any(|s| s.name == site && s.direct_tcp);
+            let direct_tcp = shared.cfg.sites.iter().any(|s| s.name == site && s.direct_tcp);
             match probe {
                 Some(probe) if direct_tcp => {
                     tokio::spawn(super::profile::run(shared.clone(), site.to_string(), probe));
@@ -261,11 +208,7 @@ fn handle(
                 _ => super::profile::record_without_measuring(
                     shared,
                     site,
-                    if direct_tcp {
-                        "the trigger has no probe listener"
-                    } else {
-                        "direct TCP disabled for this site (direct_tcp = false)"
-                    },
+                    if direct_tcp { "the trigger has no probe listener" } else { "direct TCP disabled for this site (direct_tcp = false)" },
                 ),
             }
             let n = cameras.len();
@@ -279,21 +222,12 @@ fn handle(
             let _ = tx.try_send(Message::ReportAck { cameras: n });
         }
         Message::IndicationResult { id, injected_bytes } => {
-            shared
-                .stats
-                .trigger_packets_injected
-                .fetch_add(1, Ordering::Relaxed);
-            shared
-                .stats
-                .bytes_injected_by_triggers
-                .fetch_add(injected_bytes as u64, Ordering::Relaxed);
+            shared.stats.trigger_packets_injected.fetch_add(1, Ordering::Relaxed);
+            shared.stats.bytes_injected_by_triggers.fetch_add(injected_bytes as u64, Ordering::Relaxed);
             tracing::debug!(site, id, injected_bytes, "trigger packet injected");
         }
         Message::Error { code, message, id } => {
-            shared
-                .stats
-                .indication_errors
-                .fetch_add(1, Ordering::Relaxed);
+            shared.stats.indication_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(site, ?code, ?id, "trigger reported: {message}");
         }
         Message::Ping { nonce } => {
@@ -307,27 +241,18 @@ fn handle(
 
 fn validate_report(cameras: &[CameraReport]) -> Result<(), String> {
     if cameras.len() > MAX_CAMERAS {
-        return Err(format!(
-            "report lists {} cameras, limit is {MAX_CAMERAS}",
-            cameras.len()
-        ));
+        return Err(format!("report lists {} cameras, limit is {MAX_CAMERAS}", cameras.len()));
     }
     let mut names = std::collections::HashSet::new();
     for c in cameras {
         if c.name.is_empty() || c.name.len() > 64 || c.name.contains('/') {
-            return Err(format!(
-                "camera name {:?} is invalid (1-64 characters, no '/')",
-                c.name
-            ));
+            return Err(format!("camera name {:?} is invalid (1-64 characters, no '/')", c.name));
         }
         if !names.insert(&c.name) {
             return Err(format!("camera {:?} reported twice", c.name));
         }
         if c.device_type.len() > 64 || c.services.len() > 64 {
-            return Err(format!(
-                "camera {:?}: device type or service list too long",
-                c.name
-            ));
+            return Err(format!("camera {:?}: device type or service list too long", c.name));
         }
     }
     Ok(())
@@ -347,11 +272,7 @@ async fn assist_link<R, W>(
 {
     if write_frame(
         &mut wr,
-        &Message::Registered {
-            site: site.clone(),
-            trigger_public: peer.to_string(),
-            public_ip: Some(shared.cfg.public_ip),
-        },
+        &Message::Registered { site: site.clone(), trigger_public: peer.to_string(), public_ip: Some(shared.cfg.public_ip) },
     )
     .await
     .is_err()

@@ -18,9 +18,7 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let app = Router::new()
-        .route("/status", get(status))
-        .with_state(AppState { shared, stack });
+    let app = Router::new().route("/status", get(status)).with_state(AppState { shared, stack });
     let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = shutdown.changed().await;
     });
@@ -29,20 +27,10 @@ pub async fn run(
     }
 }
 
-async fn status(
-    State(st): State<AppState>,
-) -> Result<Json<crate::status::StatusDoc>, (axum::http::StatusCode, String)> {
+async fn status(State(st): State<AppState>) -> Result<Json<crate::status::StatusDoc>, (axum::http::StatusCode, String)> {
     let (tx, rx) = oneshot::channel();
-    let unavailable = || {
-        (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "stack not running\n".to_string(),
-        )
-    };
-    st.stack
-        .send(StackEvent::Snapshot(tx))
-        .await
-        .map_err(|_| unavailable())?;
+    let unavailable = || (axum::http::StatusCode::SERVICE_UNAVAILABLE, "stack not running\n".to_string());
+    st.stack.send(StackEvent::Snapshot(tx)).await.map_err(|_| unavailable())?;
     let snap = rx.await.map_err(|_| unavailable())?;
     Ok(Json(st.shared.status(snap)))
 }

@@ -77,35 +77,19 @@ impl AssistHandle {
     /// on) and any camera bytes that arrived together with the trigger's answer.
     pub async fn open(&self, camera: SocketAddrV4) -> Result<(AssistStream, Vec<u8>), String> {
         let (tx, rx) = oneshot::channel();
-        self.open
-            .send(tx)
-            .await
-            .map_err(|_| "assist link is down".to_string())?;
+        self.open.send(tx).await.map_err(|_| "assist link is down".to_string())?;
         let stream = rx.await.map_err(|_| "assist link is down".to_string())??;
         let mut s = stream.compat();
         let fut = async {
-            write_frame(
-                &mut s,
-                &Message::Open {
-                    camera_ip: *camera.ip(),
-                    port: camera.port(),
-                },
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            write_frame(&mut s, &Message::Open { camera_ip: *camera.ip(), port: camera.port() }).await.map_err(|e| e.to_string())?;
             let mut reader = FrameReader::new(s);
             match reader.next().await {
                 Ok(Message::OpenResult { ok: true, .. }) => Ok(reader.into_parts()),
-                Ok(Message::OpenResult { ok: false, error }) => Err(format!(
-                    "trigger could not connect: {}",
-                    error.unwrap_or_default()
-                )),
+                Ok(Message::OpenResult { ok: false, error }) => Err(format!("trigger could not connect: {}", error.unwrap_or_default())),
                 Ok(other) => Err(format!("unexpected answer on assist stream: {other:?}")),
                 Err(e) => Err(format!("assist stream: {e}")),
             }
         };
-        tokio::time::timeout(OPEN_TIMEOUT, fut)
-            .await
-            .map_err(|_| "trigger did not answer the open request".to_string())?
+        tokio::time::timeout(OPEN_TIMEOUT, fut).await.map_err(|_| "trigger did not answer the open request".to_string())?
     }
 }

@@ -41,15 +41,9 @@ pub fn send(
         direction,
     };
     let sessions = shared.sessions.lock().unwrap();
-    let s = sessions
-        .get(site)
-        .ok_or_else(|| IndicateError::NotConnected(site.to_string()))?;
-    s.tx.try_send(Message::Indication(ind))
-        .map_err(|_| IndicateError::Congested(site.to_string()))?;
-    shared
-        .stats
-        .indications_sent
-        .fetch_add(1, Ordering::Relaxed);
+    let s = sessions.get(site).ok_or_else(|| IndicateError::NotConnected(site.to_string()))?;
+    s.tx.try_send(Message::Indication(ind)).map_err(|_| IndicateError::Congested(site.to_string()))?;
+    shared.stats.indications_sent.fetch_add(1, Ordering::Relaxed);
     tracing::info!(site, id, %proto, ?direction, %camera, server_port, bytes = pd1.len(), "indication sent");
     Ok(id)
 }
@@ -63,20 +57,6 @@ pub fn udp(
     server_port: u16,
     payload: &[u8],
 ) -> Result<u64, IndicateError> {
-    let a = Addressing {
-        proto: Proto::Udp,
-        src: shared.cfg.public_ip,
-        src_port: server_port,
-        dst: camera_ip,
-        dst_port: camera_port,
-    };
-    send(
-        shared,
-        site,
-        Proto::Udp,
-        Direction::ToCamera,
-        SocketAddrV4::new(camera_ip, camera_port),
-        server_port,
-        &udp_pd1(&a, payload),
-    )
+    let a = Addressing { proto: Proto::Udp, src: shared.cfg.public_ip, src_port: server_port, dst: camera_ip, dst_port: camera_port };
+    send(shared, site, Proto::Udp, Direction::ToCamera, SocketAddrV4::new(camera_ip, camera_port), server_port, &udp_pd1(&a, payload))
 }

@@ -76,12 +76,8 @@ fn is_sip_keepalive_answer(payload: &[u8]) -> bool {
     text.starts_with("SIP/2.0 ")
         && text.lines().any(|l| {
             let l = l.trim_start();
-            (l.len() > 8
-                && l[..8].eq_ignore_ascii_case("call-id:")
-                && l[8..].trim_start().starts_with(CALL_ID_PREFIX))
-                || (l.len() > 2
-                    && l[..2].eq_ignore_ascii_case("i:")
-                    && l[2..].trim_start().starts_with(CALL_ID_PREFIX))
+            (l.len() > 8 && l[..8].eq_ignore_ascii_case("call-id:") && l[8..].trim_start().starts_with(CALL_ID_PREFIX))
+                || (l.len() > 2 && l[..2].eq_ignore_ascii_case("i:") && l[2..].trim_start().starts_with(CALL_ID_PREFIX))
         })
 }
 
@@ -101,14 +97,8 @@ mod tests {
         let answer = format!("SIP/2.0 200 OK\r\n{call_id}\r\nCSeq: 3 OPTIONS\r\n\r\n");
         assert_eq!(k.is_answer(answer.as_bytes()), Some(true));
         // A real message from the camera is not swallowed.
-        assert_eq!(
-            k.is_answer(b"SIP/2.0 200 OK\r\nCall-ID: abc@x\r\n\r\n"),
-            Some(false)
-        );
-        assert_eq!(
-            k.is_answer(b"MESSAGE sip:x SIP/2.0\r\nCall-ID: beckon-ka-1\r\n\r\n"),
-            Some(false)
-        );
+        assert_eq!(k.is_answer(b"SIP/2.0 200 OK\r\nCall-ID: abc@x\r\n\r\n"), Some(false));
+        assert_eq!(k.is_answer(b"MESSAGE sip:x SIP/2.0\r\nCall-ID: beckon-ka-1\r\n\r\n"), Some(false));
         assert_eq!(k.is_answer(&[0xff, 0xfe]), Some(false));
     }
 
@@ -116,13 +106,7 @@ mod tests {
     fn generic_keepalive_is_empty_and_undecidable() {
         let k = KeepaliveKind::for_device_type("generic-rtsp");
         assert_eq!(k, KeepaliveKind::EmptyDatagram);
-        assert!(k
-            .payload(
-                1,
-                "1.2.3.4:1".parse().unwrap(),
-                "5.6.7.8:2".parse().unwrap()
-            )
-            .is_empty());
+        assert!(k.payload(1, "1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap()).is_empty());
         assert_eq!(k.is_answer(b"anything"), None);
     }
 }

@@ -101,17 +101,14 @@ impl Shared {
     }
 
     pub fn tun(&self) -> &tun_rs::AsyncDevice {
-        self.tun
-            .get()
-            .expect("TUN is set before any connection starts")
+        self.tun.get().expect("TUN is set before any connection starts")
     }
 
     /// The virtual address of `site/camera` inside the userspace stack (stable while running).
     pub fn virt_addr(&self, site: &str, camera: &str) -> std::net::Ipv4Addr {
         let mut v = self.virt.lock().unwrap();
         let n = v.len() as u32 % VIRTUAL_COUNT;
-        *v.entry((site.to_string(), camera.to_string()))
-            .or_insert_with(|| (u32::from(VIRTUAL_BASE) + n).into())
+        *v.entry((site.to_string(), camera.to_string())).or_insert_with(|| (u32::from(VIRTUAL_BASE) + n).into())
     }
 
     /// Sites, cameras and control counters; mappings come from the stack.
@@ -128,9 +125,7 @@ impl Shared {
                 SiteStatus {
                     name: s.name.clone(),
                     connected: sess.is_some(),
-                    trigger_public: sess
-                        .map(|x| x.public.to_string())
-                        .or_else(|| rec.and_then(|r| r.trigger_public.clone())),
+                    trigger_public: sess.map(|x| x.public.to_string()).or_else(|| rec.and_then(|r| r.trigger_public.clone())),
                     connected_secs: sess.map(|x| x.since.elapsed().as_secs()),
                     last_registered_unix: rec.and_then(|r| r.last_registered_unix),
                     cameras: rec
@@ -150,21 +145,10 @@ impl Shared {
                 }
             })
             .collect();
-        let mut connections: Vec<_> = self
-            .conns
-            .lock()
-            .unwrap()
-            .values()
-            .map(|c| c.status())
-            .collect();
+        let mut connections: Vec<_> = self.conns.lock().unwrap().values().map(|c| c.status()).collect();
         connections.sort_by_key(|c| c.id);
-        let open_bytes = |path: &str| {
-            connections
-                .iter()
-                .filter(|c| c.path == path)
-                .map(|c| c.bytes_to_camera + c.bytes_from_camera)
-                .sum::<u64>()
-        };
+        let open_bytes =
+            |path: &str| connections.iter().filter(|c| c.path == path).map(|c| c.bytes_to_camera + c.bytes_from_camera).sum::<u64>();
         let (open_direct, open_assisted) = (open_bytes("direct"), open_bytes("assisted"));
         let st = &self.stats;
         let t = stack.counters;
@@ -182,8 +166,7 @@ impl Shared {
                 tcp_connections_failed: st.tcp_connections_failed.load(Ordering::Relaxed),
                 tcp_direct_fallbacks: st.tcp_direct_fallbacks.load(Ordering::Relaxed),
                 tcp_bytes_direct: st.tcp_bytes_direct_closed.load(Ordering::Relaxed) + open_direct,
-                tcp_bytes_assisted: st.tcp_bytes_assisted_closed.load(Ordering::Relaxed)
-                    + open_assisted,
+                tcp_bytes_assisted: st.tcp_bytes_assisted_closed.load(Ordering::Relaxed) + open_assisted,
                 indications_sent: st.indications_sent.load(Ordering::Relaxed),
                 indication_errors: st.indication_errors.load(Ordering::Relaxed),
                 trigger_packets_injected: st.trigger_packets_injected.load(Ordering::Relaxed),
@@ -206,27 +189,21 @@ impl Shared {
 /// Run the server until SIGINT/SIGTERM.
 pub async fn run(cfg: ServerConfig) -> Result<()> {
     crate::tls::install_crypto_provider();
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("creating state_dir {}", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating state_dir {}", cfg.state_dir.display()))?;
     let (cert, key) = match &cfg.tls {
         Some(t) => (t.cert.clone(), t.key.clone()),
         None => crate::tls::ensure_dev_material(&cfg.state_dir)?,
     };
     let tls = crate::tls::server_config(&cert, &key)?;
     let registry = RegistryStore::open(&cfg.state_dir)?;
-    tracing::info!(
-        sites = registry.registry.sites.len(),
-        "registry loaded from {}",
-        cfg.state_dir.display()
-    );
+    tracing::info!(sites = registry.registry.sites.len(), "registry loaded from {}", cfg.state_dir.display());
 
     // Host side of public_ip: forwarding on, the route into our TUN, proxy ARP on the WAN.
     let mut sysctls = SysctlGuard::default();
     sysctls.ensure("net.ipv4.ip_forward", "1")?;
     let tun = hostnet::create_tun(&cfg.tun_name)?;
     let public = format!("{}/32", cfg.public_ip);
-    hostnet::ip(&["route", "replace", &public, "dev", &cfg.tun_name])
-        .context("routing public_ip into the TUN")?;
+    hostnet::ip(&["route", "replace", &public, "dev", &cfg.tun_name]).context("routing public_ip into the TUN")?;
     let _proxy = match &cfg.wan_interface {
         Some(wan) => {
             // Proxy-ARP replies are otherwise delayed by up to 0.8 s (proxy_delay), which would
@@ -247,30 +224,14 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     tcp_expose::bind_all(&shared, shutdown_rx.clone()).await?;
     let control = tokio::net::TcpListener::bind(cfg.control_listen)
         .await
-        .with_context(|| {
-            format!(
-                "binding control_listen {} (is the address on this host?)",
-                cfg.control_listen
-            )
-        })?;
-    let admin = tokio::net::TcpListener::bind(cfg.admin_listen)
-        .await
-        .with_context(|| format!("binding admin_listen {}", cfg.admin_listen))?;
+        .with_context(|| format!("binding control_listen {} (is the address on this host?)", cfg.control_listen))?;
+    let admin =
+        tokio::net::TcpListener::bind(cfg.admin_listen).await.with_context(|| format!("binding admin_listen {}", cfg.admin_listen))?;
 
     let stack = stack::Stack::new(shared.clone(), tun, exposes);
     let stack_task = tokio::spawn(stack.run(engine_rx, shutdown_rx.clone()));
-    let accept_task = tokio::spawn(accept::run(
-        shared.clone(),
-        control,
-        tls,
-        shutdown_rx.clone(),
-    ));
-    let admin_task = tokio::spawn(admin::run(
-        shared.clone(),
-        engine_tx.clone(),
-        admin,
-        shutdown_rx.clone(),
-    ));
+    let accept_task = tokio::spawn(accept::run(shared.clone(), control, tls, shutdown_rx.clone()));
+    let admin_task = tokio::spawn(admin::run(shared.clone(), engine_tx.clone(), admin, shutdown_rx.clone()));
     tracing::info!(control = %cfg.control_listen, public_ip = %cfg.public_ip, admin = %cfg.admin_listen,
         keepalive_secs = cfg.keepalive_secs, "server running");
 
@@ -296,9 +257,8 @@ struct ProxyArp {
 
 impl ProxyArp {
     fn add(ip: String, dev: String) -> Result<Self> {
-        hostnet::ip(&["neigh", "replace", "proxy", &ip, "dev", &dev]).with_context(|| {
-            format!("adding the proxy-ARP entry for public_ip on wan_interface {dev:?}")
-        })?;
+        hostnet::ip(&["neigh", "replace", "proxy", &ip, "dev", &dev])
+            .with_context(|| format!("adding the proxy-ARP entry for public_ip on wan_interface {dev:?}"))?;
         tracing::info!(ip = %ip, dev = %dev, "proxy ARP entry added");
         Ok(ProxyArp { ip, dev })
     }

@@ -17,11 +17,7 @@ pub async fn run(shared: Arc<Shared>, site: String, probe: Probe) {
     let target = SocketAddrV4::new(probe.ip, probe.tcp_port);
     tracing::info!(site = %site, probe = %target, "measuring the site's NAT (direct TCP strategies against the trigger's probe listener)");
     // Each attempt has its own server port and conntrack entry: run them side by side.
-    let tcp = futures::future::join_all(
-        Strategy::BASIC
-            .into_iter()
-            .map(|s| attempt(&shared, &site, target, s)),
-    );
+    let tcp = futures::future::join_all(Strategy::BASIC.into_iter().map(|s| attempt(&shared, &site, target, s)));
     let udp = async {
         match probe.udp_port {
             Some(p) => Some(udp_profile(&shared, &site, SocketAddrV4::new(probe.ip, p)).await),
@@ -31,18 +27,9 @@ pub async fn run(shared: Arc<Shared>, site: String, probe: Probe) {
     let (mut results, udp) = futures::future::join(tcp, udp).await;
     // Calibrate the TTL steering if the exact arithmetic failed: one hop either way.
     let ttl0 = Strategy::SteeredResync(Steering::Ttl { adjust: 0 });
-    if results
-        .iter()
-        .any(|r| r.strategy == ttl0.label() && !r.works)
-    {
+    if results.iter().any(|r| r.strategy == ttl0.label() && !r.works) {
         for adjust in [-1, 1] {
-            let r = attempt(
-                &shared,
-                &site,
-                target,
-                Strategy::SteeredResync(Steering::Ttl { adjust }),
-            )
-            .await;
+            let r = attempt(&shared, &site, target, Strategy::SteeredResync(Steering::Ttl { adjust })).await;
             let works = r.works;
             results.push(r);
             if works {
@@ -53,9 +40,7 @@ pub async fn run(shared: Arc<Shared>, site: String, probe: Probe) {
     let direct = choose(&results);
     let summary = match direct.first() {
         Some(s) => format!("direct TCP works with {}", s.label()),
-        None => {
-            "direct TCP does not work through this NAT; TCP uses the trigger-assisted path".into()
-        }
+        None => "direct TCP does not work through this NAT; TCP uses the trigger-assisted path".into(),
     };
     tracing::info!(site = %site, "site profile: {summary}");
     shared.profiles.lock().unwrap().insert(
@@ -73,10 +58,7 @@ pub async fn run(shared: Arc<Shared>, site: String, probe: Probe) {
 }
 
 /// Wait for a datagram from a public source on a claimed probe port.
-async fn answer(
-    rx: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
-    within: Duration,
-) -> Option<SocketAddrV4> {
+async fn answer(rx: &mut tokio::sync::mpsc::Receiver<Vec<u8>>, within: Duration) -> Option<SocketAddrV4> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let pkt = tokio::time::timeout_at(deadline, rx.recv()).await.ok()??;
@@ -97,14 +79,7 @@ async fn udp_mapping_from(
     rx: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
 ) -> Option<SocketAddrV4> {
     for _ in 0..3 {
-        let _ = super::indicate::udp(
-            shared,
-            site,
-            *responder.ip(),
-            responder.port(),
-            port,
-            b"beckon-probe",
-        );
+        let _ = super::indicate::udp(shared, site, *responder.ip(), responder.port(), port, b"beckon-probe");
         if let Some(e) = answer(rx, Duration::from_secs(1)).await {
             return Some(e);
         }
@@ -114,15 +89,9 @@ async fn udp_mapping_from(
 
 /// UDP behaviour of the site's NAT: port preservation, mapping and filtering (RFC 4787 terms).
 async fn udp_profile(shared: &Arc<Shared>, site: &str, responder: SocketAddrV4) -> UdpProfile {
-    let unknown = |why: &str| UdpProfile {
-        mapping: why.into(),
-        filtering: why.into(),
-        ..Default::default()
-    };
+    let unknown = |why: &str| UdpProfile { mapping: why.into(), filtering: why.into(), ..Default::default() };
     let r = &shared.tcp_routes;
-    let (Some((c1, mut rx1)), Some((c2, mut rx2)), Some((c3, mut rx3))) =
-        (r.claim_udp(), r.claim_udp(), r.claim_udp())
-    else {
+    let (Some((c1, mut rx1)), Some((c2, mut rx2)), Some((c3, mut rx3))) = (r.claim_udp(), r.claim_udp(), r.claim_udp()) else {
         return unknown("unknown (no free probe port)");
     };
     let Some(e1) = udp_mapping_from(shared, site, responder, c1.port, &mut rx1).await else {
@@ -144,11 +113,7 @@ async fn udp_profile(shared: &Arc<Shared>, site: &str, responder: SocketAddrV4) 
         dst_port: e1.port(),
     };
     let mut filtering = "address-and-port-dependent".to_string();
-    if let Ok(pkt) = crate::wire::trigger_packet::build(
-        &a,
-        &crate::wire::trigger_packet::udp_pd1(&a, b"beckon-probe"),
-        rand::random(),
-    ) {
+    if let Ok(pkt) = crate::wire::trigger_packet::build(&a, &crate::wire::trigger_packet::udp_pd1(&a, b"beckon-probe"), rand::random()) {
         for _ in 0..2 {
             let _ = shared.tun().send(&pkt).await;
             if answer(&mut rx3, Duration::from_millis(700)).await.is_some() {
@@ -158,20 +123,12 @@ async fn udp_profile(shared: &Arc<Shared>, site: &str, responder: SocketAddrV4) 
         }
     }
     tracing::info!(site, public = %e1, port_preserved = e1.port() == responder.port(), %mapping, %filtering, "profile: UDP");
-    UdpProfile {
-        public: Some(e1.to_string()),
-        port_preserved: Some(e1.port() == responder.port()),
-        mapping,
-        filtering,
-    }
+    UdpProfile { public: Some(e1.to_string()), port_preserved: Some(e1.port() == responder.port()), mapping, filtering }
 }
 
 /// A profile that measured nothing: TCP of this site goes assisted, and status says why.
 pub fn record_without_measuring(shared: &Shared, site: &str, why: &str) {
-    tracing::info!(
-        site,
-        "site profile: {why}; TCP uses the trigger-assisted path"
-    );
+    tracing::info!(site, "site profile: {why}; TCP uses the trigger-assisted path");
     shared.profiles.lock().unwrap().insert(
         site.to_string(),
         ProfileStatus {
@@ -184,12 +141,7 @@ pub fn record_without_measuring(shared: &Shared, site: &str, why: &str) {
 
 /// One strategy against the probe; a failure is retried once (a lost packet must not mark a
 /// working strategy as broken for the whole session).
-async fn attempt(
-    shared: &Arc<Shared>,
-    site: &str,
-    target: SocketAddrV4,
-    strategy: Strategy,
-) -> StrategyResult {
+async fn attempt(shared: &Arc<Shared>, site: &str, target: SocketAddrV4, strategy: Strategy) -> StrategyResult {
     let first = attempt_once(shared, site, target, strategy).await;
     if first.works {
         return first;
@@ -199,18 +151,8 @@ async fn attempt(
     second
 }
 
-async fn attempt_once(
-    shared: &Arc<Shared>,
-    site: &str,
-    target: SocketAddrV4,
-    strategy: Strategy,
-) -> StrategyResult {
-    let record = Arc::new(ConnRecord::new(
-        shared.next_id(),
-        format!("{site}/(probe)"),
-        format!("tcp/{}", target.port()),
-        "profile".into(),
-    ));
+async fn attempt_once(shared: &Arc<Shared>, site: &str, target: SocketAddrV4, strategy: Strategy) -> StrategyResult {
+    let record = Arc::new(ConnRecord::new(shared.next_id(), format!("{site}/(probe)"), format!("tcp/{}", target.port()), "profile".into()));
     let t0 = Instant::now();
     let params = DirectParams {
         strategy,
@@ -234,13 +176,9 @@ async fn attempt_once(
     let r = StrategyResult {
         strategy: strategy.label(),
         works: outcome.is_ok(),
-        detail: outcome
-            .err()
-            .unwrap_or_else(|| "handshake and data through the NAT".into()),
+        detail: outcome.err().unwrap_or_else(|| "handshake and data through the NAT".into()),
         setup_ms: t0.elapsed().as_millis() as u64,
-        trigger_packets: record
-            .trigger_packets
-            .load(std::sync::atomic::Ordering::Relaxed),
+        trigger_packets: record.trigger_packets.load(std::sync::atomic::Ordering::Relaxed),
         steer_ttl,
         round_trips,
     };
@@ -251,11 +189,7 @@ async fn attempt_once(
 /// The strategies that worked, in the order connections try them: cheapest first (fewest
 /// trigger packets and round trips): patent-syn, reverse-syn, steered-resync by TTL, by MD5.
 pub fn choose(results: &[StrategyResult]) -> Vec<Strategy> {
-    let mut ok: Vec<Strategy> = results
-        .iter()
-        .filter(|r| r.works)
-        .filter_map(|r| Strategy::from_label(&r.strategy))
-        .collect();
+    let mut ok: Vec<Strategy> = results.iter().filter(|r| r.works).filter_map(|r| Strategy::from_label(&r.strategy)).collect();
     ok.sort_by_key(|s| match s {
         Strategy::PatentSyn => 0,
         Strategy::ReverseSyn => 1,
@@ -271,33 +205,17 @@ mod tests {
     use super::*;
 
     fn r(s: Strategy, works: bool) -> StrategyResult {
-        StrategyResult {
-            strategy: s.label(),
-            works,
-            ..Default::default()
-        }
+        StrategyResult { strategy: s.label(), works, ..Default::default() }
     }
 
     #[test]
     fn order_is_cheapest_first() {
         let ttl = Strategy::SteeredResync(Steering::Ttl { adjust: -1 });
         let md5 = Strategy::SteeredResync(Steering::Md5);
-        assert_eq!(
-            choose(&[r(md5, true), r(Strategy::ReverseSyn, true), r(ttl, true)]),
-            vec![Strategy::ReverseSyn, ttl, md5]
-        );
-        assert_eq!(
-            choose(&[r(Strategy::ReverseSyn, false), r(md5, true)]),
-            vec![md5]
-        );
+        assert_eq!(choose(&[r(md5, true), r(Strategy::ReverseSyn, true), r(ttl, true)]), vec![Strategy::ReverseSyn, ttl, md5]);
+        assert_eq!(choose(&[r(Strategy::ReverseSyn, false), r(md5, true)]), vec![md5]);
         assert!(choose(&[r(Strategy::PatentSyn, false)]).is_empty());
-        for s in [
-            Strategy::PatentSyn,
-            Strategy::ReverseSyn,
-            ttl,
-            md5,
-            Strategy::SteeredResync(Steering::Ttl { adjust: 0 }),
-        ] {
+        for s in [Strategy::PatentSyn, Strategy::ReverseSyn, ttl, md5, Strategy::SteeredResync(Steering::Ttl { adjust: 0 })] {
             assert_eq!(Strategy::from_label(&s.label()), Some(s), "{}", s.label());
         }
         assert_eq!(ttl.label(), "steered-resync/ttl-1");

@@ -25,11 +25,7 @@ pub struct Registry {
 
 impl Registry {
     pub fn camera(&self, site: &str, name: &str) -> Option<&CameraReport> {
-        self.sites
-            .get(site)?
-            .cameras
-            .iter()
-            .find(|c| c.name == name)
+        self.sites.get(site)?.cameras.iter().find(|c| c.name == name)
     }
 }
 
@@ -46,11 +42,7 @@ impl RegistryStore {
         let path = state_dir.join("registry.json");
         let registry = match std::fs::read(&path) {
             Ok(data) => serde_json::from_slice(&data).with_context(|| {
-                format!(
-                    "{}: corrupt registry ({}); move it aside to start with an empty one",
-                    path.display(),
-                    "invalid JSON"
-                )
+                format!("{}: corrupt registry ({}); move it aside to start with an empty one", path.display(), "invalid JSON")
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::default(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
@@ -62,13 +54,11 @@ impl RegistryStore {
         let tmp = self.path.with_extension("json.tmp");
         let data = serde_json::to_vec_pretty(&self.registry)?;
         {
-            let mut f = std::fs::File::create(&tmp)
-                .with_context(|| format!("writing {}", tmp.display()))?;
+            let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
             f.write_all(&data)?;
             f.sync_all()?;
         }
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("renaming to {}", self.path.display()))?;
+        std::fs::rename(&tmp, &self.path).with_context(|| format!("renaming to {}", self.path.display()))?;
         if let Some(dir) = self.path.parent() {
             if let Ok(d) = std::fs::File::open(dir) {
                 let _ = d.sync_all();
@@ -85,20 +75,13 @@ impl RegistryStore {
     }
 
     pub fn record_report(&mut self, site: &str, cameras: Vec<CameraReport>) -> Result<()> {
-        self.registry
-            .sites
-            .entry(site.to_string())
-            .or_default()
-            .cameras = cameras;
+        self.registry.sites.entry(site.to_string()).or_default().cameras = cameras;
         self.save()
     }
 }
 
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -110,8 +93,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("beckon-reg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut s = RegistryStore::open(&dir).unwrap();
-        s.record_registration("site-a", "203.0.113.2:40000".into())
-            .unwrap();
+        s.record_registration("site-a", "203.0.113.2:40000".into()).unwrap();
         s.record_report(
             "site-a",
             vec![CameraReport {

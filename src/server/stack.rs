@@ -11,10 +11,7 @@ use crate::status::MappingStatus;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium};
 use smoltcp::socket::udp;
-use smoltcp::wire::{
-    HardwareAddress, Icmpv4Message, Icmpv4Packet, IpAddress, IpCidr, IpEndpoint, IpProtocol,
-    Ipv4Packet, UdpPacket,
-};
+use smoltcp::wire::{HardwareAddress, Icmpv4Message, Icmpv4Packet, IpAddress, IpCidr, IpEndpoint, IpProtocol, Ipv4Packet, UdpPacket};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddrV4;
 use std::sync::Arc;
@@ -108,20 +105,11 @@ impl Stack {
         let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::from_millis(0));
         let public = shared.cfg.public_ip;
         iface.update_ip_addrs(|a| {
-            a.push(IpCidr::new(IpAddress::Ipv4(public.into()), 32))
-                .expect("one address fits");
+            a.push(IpCidr::new(IpAddress::Ipv4(public.into()), 32)).expect("one address fits");
         });
         // Everything leaves through the TUN; the host kernel routes it on.
-        iface
-            .routes_mut()
-            .add_default_ipv4_route(public.into())
-            .expect("one route fits");
-        let table = UdpMappings::new(
-            shared.cfg.keepalive(),
-            IDLE_TIMEOUT,
-            MAX_FLOWS,
-            rand::random(),
-        );
+        iface.routes_mut().add_default_ipv4_route(public.into()).expect("one route fits");
+        let table = UdpMappings::new(shared.cfg.keepalive(), IDLE_TIMEOUT, MAX_FLOWS, rand::random());
         Stack {
             shared,
             tun,
@@ -142,18 +130,15 @@ impl Stack {
         smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
     }
 
-    pub async fn run(
-        mut self,
-        mut events: mpsc::Receiver<StackEvent>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    pub async fn run(mut self, mut events: mpsc::Receiver<StackEvent>, mut shutdown: watch::Receiver<bool>) {
         let mut buf = vec![0u8; 65536];
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 r = self.tun.recv(&mut buf) => match r {
-                    Ok(n) => self.ingress(&buf[..n]),
+                    // Packets for TCP shards or probes are handed off: nothing for the UDP stack to do.
+                    Ok(n) => if !self.ingress(&buf[..n]) { continue },
                     Err(e) => { tracing::error!("TUN read failed: {e}; stack stops"); return; }
                 },
                 ev = events.recv() => match ev {
@@ -171,50 +156,42 @@ impl Stack {
     }
 
     /// A packet from the TUN: watch for ICMP errors about our mappings, then hand it to smoltcp.
-    fn ingress(&mut self, pkt: &[u8]) {
+    /// Returns false when the packet was handed to a TCP shard or a probe (or dropped), true when
+    /// the UDP stack got it.
+    fn ingress(&mut self, pkt: &[u8]) -> bool {
         let Ok(ip) = Ipv4Packet::new_checked(pkt) else {
-            return;
-        }; // IPv6 or garbage
-        if ip.next_header() == IpProtocol::Tcp {
+            return false; // IPv6 or garbage
+        };
+        let dst = crate::wire::rewrite::endpoint(pkt, crate::wire::rewrite::End::Dst);
+        match (ip.next_header(), dst) {
             // Camera-facing TCP belongs to the connection shard that owns the server port.
-            if let Ok(dst) = crate::wire::rewrite::endpoint(pkt, crate::wire::rewrite::End::Dst) {
-                if self.shared.tcp_routes.dispatch(dst.port(), pkt) {
-                    return;
-                }
-            }
-        }
-        if ip.next_header() == IpProtocol::Udp {
-            if let Ok(dst) = crate::wire::rewrite::endpoint(pkt, crate::wire::rewrite::End::Dst) {
+            (IpProtocol::Tcp, Ok(dst)) if self.shared.tcp_routes.dispatch(dst.port(), pkt) => return false,
+            (IpProtocol::Udp, Ok(dst))
                 if crate::server::tcp_conn::UDP_PROBE_PORTS.contains(&dst.port())
-                    && self.shared.tcp_routes.dispatch_udp(dst.port(), pkt)
-                {
-                    return;
+                    && self.shared.tcp_routes.dispatch_udp(dst.port(), pkt) =>
+            {
+                return false
+            }
+            (IpProtocol::Icmp, _) => {
+                if let Some((port, to)) = unreachable_for(&ip, self.shared.cfg.public_ip) {
+                    self.table.unreachable(Instant::now(), port, to);
                 }
             }
-        }
-        if ip.next_header() == IpProtocol::Icmp {
-            if let Some((port, to)) = unreachable_for(&ip, self.shared.cfg.public_ip) {
-                self.table.unreachable(Instant::now(), port, to);
-            }
+            _ => {}
         }
         if self.device.rx.len() < DEVICE_QUEUE {
             self.device.rx.push_back(pkt.to_vec());
         }
+        true
     }
 
     fn event(&mut self, ev: StackEvent) {
         match ev {
-            StackEvent::ClientDatagram {
-                expose,
-                client,
-                payload,
-            } => {
+            StackEvent::ClientDatagram { expose, client, payload } => {
                 let Some(target) = self.target(expose) else {
                     return;
                 };
-                let acts =
-                    self.table
-                        .client_datagram(Instant::now(), expose, client, &target, payload);
+                let acts = self.table.client_datagram(Instant::now(), expose, client, &target, payload);
                 self.apply(acts);
             }
             StackEvent::Snapshot(reply) => {
@@ -248,19 +225,10 @@ impl Stack {
         for a in actions {
             match a {
                 Action::OpenPort(port) => {
-                    let rx = udp::PacketBuffer::new(
-                        vec![udp::PacketMetadata::EMPTY; UDP_SLOTS],
-                        vec![0; UDP_BYTES],
-                    );
-                    let tx = udp::PacketBuffer::new(
-                        vec![udp::PacketMetadata::EMPTY; UDP_SLOTS],
-                        vec![0; UDP_BYTES],
-                    );
+                    let rx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; UDP_SLOTS], vec![0; UDP_BYTES]);
+                    let tx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; UDP_SLOTS], vec![0; UDP_BYTES]);
                     let mut s = udp::Socket::new(rx, tx);
-                    if let Err(e) = s.bind(IpEndpoint::new(
-                        IpAddress::Ipv4(self.shared.cfg.public_ip.into()),
-                        port,
-                    )) {
+                    if let Err(e) = s.bind(IpEndpoint::new(IpAddress::Ipv4(self.shared.cfg.public_ip.into()), port)) {
                         tracing::error!(port, "binding server port: {e}");
                         continue;
                     }
@@ -271,54 +239,26 @@ impl Stack {
                         self.sockets.remove(h);
                     }
                 }
-                Action::ToCamera {
-                    server_port,
-                    to,
-                    payload,
-                } => {
+                Action::ToCamera { server_port, to, payload } => {
                     let Some(h) = self.ports.get(&server_port) else {
                         continue;
                     };
                     let ep = IpEndpoint::new(IpAddress::Ipv4((*to.ip()).into()), to.port());
-                    match self
-                        .sockets
-                        .get_mut::<udp::Socket>(*h)
-                        .send_slice(&payload, ep)
-                    {
+                    match self.sockets.get_mut::<udp::Socket>(*h).send_slice(&payload, ep) {
                         Ok(()) => self.bytes_to_cameras += payload.len() as u64,
                         Err(e) => tracing::debug!(server_port, "send to camera: {e}"),
                     }
                 }
-                Action::ToClient {
-                    expose,
-                    client,
-                    payload,
-                } => {
+                Action::ToClient { expose, client, payload } => {
                     if let Some(sock) = self.exposes.get(expose).and_then(|e| e.udp.as_ref()) {
                         if sock.try_send_to(&payload, client).is_err() {
                             self.client_queue_drops += 1;
                         }
                     }
                 }
-                Action::Indicate {
-                    site,
-                    camera_ip,
-                    camera_port,
-                    server_port,
-                    payload,
-                } => {
-                    if let Err(e) = super::indicate::udp(
-                        &self.shared,
-                        &site,
-                        camera_ip,
-                        camera_port,
-                        server_port,
-                        &payload,
-                    ) {
-                        self.shared
-                            .stats
-                            .indication_errors
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Action::Indicate { site, camera_ip, camera_port, server_port, payload } => {
+                    if let Err(e) = super::indicate::udp(&self.shared, &site, camera_ip, camera_port, server_port, &payload) {
+                        self.shared.stats.indication_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::warn!("cannot reach {site}/{camera_ip}:{camera_port}: {e}");
                     }
                 }
@@ -336,11 +276,7 @@ impl Stack {
                 let s = self.sockets.get_mut::<udp::Socket>(h);
                 while let Ok((data, meta)) = s.recv() {
                     let IpAddress::Ipv4(ip) = meta.endpoint.addr;
-                    received.push((
-                        port,
-                        SocketAddrV4::new(ip, meta.endpoint.port),
-                        data.to_vec(),
-                    ));
+                    received.push((port, SocketAddrV4::new(ip, meta.endpoint.port), data.to_vec()));
                 }
             }
             if received.is_empty() && self.device.rx.is_empty() {
@@ -383,16 +319,10 @@ impl Stack {
                     reached_by: "udp-signalling".into(),
                     age_secs: now.duration_since(f.created).as_secs(),
                     indications: f.stats.indications,
-                    keepalive: serde_json::to_value(f.target.keepalive)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default(),
+                    keepalive: serde_json::to_value(f.target.keepalive).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
                     keepalives_sent: f.stats.keepalives_sent,
                     keepalives_answered: f.stats.keepalives_answered,
-                    last_keepalive_answer_secs_ago: f
-                        .stats
-                        .last_keepalive_answer
-                        .map(|t| now.duration_since(t).as_secs()),
+                    last_keepalive_answer_secs_ago: f.stats.last_keepalive_answer.map(|t| now.duration_since(t).as_secs()),
                     datagrams_to_camera: f.stats.datagrams_to_camera,
                     datagrams_from_camera: f.stats.datagrams_from_camera,
                     bytes_to_camera: f.stats.bytes_to_camera,
@@ -413,10 +343,7 @@ impl Stack {
 
 /// If `ip` is an ICMP destination-unreachable about a UDP datagram we sent from
 /// `public_ip:port`, return (port, the datagram's destination).
-pub fn unreachable_for(
-    ip: &Ipv4Packet<&[u8]>,
-    public_ip: std::net::Ipv4Addr,
-) -> Option<(u16, SocketAddrV4)> {
+pub fn unreachable_for(ip: &Ipv4Packet<&[u8]>, public_ip: std::net::Ipv4Addr) -> Option<(u16, SocketAddrV4)> {
     let icmp = Icmpv4Packet::new_checked(ip.payload()).ok()?;
     if icmp.msg_type() != Icmpv4Message::DstUnreachable {
         return None;
@@ -426,16 +353,11 @@ pub fn unreachable_for(
         let d = icmp.data();
         (d.len() >= 28).then(|| Ipv4Packet::new_unchecked(d))
     })?;
-    if inner.next_header() != IpProtocol::Udp
-        || std::net::Ipv4Addr::from(inner.src_addr()) != public_ip
-    {
+    if inner.next_header() != IpProtocol::Udp || std::net::Ipv4Addr::from(inner.src_addr()) != public_ip {
         return None;
     }
     let hl = inner.header_len() as usize;
     let quoted = icmp.data().get(hl..hl + 8)?;
     let udp = UdpPacket::new_unchecked(quoted);
-    Some((
-        udp.src_port(),
-        SocketAddrV4::new(inner.dst_addr().into(), udp.dst_port()),
-    ))
+    Some((udp.src_port(), SocketAddrV4::new(inner.dst_addr().into(), udp.dst_port())))
 }

@@ -69,13 +69,7 @@ impl TcpRoutes {
             if let std::collections::hash_map::Entry::Vacant(e) = map.entry(port) {
                 let (tx, rx) = mpsc::channel(SHARD_QUEUE);
                 e.insert(tx);
-                return Some((
-                    RouteGuard {
-                        routes: self.clone(),
-                        port,
-                    },
-                    rx,
-                ));
+                return Some((RouteGuard { routes: self.clone(), port }, rx));
             }
         }
         None
@@ -89,13 +83,7 @@ impl TcpRoutes {
             if let std::collections::hash_map::Entry::Vacant(e) = map.entry(port) {
                 let (tx, rx) = mpsc::channel(64);
                 e.insert(tx);
-                return Some((
-                    UdpClaim {
-                        routes: self.clone(),
-                        port,
-                    },
-                    rx,
-                ));
+                return Some((UdpClaim { routes: self.clone(), port }, rx));
             }
         }
         None
@@ -152,10 +140,7 @@ impl ConnRecord {
             service,
             client,
             started: Instant::now(),
-            info: Mutex::new(ConnInfo {
-                path: "connecting".into(),
-                ..Default::default()
-            }),
+            info: Mutex::new(ConnInfo { path: "connecting".into(), ..Default::default() }),
             to_camera: AtomicU64::new(0),
             from_camera: AtomicU64::new(0),
             trigger_packets: AtomicU64::new(0),
@@ -225,11 +210,7 @@ pub struct Shard {
 impl Shard {
     /// Run the attempt until the connection is established (Ok) or the attempt failed (Err,
     /// with the reason). A failed shard is dropped: its port is released, nothing lingers.
-    pub async fn connect(
-        shared: Arc<Shared>,
-        p: DirectParams,
-        record: Arc<ConnRecord>,
-    ) -> Result<Shard, String> {
+    pub async fn connect(shared: Arc<Shared>, p: DirectParams, record: Arc<ConnRecord>) -> Result<Shard, String> {
         let (route, rx) = shared.tcp_routes.claim().ok_or("no free server port")?;
         let public = shared.cfg.public_ip;
         let mut device = QueueDevice::default();
@@ -238,17 +219,10 @@ impl Shard {
         let epoch = Instant::now();
         let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::from_millis(0));
         iface.update_ip_addrs(|a| {
-            a.push(IpCidr::new(IpAddress::Ipv4(public.into()), 32))
-                .unwrap();
+            a.push(IpCidr::new(IpAddress::Ipv4(public.into()), 32)).unwrap();
         });
-        iface
-            .routes_mut()
-            .add_default_ipv4_route(public.into())
-            .unwrap();
-        let mut sock = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; p.buffer]),
-            tcp::SocketBuffer::new(vec![0; p.buffer]),
-        );
+        iface.routes_mut().add_default_ipv4_route(public.into()).unwrap();
+        let mut sock = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; p.buffer]), tcp::SocketBuffer::new(vec![0; p.buffer]));
         sock.set_nagle_enabled(false);
         sock.set_ack_delay(None);
         if let Some(k) = p.keepalive {
@@ -260,27 +234,8 @@ impl Shard {
         let handle = sockets.add(sock);
         let server = SocketAddrV4::new(public, route.port);
         let now = Instant::now();
-        let attempt = Attempt::new(
-            p.strategy,
-            server,
-            p.camera,
-            SocketAddrV4::new(p.virt, p.camera.port()),
-            now,
-            p.timeout,
-        );
-        let mut shard = Shard {
-            shared,
-            site: p.site,
-            iface,
-            device,
-            sockets,
-            handle,
-            attempt,
-            rx,
-            _route: route,
-            epoch,
-            record,
-        };
+        let attempt = Attempt::new(p.strategy, server, p.camera, SocketAddrV4::new(p.virt, p.camera.port()), now, p.timeout);
+        let mut shard = Shard { shared, site: p.site, iface, device, sockets, handle, attempt, rx, _route: route, epoch, record };
         let outs = shard.attempt.start(now, &mut rand::rng());
         shard.process(outs).await;
         loop {
@@ -298,8 +253,7 @@ impl Shard {
             let wake = shard.wake_at();
             tokio::select! {
                 p = shard.rx.recv() => if let Some(p) = p {
-                    let outs = shard.attempt.from_wire(p, Instant::now());
-                    shard.process(outs).await;
+                    shard.wire_batch(p).await;
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
@@ -314,10 +268,7 @@ impl Shard {
 
     fn wake_at(&mut self) -> Instant {
         let now = Instant::now();
-        let smol = self
-            .iface
-            .poll_delay(self.smol_now(), &self.sockets)
-            .map(|d| now + Duration::from_micros(d.total_micros()));
+        let smol = self.iface.poll_delay(self.smol_now(), &self.sockets).map(|d| now + Duration::from_micros(d.total_micros()));
         let mut t = now + Duration::from_secs(1);
         for c in [smol, self.attempt.poll_at()].into_iter().flatten() {
             t = t.min(c);
@@ -329,11 +280,7 @@ impl Shard {
         for o in outs {
             match o {
                 Out::Indicate { to_server, pd1 } => {
-                    let dir = if to_server {
-                        Direction::ToServer
-                    } else {
-                        Direction::ToCamera
-                    };
+                    let dir = if to_server { Direction::ToServer } else { Direction::ToCamera };
                     self.record.trigger_packets.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = super::indicate::send(
                         &self.shared,
@@ -351,14 +298,9 @@ impl Shard {
                     let virt = self.attempt.virt;
                     let server = self.attempt.server;
                     let remote = IpEndpoint::new(IpAddress::Ipv4((*virt.ip()).into()), virt.port());
-                    let local =
-                        IpEndpoint::new(IpAddress::Ipv4((*server.ip()).into()), server.port());
+                    let local = IpEndpoint::new(IpAddress::Ipv4((*server.ip()).into()), server.port());
                     let cx = self.iface.context();
-                    if let Err(e) = self
-                        .sockets
-                        .get_mut::<tcp::Socket>(self.handle)
-                        .connect(cx, remote, local)
-                    {
+                    if let Err(e) = self.sockets.get_mut::<tcp::Socket>(self.handle).connect(cx, remote, local) {
                         tracing::error!("smoltcp connect: {e}");
                     }
                 }
@@ -369,6 +311,18 @@ impl Shard {
                 }
                 Out::ToStack(p) => self.device.rx.push_back(p),
             }
+        }
+    }
+
+    /// Take `first` and every packet already queued for this shard, so smoltcp processes them in
+    /// one poll (one ACK for the batch instead of one per segment, fewer wakeups).
+    async fn wire_batch(&mut self, first: Vec<u8>) {
+        let outs = self.attempt.from_wire(first, Instant::now());
+        self.process(outs).await;
+        for _ in 0..64 {
+            let Ok(p) = self.rx.try_recv() else { break };
+            let outs = self.attempt.from_wire(p, Instant::now());
+            self.process(outs).await;
         }
     }
 
@@ -404,28 +358,20 @@ impl Shard {
                 if got.len() >= want.len() {
                     s.close();
                     self.pump().await;
-                    return if got.starts_with(want) {
-                        Ok(())
-                    } else {
-                        Err("unexpected banner".into())
-                    };
+                    return if got.starts_with(want) { Ok(()) } else { Err("unexpected banner".into()) };
                 }
             }
             let wake = self.wake_at().min(deadline);
             tokio::select! {
                 p = self.rx.recv() => if let Some(p) = p {
-                    let outs = self.attempt.from_wire(p, Instant::now());
-                    self.process(outs).await;
+                    self.wire_batch(p).await;
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
         }
         self.sockets.get_mut::<tcp::Socket>(self.handle).abort();
         self.pump().await;
-        Err(
-            "handshake completed but no data came through (the NAT drops the camera's segments)"
-                .into(),
-        )
+        Err("handshake completed but no data came through (the NAT drops the camera's segments)".into())
     }
 
     /// Splice bytes between the platform client and the camera until both sides are done.
@@ -456,6 +402,7 @@ impl Shard {
             if matches!(state, tcp::State::Closed | tcp::State::TimeWait) && off >= pending.len() {
                 if state == tcp::State::Closed && !(client_eof && camera_eof) {
                     // The camera reset (or the connection timed out): reset the client too.
+                    tracing::info!(camera = %self.record.camera, client_eof, camera_eof, "camera connection closed abruptly; resetting the client");
                     crate::splice::reset_on_drop(cw.as_ref());
                 }
                 break;
@@ -464,8 +411,7 @@ impl Shard {
             let wake = self.wake_at();
             tokio::select! {
                 p = self.rx.recv() => if let Some(p) = p {
-                    let outs = self.attempt.from_wire(p, Instant::now());
-                    self.process(outs).await;
+                    self.wire_batch(p).await;
                 },
                 r = cr.read(&mut cbuf[..room.min(16 * 1024).max(1)]), if !client_eof && room > 0 => {
                     let s = self.sockets.get_mut::<tcp::Socket>(self.handle);
@@ -475,7 +421,7 @@ impl Shard {
                             let _ = s.send_slice(&cbuf[..n]);
                             self.record.to_camera.fetch_add(n as u64, Ordering::Relaxed);
                         }
-                        Err(_) => { s.abort(); self.pump().await; break; } // client reset: reset the camera side
+                        Err(e) => { tracing::debug!("client read error: {e}"); s.abort(); self.pump().await; break; } // client reset: reset the camera side
                     }
                 },
                 w = cw.write(&pending[off..]), if off < pending.len() => match w {
@@ -483,7 +429,8 @@ impl Shard {
                         off += n;
                         self.record.from_camera.fetch_add(n as u64, Ordering::Relaxed);
                     }
-                    Err(_) => {
+                    Err(e) => {
+                        tracing::debug!("client write error: {e}");
                         self.sockets.get_mut::<tcp::Socket>(self.handle).abort();
                         self.pump().await;
                         break;

@@ -29,21 +29,14 @@ pub async fn bind_all(shared: &Arc<Shared>, shutdown: watch::Receiver<bool>) -> 
         if e.proto != Proto::Tcp {
             continue;
         }
-        let l = TcpListener::bind(e.listen)
-            .await
-            .with_context(|| format!("expose[{i}] ({}): binding tcp {}", e.camera, e.listen))?;
+        let l = TcpListener::bind(e.listen).await.with_context(|| format!("expose[{i}] ({}): binding tcp {}", e.camera, e.listen))?;
         tracing::info!(camera = %e.camera, service = %e.service(), listen = %e.listen, "exposure ready");
         tokio::spawn(accept_loop(shared.clone(), e.clone(), l, shutdown.clone()));
     }
     Ok(())
 }
 
-async fn accept_loop(
-    shared: Arc<Shared>,
-    e: ExposeConfig,
-    l: TcpListener,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn accept_loop(shared: Arc<Shared>, e: ExposeConfig, l: TcpListener, mut shutdown: watch::Receiver<bool>) {
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         let (client, peer) = tokio::select! {
@@ -81,26 +74,12 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, client: TcpStream, peer: S
         return;
     }
     let camera = SocketAddrV4::new(cam.ip, e.port);
-    let record = Arc::new(ConnRecord::new(
-        shared.next_id(),
-        e.camera.clone(),
-        e.service().to_string(),
-        peer.to_string(),
-    ));
-    shared
-        .conns
-        .lock()
-        .unwrap()
-        .insert(record.id, record.clone());
+    let record = Arc::new(ConnRecord::new(shared.next_id(), e.camera.clone(), e.service().to_string(), peer.to_string()));
+    shared.conns.lock().unwrap().insert(record.id, record.clone());
     let t0 = Instant::now();
     let site = e.site().to_string();
 
-    let profile = shared
-        .profiles
-        .lock()
-        .unwrap()
-        .get(&site)
-        .map(|p| (p.direct_order.clone(), p.summary.clone()));
+    let profile = shared.profiles.lock().unwrap().get(&site).map(|p| (p.direct_order.clone(), p.summary.clone()));
     let (order, mut note) = match profile {
         None => (Vec::new(), Some("no site profile yet".to_string())),
         Some((order, summary)) => {
@@ -134,10 +113,7 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, client: TcpStream, peer: S
                     i.round_trips = shard.attempt.round_trips;
                     i.note = (!failures.is_empty()).then(|| failures.join("; "));
                 }
-                shared
-                    .stats
-                    .tcp_connections_direct
-                    .fetch_add(1, Ordering::Relaxed);
+                shared.stats.tcp_connections_direct.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(camera = %e.camera, client = %peer, strategy = %strategy.label(), public = public.as_deref().unwrap_or("-"),
                     setup_ms = setup, round_trips = shard.attempt.round_trips,
                     trigger_packets = record.trigger_packets.load(Ordering::Relaxed), "direct TCP connection up");
@@ -146,10 +122,7 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, client: TcpStream, peer: S
                 return;
             }
             Err(why) => {
-                shared
-                    .stats
-                    .tcp_direct_fallbacks
-                    .fetch_add(1, Ordering::Relaxed);
+                shared.stats.tcp_direct_fallbacks.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(camera = %e.camera, client = %peer, strategy = %strategy.label(), "direct attempt failed: {why}");
                 failures.push(format!("{} failed: {why}", strategy.label()));
             }
@@ -173,26 +146,13 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, client: TcpStream, peer: S
                 i.setup_ms = Some(setup);
                 i.note = note;
             }
-            shared
-                .stats
-                .tcp_connections_assisted
-                .fetch_add(1, Ordering::Relaxed);
+            shared.stats.tcp_connections_assisted.fetch_add(1, Ordering::Relaxed);
             tracing::info!(camera = %e.camera, client = %peer, setup_ms = setup, "assisted TCP connection up (bytes relayed by the trigger)");
-            crate::splice::relay(
-                client,
-                stream,
-                leftover,
-                &record.to_camera,
-                &record.from_camera,
-            )
-            .await;
+            crate::splice::relay(client, stream, leftover, &record.to_camera, &record.from_camera).await;
             finish(&shared, &record, false);
         }
         Err(why) => {
-            shared
-                .stats
-                .tcp_connections_failed
-                .fetch_add(1, Ordering::Relaxed);
+            shared.stats.tcp_connections_failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(camera = %e.camera, client = %peer, "cannot reach the camera: {why}");
             crate::splice::reset_on_drop(&client); // the client sees the failure at once
             shared.conns.lock().unwrap().remove(&record.id);
@@ -201,13 +161,8 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, client: TcpStream, peer: S
 }
 
 fn finish(shared: &Shared, record: &ConnRecord, direct: bool) {
-    let bytes =
-        record.to_camera.load(Ordering::Relaxed) + record.from_camera.load(Ordering::Relaxed);
-    let c = if direct {
-        &shared.stats.tcp_bytes_direct_closed
-    } else {
-        &shared.stats.tcp_bytes_assisted_closed
-    };
+    let bytes = record.to_camera.load(Ordering::Relaxed) + record.from_camera.load(Ordering::Relaxed);
+    let c = if direct { &shared.stats.tcp_bytes_direct_closed } else { &shared.stats.tcp_bytes_assisted_closed };
     c.fetch_add(bytes, Ordering::Relaxed);
     shared.conns.lock().unwrap().remove(&record.id);
     tracing::info!(camera = %record.camera, client = %record.client, to_camera = record.to_camera.load(Ordering::Relaxed),

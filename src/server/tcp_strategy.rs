@@ -92,9 +92,7 @@ impl Strategy {
             "steered-resync/ttl" => Some(Strategy::SteeredResync(Steering::Ttl { adjust: 0 })),
             other => {
                 let adj = other.strip_prefix("steered-resync/ttl")?;
-                Some(Strategy::SteeredResync(Steering::Ttl {
-                    adjust: adj.parse().ok()?,
-                }))
+                Some(Strategy::SteeredResync(Steering::Ttl { adjust: adj.parse().ok()? }))
             }
         }
     }
@@ -182,19 +180,45 @@ fn tcp_of(pkt: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4, TcpPacket<&[u8]>)> 
     Some((src, dst, t))
 }
 
-/// A bare SYN segment (20-byte header + MSS option), checksum left for the trigger to fill.
-pub fn syn_segment(src_port: u16, dst_port: u16, seq: u32) -> Vec<u8> {
-    let mut seg = vec![0u8; 24];
-    let mut t = TcpPacket::new_unchecked(&mut seg[..]);
-    t.set_src_port(src_port);
-    t.set_dst_port(dst_port);
-    t.set_seq_number(TcpSeqNumber(seq as i32));
-    t.set_header_len(24);
-    t.clear_flags();
-    t.set_syn(true);
-    t.set_window_len(64240);
-    seg[20..24].copy_from_slice(&[2, 4, 0x05, 0xb4]); // MSS 1460
+/// TCP options of a typical Linux SYN (MSS 1460, SACK permitted, window scale 7): what a
+/// camera's own SYN would likely carry.
+pub const LINUX_SYN_OPTIONS: [u8; 12] = [2, 4, 0x05, 0xb4, 1, 1, 4, 2, 1, 3, 3, 7];
+
+/// A SYN segment with `options` (padded to 4 bytes), checksum left for the trigger to fill.
+pub fn syn_segment_with(src_port: u16, dst_port: u16, seq: u32, options: &[u8]) -> Vec<u8> {
+    let opt_len = options.len().min(40).div_ceil(4) * 4;
+    let hl = 20 + opt_len;
+    let mut seg = vec![0u8; hl];
+    {
+        let mut t = TcpPacket::new_unchecked(&mut seg[..]);
+        t.set_src_port(src_port);
+        t.set_dst_port(dst_port);
+        t.set_seq_number(TcpSeqNumber(seq as i32));
+        t.set_header_len(hl as u8);
+        t.clear_flags();
+        t.set_syn(true);
+        t.set_window_len(64240);
+    }
+    let n = options.len().min(40);
+    seg[20..20 + n].copy_from_slice(&options[..n]);
+    for b in &mut seg[20 + n..] {
+        *b = 1; // NOP padding
+    }
     seg
+}
+
+/// A SYN as a Linux camera would send it (see [`LINUX_SYN_OPTIONS`]).
+pub fn syn_segment(src_port: u16, dst_port: u16, seq: u32) -> Vec<u8> {
+    syn_segment_with(src_port, dst_port, seq, &LINUX_SYN_OPTIONS)
+}
+
+/// The options bytes of a TCP segment (empty if malformed).
+pub fn tcp_options(seg: &[u8]) -> &[u8] {
+    let hl = seg.get(12).map(|b| ((b >> 4) as usize) * 4).unwrap_or(0);
+    if hl < 20 || hl > seg.len() {
+        return &[];
+    }
+    &seg[20..hl]
 }
 
 impl Attempt {
@@ -248,8 +272,16 @@ impl Attempt {
         let public = self.public?;
         let seq = self.isn?;
         let md5 = matches!(self.strategy, Strategy::SteeredResync(Steering::Md5));
-        let hl = if md5 { 40 } else { 20 };
-        let mut seg = vec![0u8; hl];
+        // Conntrack tracks window scaling from the SYN/SYN-ACK options it sees: the steered
+        // SYN-ACK stands for the server's side, so it carries smoltcp's own SYN options (window
+        // scale, MSS); otherwise conntrack would judge scaled windows as unscaled and drop or
+        // reset segments of a fast transfer.
+        let own: Vec<u8> = self.syn_pd1.as_deref().map(|p| tcp_options(p).to_vec()).unwrap_or_default();
+        let md5_len = if md5 { 20 } else { 0 };
+        let own_len = own.len().min(40 - md5_len).div_ceil(4) * 4;
+        let hl = 20 + md5_len + own_len;
+        let mut seg = vec![1u8; hl]; // NOP-filled options area
+        seg[..20].iter_mut().for_each(|b| *b = 0);
         {
             let mut t = TcpPacket::new_unchecked(&mut seg[..]);
             t.set_src_port(self.server.port());
@@ -267,9 +299,9 @@ impl Attempt {
             seg[20] = 19;
             seg[21] = 18;
             self.rng.fill(&mut seg[22..38]);
-            seg[38] = 1;
-            seg[39] = 1;
         }
+        let n = own.len().min(own_len);
+        seg[20 + md5_len..20 + md5_len + n].copy_from_slice(&own[..n]);
         let a = crate::wire::trigger_packet::Addressing {
             proto: crate::catalog::Proto::Tcp,
             src: *self.server.ip(),
@@ -369,16 +401,7 @@ impl Attempt {
         if let Strategy::SteeredResync(steering) = self.strategy {
             if self.state != State::Established {
                 let ttl = Ipv4Packet::new_unchecked(&pkt[..]).hop_limit();
-                return self.steered_from_wire(
-                    src,
-                    private,
-                    (syn, ack, rst),
-                    (seq, ackn),
-                    ttl,
-                    steering,
-                    pkt,
-                    now,
-                );
+                return self.steered_from_wire(src, private, (syn, ack, rst), (seq, ackn), ttl, steering, pkt, now);
             }
         }
         match self.state {
@@ -466,8 +489,7 @@ impl Attempt {
                 if let Steering::Ttl { adjust } = steering {
                     let hops = 64i16 - ttl as i16 - 1 + adjust as i16;
                     if !(1..=64).contains(&hops) {
-                        self.state =
-                            State::Failed(format!("cannot steer: step 1 arrived with TTL {ttl}"));
+                        self.state = State::Failed(format!("cannot steer: step 1 arrived with TTL {ttl}"));
                         return vec![];
                     }
                     self.steer_ttl = Some(hops as u8);
@@ -481,11 +503,7 @@ impl Attempt {
                 let syn_pd1 = self.syn_pd1.clone().unwrap_or_default();
                 // Two copies: a lost steered packet costs a retry round trip (step 2) or a
                 // stalled connection (step 4, where nothing tells the server it was lost).
-                vec![
-                    Out::ToWire(steered.clone()),
-                    Out::ToWire(steered),
-                    self.indicate(now, false, syn_pd1),
-                ]
+                vec![Out::ToWire(steered.clone()), Out::ToWire(steered), self.indicate(now, false, syn_pd1)]
             }
             State::AwaitSynAck if rst => {
                 self.state = State::Failed(format!(
@@ -498,15 +516,17 @@ impl Attempt {
                 ));
                 vec![]
             }
-            State::AwaitSynAck
-                if syn && ack && Some(ackn) == self.isn.map(|s| s.wrapping_add(1)) =>
-            {
+            State::AwaitSynAck if syn && ack && Some(ackn) == self.isn.map(|s| s.wrapping_add(1)) => {
                 // Step 3 answered and translated: hold the SYN-ACK, ask for the resync SYN (seq C).
                 self.round_trips += 1;
                 self.camera_isn = Some(seq);
+                // The resync SYN stands for the camera's side: it carries the camera's own
+                // options (window scale!) from its SYN-ACK, so conntrack re-learns them.
+                let hl = Ipv4Packet::new_unchecked(&pkt[..]).header_len() as usize;
+                let options = tcp_options(&pkt[hl..]).to_vec();
                 self.held_synack = Some(pkt);
                 self.state = State::AwaitResync;
-                let seg = syn_segment(self.camera.port(), self.server.port(), seq);
+                let seg = syn_segment_with(self.camera.port(), self.server.port(), seq, &options);
                 vec![self.indicate(now, true, seg)]
             }
             State::AwaitResync if syn && !ack && Some(seq) == self.camera_isn => {
@@ -524,16 +544,10 @@ impl Attempt {
                 }
                 self.state = State::Established;
                 self.established_at = Some(now);
-                vec![
-                    Out::ToWire(steered.clone()),
-                    Out::ToWire(steered),
-                    Out::ToStack(held),
-                ]
+                vec![Out::ToWire(steered.clone()), Out::ToWire(steered), Out::ToStack(held)]
             }
             State::AwaitResync if rst => {
-                self.state = State::Failed(format!(
-                    "the camera (via {src}) reset the connection during the resync"
-                ));
+                self.state = State::Failed(format!("the camera (via {src}) reset the connection during the resync"));
                 vec![]
             }
             _ => vec![],
@@ -542,11 +556,7 @@ impl Attempt {
 
     /// When to call [`Attempt::tick`] next.
     pub fn poll_at(&self) -> Option<Instant> {
-        let retry = self.deadline.min(
-            self.last_indication
-                .map(|t| t + REINDICATE_AFTER)
-                .unwrap_or(self.deadline),
-        );
+        let retry = self.deadline.min(self.last_indication.map(|t| t + REINDICATE_AFTER).unwrap_or(self.deadline));
         match self.state {
             State::AwaitReverseSyn | State::AwaitResync => Some(retry),
             State::AwaitSynAck if self.retries_synack() => Some(retry),
@@ -562,10 +572,7 @@ impl Attempt {
     }
 
     pub fn tick(&mut self, now: Instant) -> Vec<Out> {
-        let waiting = matches!(
-            self.state,
-            State::AwaitIsn | State::AwaitReverseSyn | State::AwaitSynAck | State::AwaitResync
-        );
+        let waiting = matches!(self.state, State::AwaitIsn | State::AwaitReverseSyn | State::AwaitSynAck | State::AwaitResync);
         if waiting && now >= self.deadline {
             let why = match (&self.state, self.leaked) {
                 (_, true) => "the NAT leaked the camera's answer untranslated (private source): no mapping".to_string(),
@@ -585,9 +592,7 @@ impl Attempt {
             State::AwaitSynAck => self.retries_synack(),
             _ => false,
         };
-        let due = self
-            .last_indication
-            .is_some_and(|t| now.duration_since(t) >= REINDICATE_AFTER);
+        let due = self.last_indication.is_some_and(|t| now.duration_since(t) >= REINDICATE_AFTER);
         if !(retries && due && self.step_tries < MAX_INDICATIONS) {
             return vec![];
         }
@@ -626,14 +631,7 @@ mod tests {
     const NAT: &str = "203.0.113.2:554";
 
     fn attempt(s: Strategy, t0: Instant) -> Attempt {
-        Attempt::new(
-            s,
-            SERVER.parse().unwrap(),
-            CAMERA.parse().unwrap(),
-            VIRT.parse().unwrap(),
-            t0,
-            Duration::from_secs(3),
-        )
+        Attempt::new(s, SERVER.parse().unwrap(), CAMERA.parse().unwrap(), VIRT.parse().unwrap(), t0, Duration::from_secs(3))
     }
 
     /// An IPv4 TCP packet src → dst with flags.
@@ -646,18 +644,7 @@ mod tests {
             t.set_ack(ack);
             t.set_rst(rst);
         }
-        build(
-            &Addressing {
-                proto: Proto::Tcp,
-                src: *s.ip(),
-                src_port: s.port(),
-                dst: *d.ip(),
-                dst_port: d.port(),
-            },
-            &seg,
-            1,
-        )
-        .unwrap()
+        build(&Addressing { proto: Proto::Tcp, src: *s.ip(), src_port: s.port(), dst: *d.ip(), dst_port: d.port() }, &seg, 1).unwrap()
     }
 
     fn src_of(p: &[u8]) -> SocketAddrV4 {
@@ -671,19 +658,10 @@ mod tests {
     fn patent_syn_carries_smoltcps_syn_and_completes_on_translated_synack() {
         let t0 = Instant::now();
         let mut a = attempt(Strategy::PatentSyn, t0);
-        assert_eq!(
-            a.start(t0, &mut rand::rngs::StdRng::seed_from_u64(1)),
-            vec![Out::Connect]
-        );
+        assert_eq!(a.start(t0, &mut rand::rngs::StdRng::seed_from_u64(1)), vec![Out::Connect]);
         let syn = pkt(SERVER, VIRT, true, false, false);
         let out = a.from_stack(syn.clone(), t0);
-        let [Out::Indicate {
-            to_server: false,
-            pd1,
-        }] = &out[..]
-        else {
-            panic!("{out:?}")
-        };
+        let [Out::Indicate { to_server: false, pd1 }] = &out[..] else { panic!("{out:?}") };
         assert_eq!(pd1[..], syn[20..]);
         // Retransmissions re-indicate, bounded.
         assert_eq!(a.from_stack(syn.clone(), t0).len(), 1);
@@ -691,25 +669,17 @@ mod tests {
         assert!(a.from_stack(syn, t0).is_empty());
         assert_eq!(a.indications, 3);
         // A leaked, untranslated SYN-ACK is not a mapping.
-        assert!(a
-            .from_wire(pkt(CAMERA, SERVER, true, true, false), t0)
-            .is_empty());
+        assert!(a.from_wire(pkt(CAMERA, SERVER, true, true, false), t0).is_empty());
         let out = a.from_wire(pkt(NAT, SERVER, true, true, false), t0);
-        let [Out::ToStack(p)] = &out[..] else {
-            panic!("{out:?}")
-        };
+        let [Out::ToStack(p)] = &out[..] else { panic!("{out:?}") };
         assert_eq!(src_of(p), VIRT.parse().unwrap());
         assert_eq!(a.state, State::Established);
         // smoltcp's ACK goes to the mapping.
         let out = a.from_stack(pkt(SERVER, VIRT, false, true, false), t0);
-        let [Out::ToWire(p)] = &out[..] else {
-            panic!("{out:?}")
-        };
+        let [Out::ToWire(p)] = &out[..] else { panic!("{out:?}") };
         assert_eq!(dst_of(p), NAT.parse().unwrap());
         // Strangers are ignored once established.
-        assert!(a
-            .from_wire(pkt("203.0.113.9:554", SERVER, false, true, false), t0)
-            .is_empty());
+        assert!(a.from_wire(pkt("203.0.113.9:554", SERVER, false, true, false), t0).is_empty());
     }
 
     #[test]
@@ -730,13 +700,7 @@ mod tests {
         let t0 = Instant::now();
         let mut a = attempt(Strategy::ReverseSyn, t0);
         let out = a.start(t0, &mut rand::rngs::StdRng::seed_from_u64(1));
-        let [Out::Indicate {
-            to_server: true,
-            pd1,
-        }] = &out[..]
-        else {
-            panic!("{out:?}")
-        };
+        let [Out::Indicate { to_server: true, pd1 }] = &out[..] else { panic!("{out:?}") };
         let t = TcpPacket::new_checked(&pd1[..]).unwrap();
         assert!(t.syn() && !t.ack());
         assert_eq!((t.src_port(), t.dst_port()), (554, 40000));
@@ -744,17 +708,12 @@ mod tests {
         assert!(a.tick(t0 + Duration::from_millis(500)).is_empty());
         assert_eq!(a.tick(t0 + Duration::from_millis(1000)).len(), 1);
         // The reverse SYN arrives translated: swallowed (nothing to the stack), connect now.
-        assert_eq!(
-            a.from_wire(pkt(NAT, SERVER, true, false, false), t0),
-            vec![Out::Connect]
-        );
+        assert_eq!(a.from_wire(pkt(NAT, SERVER, true, false, false), t0), vec![Out::Connect]);
         assert_eq!(a.public, Some(NAT.parse().unwrap()));
         // smoltcp's SYN goes to the mapping; a duplicate reverse SYN is swallowed.
         let out = a.from_stack(pkt(SERVER, VIRT, true, false, false), t0);
         assert!(matches!(&out[..], [Out::ToWire(p)] if dst_of(p) == NAT.parse().unwrap()));
-        assert!(a
-            .from_wire(pkt(NAT, SERVER, true, false, false), t0)
-            .is_empty());
+        assert!(a.from_wire(pkt(NAT, SERVER, true, false, false), t0).is_empty());
         let out = a.from_wire(pkt(NAT, SERVER, true, true, false), t0);
         assert!(matches!(&out[..], [Out::ToStack(_)]));
         assert_eq!(a.state, State::Established);
@@ -770,15 +729,11 @@ mod tests {
         let mut b = attempt(Strategy::ReverseSyn, t0);
         b.start(t0, &mut rand::rngs::StdRng::seed_from_u64(1));
         b.from_wire(pkt(NAT, SERVER, true, false, false), t0);
-        assert!(b
-            .from_wire(pkt(NAT, SERVER, false, false, true), t0)
-            .is_empty());
+        assert!(b.from_wire(pkt(NAT, SERVER, false, false, true), t0).is_empty());
         assert!(b.failed().unwrap().contains("RST"));
         // Wrong server port: not ours.
         let mut c = attempt(Strategy::ReverseSyn, t0);
-        assert!(c
-            .from_wire(pkt(NAT, "203.0.113.100:1", true, false, false), t0)
-            .is_empty());
+        assert!(c.from_wire(pkt(NAT, "203.0.113.100:1", true, false, false), t0).is_empty());
         assert_eq!(c.state, State::AwaitReverseSyn);
     }
 }
@@ -808,18 +763,8 @@ mod steered_tests {
             t.set_rst(flags.contains('R'));
             t.set_ack_number(TcpSeqNumber(ack as i32));
         }
-        let mut p = build(
-            &Addressing {
-                proto: Proto::Tcp,
-                src: *s.ip(),
-                src_port: s.port(),
-                dst: *d.ip(),
-                dst_port: d.port(),
-            },
-            &b,
-            1,
-        )
-        .unwrap();
+        let mut p =
+            build(&Addressing { proto: Proto::Tcp, src: *s.ip(), src_port: s.port(), dst: *d.ip(), dst_port: d.port() }, &b, 1).unwrap();
         let mut ip = Ipv4Packet::new_unchecked(&mut p[..]);
         ip.set_hop_limit(ttl);
         ip.fill_checksum();
@@ -830,13 +775,7 @@ mod steered_tests {
         let ip = Ipv4Packet::new_checked(p).unwrap();
         let t = TcpPacket::new_checked(&p[20..]).unwrap();
         assert!(ip.verify_checksum());
-        assert!(
-            t.verify_checksum(
-                &IpAddress::Ipv4(ip.src_addr()),
-                &IpAddress::Ipv4(ip.dst_addr())
-            ),
-            "TCP checksum"
-        );
+        assert!(t.verify_checksum(&IpAddress::Ipv4(ip.src_addr()), &IpAddress::Ipv4(ip.dst_addr())), "TCP checksum");
         (ip, t)
     }
 
@@ -857,20 +796,12 @@ mod steered_tests {
     fn to_step1(a: &mut Attempt, t0: Instant) -> u32 {
         assert_eq!(a.start(t0, &mut rand::rng()), vec![Out::Connect]);
         let out = a.from_stack(seg(SERVER, VIRT, "S", S, 0, 64), t0);
-        let [Out::Indicate {
-            to_server: true,
-            pd1,
-        }] = &out[..]
-        else {
-            panic!("{out:?}")
-        };
+        let [Out::Indicate { to_server: true, pd1 }] = &out[..] else { panic!("{out:?}") };
         let t = TcpPacket::new_checked(&pd1[..]).unwrap();
         assert!(t.syn() && !t.ack());
         assert_eq!((t.src_port(), t.dst_port()), (554, 40000));
         // smoltcp's own SYN retransmissions never leave the server.
-        assert!(a
-            .from_stack(seg(SERVER, VIRT, "S", S, 0, 64), t0)
-            .is_empty());
+        assert!(a.from_stack(seg(SERVER, VIRT, "S", S, 0, 64), t0).is_empty());
         t.seq_number().0 as u32
     }
 
@@ -878,36 +809,20 @@ mod steered_tests {
     fn to_step3(a: &mut Attempt, t0: Instant) {
         let t = to_step1(a, t0);
         let out = a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
-        let [Out::ToWire(steered), Out::ToWire(copy), Out::Indicate {
-            to_server: false,
-            pd1,
-        }] = &out[..]
-        else {
-            panic!("{out:?}")
-        };
+        let [Out::ToWire(steered), Out::ToWire(copy), Out::Indicate { to_server: false, pd1 }] = &out[..] else { panic!("{out:?}") };
         assert_eq!(steered, copy);
         let (ip, st) = tcp(steered);
-        assert_eq!(
-            std::net::Ipv4Addr::from(ip.dst_addr()),
-            "203.0.113.2".parse::<std::net::Ipv4Addr>().unwrap()
-        );
+        assert_eq!(std::net::Ipv4Addr::from(ip.dst_addr()), "203.0.113.2".parse::<std::net::Ipv4Addr>().unwrap());
         assert!(st.syn() && st.ack());
-        assert_eq!(
-            (st.seq_number().0 as u32, st.ack_number().0 as u32),
-            (S, t.wrapping_add(1))
-        );
+        assert_eq!((st.seq_number().0 as u32, st.ack_number().0 as u32), (S, t.wrapping_add(1)));
         if matches!(a.strategy, Strategy::SteeredResync(Steering::Ttl { .. })) {
             assert_eq!(ip.hop_limit(), 2);
         } else {
             assert_eq!(ip.hop_limit(), 64);
-            assert_eq!(st.header_len(), 40);
             assert_eq!(&st.options()[..2], &[19, 18]);
         }
         // Step 3 is the patent's SYN: smoltcp's own segment, seq S.
-        assert_eq!(
-            TcpPacket::new_checked(&pd1[..]).unwrap().seq_number().0 as u32,
-            S
-        );
+        assert_eq!(TcpPacket::new_checked(&pd1[..]).unwrap().seq_number().0 as u32, S);
     }
 
     #[test]
@@ -919,47 +834,27 @@ mod steered_tests {
             assert!(a.from_wire(seg(NAT, SERVER, "SA", C, 5, 61), t0).is_empty());
             // The camera's translated SYN-ACK is held (nothing to smoltcp yet); resync requested.
             let out = a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
-            let [Out::Indicate {
-                to_server: true,
-                pd1,
-            }] = &out[..]
-            else {
-                panic!("{out:?}")
-            };
-            assert_eq!(
-                TcpPacket::new_checked(&pd1[..]).unwrap().seq_number().0 as u32,
-                C
-            );
+            let [Out::Indicate { to_server: true, pd1 }] = &out[..] else { panic!("{out:?}") };
+            assert_eq!(TcpPacket::new_checked(&pd1[..]).unwrap().seq_number().0 as u32, C);
+            // The resync SYN carries the camera's own options (its window scale).
+            assert_eq!(tcp_options(pd1), &LINUX_SYN_OPTIONS[..]);
             assert_eq!(a.state, State::AwaitResync);
             // The camera retransmitting its SYN-ACK meanwhile changes nothing.
-            assert!(a
-                .from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0)
-                .is_empty());
+            assert!(a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0).is_empty());
             let out = a.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t0);
-            let [Out::ToWire(steered), Out::ToWire(_), Out::ToStack(held)] = &out[..] else {
-                panic!("{out:?}")
-            };
+            let [Out::ToWire(steered), Out::ToWire(_), Out::ToStack(held)] = &out[..] else { panic!("{out:?}") };
             let (_, st) = tcp(steered);
-            assert_eq!(
-                (st.seq_number().0 as u32, st.ack_number().0 as u32),
-                (S, C.wrapping_add(1))
-            );
+            assert_eq!((st.seq_number().0 as u32, st.ack_number().0 as u32), (S, C.wrapping_add(1)));
+            // The steered SYN-ACK carries smoltcp's SYN options (window scale 7 here).
+            assert!(st.options().windows(3).any(|w| w == [3, 3, 7]), "{:?}", st.options());
             let (_, h) = tcp(held);
-            assert_eq!(
-                crate::wire::rewrite::endpoint(held, End::Src).unwrap(),
-                VIRT.parse().unwrap()
-            );
+            assert_eq!(crate::wire::rewrite::endpoint(held, End::Src).unwrap(), VIRT.parse().unwrap());
             assert_eq!(h.seq_number().0 as u32, C);
             assert_eq!(a.state, State::Established);
             assert_eq!((a.indications, a.round_trips), (3, 3));
             // From now on smoltcp's segments go to the mapping.
-            let out = a.from_stack(
-                seg(SERVER, VIRT, "A", S.wrapping_add(1), C.wrapping_add(1), 64),
-                t0,
-            );
-            assert!(
-                matches!(&out[..], [Out::ToWire(p)] if crate::wire::rewrite::endpoint(p, End::Dst).unwrap() == NAT.parse().unwrap())
-            );
+            let out = a.from_stack(seg(SERVER, VIRT, "A", S.wrapping_add(1), C.wrapping_add(1), 64), t0);
+            assert!(matches!(&out[..], [Out::ToWire(p)] if crate::wire::rewrite::endpoint(p, End::Dst).unwrap() == NAT.parse().unwrap()));
         }
     }
 
@@ -968,49 +863,21 @@ mod steered_tests {
         let (mut a, t0) = attempt(Steering::Ttl { adjust: 0 });
         // Step 1 lost: re-indicated after a second.
         let t = to_step1(&mut a, t0);
-        assert!(matches!(
-            &a.tick(t0 + Duration::from_millis(1000))[..],
-            [Out::Indicate {
-                to_server: true,
-                ..
-            }]
-        ));
+        assert!(matches!(&a.tick(t0 + Duration::from_millis(1000))[..], [Out::Indicate { to_server: true, .. }]));
         // Step 3 (or step 2) lost: steer again, then re-indicate the patent SYN.
         let t1 = t0 + Duration::from_millis(1500);
         a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t1);
         let out = a.tick(t1 + Duration::from_millis(1000));
-        assert!(
-            matches!(
-                &out[..],
-                [
-                    Out::ToWire(_),
-                    Out::Indicate {
-                        to_server: false,
-                        ..
-                    }
-                ]
-            ),
-            "{out:?}"
-        );
+        assert!(matches!(&out[..], [Out::ToWire(_), Out::Indicate { to_server: false, .. }]), "{out:?}");
         // Step 4 lost: re-indicated.
         let t2 = t1 + Duration::from_millis(1200);
         a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t2);
-        assert!(matches!(
-            &a.tick(t2 + Duration::from_millis(1000))[..],
-            [Out::Indicate {
-                to_server: true,
-                ..
-            }]
-        ));
+        assert!(matches!(&a.tick(t2 + Duration::from_millis(1000))[..], [Out::Indicate { to_server: true, .. }]));
         // Each step has its own budget: bounded retries, then a clear failure.
         for i in 2..10 {
             a.tick(t2 + Duration::from_millis(1000 * i));
         }
-        assert!(
-            a.failed().unwrap().contains("resync SYN never arrived"),
-            "{:?}",
-            a.state
-        );
+        assert!(a.failed().unwrap().contains("resync SYN never arrived"), "{:?}", a.state);
         assert!(a.indications <= 3 * MAX_INDICATIONS);
     }
 
@@ -1019,11 +886,7 @@ mod steered_tests {
         let (mut a, t0) = attempt(Steering::Ttl { adjust: 0 });
         to_step3(&mut a, t0);
         assert!(a.from_wire(seg(NAT, SERVER, "R", 0, 0, 61), t0).is_empty());
-        assert!(
-            a.failed().unwrap().contains("TTL too high"),
-            "{:?}",
-            a.state
-        );
+        assert!(a.failed().unwrap().contains("TTL too high"), "{:?}", a.state);
         let (mut b, t0) = attempt(Steering::Md5);
         to_step3(&mut b, t0);
         b.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
@@ -1033,14 +896,9 @@ mod steered_tests {
 
     #[test]
     fn hop_count_comes_from_the_arriving_ttl_with_the_sites_adjustment() {
-        for (ttl_seen, adjust, want) in [
-            (61u8, 0i8, Some(2u8)),
-            (59, 0, Some(4)),
-            (61, -1, Some(1)),
-            (61, 1, Some(3)),
-            (63, -1, None),
-            (64, 0, None),
-        ] {
+        for (ttl_seen, adjust, want) in
+            [(61u8, 0i8, Some(2u8)), (59, 0, Some(4)), (61, -1, Some(1)), (61, 1, Some(3)), (63, -1, None), (64, 0, None)]
+        {
             let (mut a, t0) = attempt(Steering::Ttl { adjust });
             let t = to_step1(&mut a, t0);
             a.from_wire(seg(NAT, SERVER, "S", t, 0, ttl_seen), t0);
@@ -1063,17 +921,10 @@ mod steered_tests {
     fn private_sources_and_strangers_are_ignored() {
         let (mut a, t0) = attempt(Steering::Md5);
         let t = to_step1(&mut a, t0);
-        assert!(a
-            .from_wire(seg(CAMERA, SERVER, "S", t, 0, 61), t0)
-            .is_empty());
+        assert!(a.from_wire(seg(CAMERA, SERVER, "S", t, 0, 61), t0).is_empty());
         assert_eq!(a.state, State::AwaitReverseSyn);
         a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
-        assert!(a
-            .from_wire(
-                seg("203.0.113.9:31000", SERVER, "SA", C, S.wrapping_add(1), 61),
-                t0
-            )
-            .is_empty());
+        assert!(a.from_wire(seg("203.0.113.9:31000", SERVER, "SA", C, S.wrapping_add(1), 61), t0).is_empty());
         assert_eq!(a.state, State::AwaitSynAck);
     }
 }

@@ -40,10 +40,7 @@ pub enum FlowState {
     /// Indication sent, no answer from the camera yet.
     Pending { last_indication: Instant },
     /// The camera answered from this public endpoint (its NAT mapping).
-    Mapped {
-        public: SocketAddrV4,
-        since: Instant,
-    },
+    Mapped { public: SocketAddrV4, since: Instant },
 }
 
 #[derive(Debug, Clone)]
@@ -126,12 +123,7 @@ pub struct UdpMappings {
 }
 
 impl UdpMappings {
-    pub fn new(
-        keepalive: Option<Duration>,
-        idle_timeout: Duration,
-        max_flows: usize,
-        seed: u64,
-    ) -> Self {
+    pub fn new(keepalive: Option<Duration>, idle_timeout: Duration, max_flows: usize, seed: u64) -> Self {
         UdpMappings {
             flows: HashMap::new(),
             by_client: HashMap::new(),
@@ -163,9 +155,7 @@ impl UdpMappings {
 
     fn indicate(flow: &mut Flow, now: Instant, payload: Vec<u8>) -> Action {
         flow.stats.indications += 1;
-        flow.state = FlowState::Pending {
-            last_indication: now,
-        };
+        flow.state = FlowState::Pending { last_indication: now };
         Action::Indicate {
             site: flow.target.site.clone(),
             camera_ip: flow.target.camera_ip,
@@ -176,14 +166,7 @@ impl UdpMappings {
     }
 
     /// A platform client sent a datagram to exposure `expose`.
-    pub fn client_datagram(
-        &mut self,
-        now: Instant,
-        expose: usize,
-        client: SocketAddr,
-        target: &Target,
-        payload: Vec<u8>,
-    ) -> Vec<Action> {
+    pub fn client_datagram(&mut self, now: Instant, expose: usize, client: SocketAddr, target: &Target, payload: Vec<u8>) -> Vec<Action> {
         let mut out = Vec::new();
         if payload.len() + 8 > MAX_PD1 {
             // Would not fit one trigger packet / one MTU to the camera either.
@@ -206,9 +189,7 @@ impl UdpMappings {
                     client,
                     server_port: port,
                     target: target.clone(),
-                    state: FlowState::Pending {
-                        last_indication: now,
-                    },
+                    state: FlowState::Pending { last_indication: now },
                     created: now,
                     last_client: now,
                     last_from_camera: None,
@@ -240,9 +221,7 @@ impl UdpMappings {
                 }
             }
             FlowState::Mapped { public, .. } => {
-                let stale = flow
-                    .awaiting_reply_since
-                    .is_some_and(|t| now.duration_since(t) >= REPLY_TIMEOUT);
+                let stale = flow.awaiting_reply_since.is_some_and(|t| now.duration_since(t) >= REPLY_TIMEOUT);
                 if stale {
                     // Nothing came back for a while: the NAT probably forgot the mapping.
                     self.counters.retriggers += 1;
@@ -252,11 +231,7 @@ impl UdpMappings {
                     flow.awaiting_reply_since.get_or_insert(now);
                     flow.stats.datagrams_to_camera += 1;
                     flow.stats.bytes_to_camera += payload.len() as u64;
-                    out.push(Action::ToCamera {
-                        server_port: port,
-                        to: public,
-                        payload,
-                    });
+                    out.push(Action::ToCamera { server_port: port, to: public, payload });
                 }
             }
         }
@@ -264,13 +239,7 @@ impl UdpMappings {
     }
 
     /// A datagram arrived at `public_ip:server_port` from `from`.
-    pub fn camera_datagram(
-        &mut self,
-        now: Instant,
-        server_port: u16,
-        from: SocketAddrV4,
-        payload: Vec<u8>,
-    ) -> Vec<Action> {
+    pub fn camera_datagram(&mut self, now: Instant, server_port: u16, from: SocketAddrV4, payload: Vec<u8>) -> Vec<Action> {
         let mut out = Vec::new();
         let Some(flow) = self.flows.get_mut(&server_port) else {
             self.counters.unsolicited_datagrams += 1;
@@ -283,10 +252,7 @@ impl UdpMappings {
                     self.counters.unsolicited_datagrams += 1;
                     return out;
                 }
-                flow.state = FlowState::Mapped {
-                    public: from,
-                    since: now,
-                };
+                flow.state = FlowState::Mapped { public: from, since: now };
                 flow.stats.mapped_at = Some(now);
                 self.counters.mappings_learned += 1;
                 tracing::info!(camera = %format!("{}/{}", flow.target.site, flow.target.camera), server_port,
@@ -294,11 +260,7 @@ impl UdpMappings {
                 for q in flow.queued.drain(..) {
                     flow.stats.datagrams_to_camera += 1;
                     flow.stats.bytes_to_camera += q.len() as u64;
-                    out.push(Action::ToCamera {
-                        server_port,
-                        to: from,
-                        payload: q,
-                    });
+                    out.push(Action::ToCamera { server_port, to: from, payload: q });
                 }
             }
             FlowState::Mapped { public, .. } => {
@@ -314,11 +276,7 @@ impl UdpMappings {
         flow.stats.bytes_from_camera += payload.len() as u64;
         let keepalive_answer = match flow.keepalive_sent_at {
             // Undecidable protocol: it answers the keepalive if no client request went out since.
-            Some(sent) => flow
-                .target
-                .keepalive
-                .is_answer(&payload)
-                .unwrap_or(flow.last_client < sent),
+            Some(sent) => flow.target.keepalive.is_answer(&payload).unwrap_or(flow.last_client < sent),
             None => false,
         };
         // Anything from the camera proves the mapping alive.
@@ -328,11 +286,7 @@ impl UdpMappings {
             flow.stats.keepalives_answered += 1;
             flow.stats.last_keepalive_answer = Some(now);
         } else {
-            out.push(Action::ToClient {
-                expose: flow.expose,
-                client: flow.client,
-                payload,
-            });
+            out.push(Action::ToClient { expose: flow.expose, client: flow.client, payload });
         }
         out
     }
@@ -370,10 +324,7 @@ impl UdpMappings {
             if now.duration_since(heard) < every {
                 continue; // the camera spoke recently: its NAT refreshed the mapping
             }
-            if flow
-                .keepalive_sent_at
-                .is_some_and(|ka| now.duration_since(ka) < every)
-            {
+            if flow.keepalive_sent_at.is_some_and(|ka| now.duration_since(ka) < every) {
                 continue;
             }
             if flow.unanswered_keepalives >= MAX_UNANSWERED {
@@ -392,11 +343,7 @@ impl UdpMappings {
                 server,
                 SocketAddrV4::new(flow.target.camera_ip, flow.target.camera_port),
             );
-            out.push(Action::ToCamera {
-                server_port: *port,
-                to: public,
-                payload,
-            });
+            out.push(Action::ToCamera { server_port: *port, to: public, payload });
         }
         for port in remove {
             if let Some(f) = self.flows.remove(&port) {
@@ -425,13 +372,7 @@ mod tests {
     use super::*;
 
     fn target(kind: KeepaliveKind) -> Target {
-        Target {
-            site: "a".into(),
-            camera: "cam1".into(),
-            camera_ip: "198.18.1.10".parse().unwrap(),
-            camera_port: 5060,
-            keepalive: kind,
-        }
+        Target { site: "a".into(), camera: "cam1".into(), camera_ip: "198.18.1.10".parse().unwrap(), camera_port: 5060, keepalive: kind }
     }
     const NAT: &str = "203.0.113.2:5060";
     fn client(n: u16) -> SocketAddr {
@@ -443,19 +384,10 @@ mod tests {
 
     /// Flow set up: client 1 on exposure 0, mapped at NAT. Returns (table, server port).
     fn mapped(t0: Instant, keepalive: Option<u64>, kind: KeepaliveKind) -> (UdpMappings, u16) {
-        let mut m = UdpMappings::new(
-            keepalive.map(Duration::from_secs),
-            Duration::from_secs(300),
-            100,
-            1,
-        );
+        let mut m = UdpMappings::new(keepalive.map(Duration::from_secs), Duration::from_secs(300), 100, 1);
         let a = m.client_datagram(t0, 0, client(1), &target(kind), b"hello".to_vec());
         let port = match &a[..] {
-            [Action::OpenPort(p), Action::Indicate {
-                server_port,
-                payload,
-                ..
-            }] => {
+            [Action::OpenPort(p), Action::Indicate { server_port, payload, .. }] => {
                 assert_eq!(p, server_port);
                 assert_eq!(payload, b"hello");
                 *p
@@ -463,14 +395,7 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let a = m.camera_datagram(t0, port, NAT.parse().unwrap(), b"answer".to_vec());
-        assert_eq!(
-            a,
-            vec![Action::ToClient {
-                expose: 0,
-                client: client(1),
-                payload: b"answer".to_vec()
-            }]
-        );
+        assert_eq!(a, vec![Action::ToClient { expose: 0, client: client(1), payload: b"answer".to_vec() }]);
         (m, port)
     }
 
@@ -479,21 +404,8 @@ mod tests {
         let t0 = Instant::now();
         let (mut m, port) = mapped(t0, None, KeepaliveKind::EmptyDatagram);
         for i in 0..10 {
-            let a = m.client_datagram(
-                t0,
-                0,
-                client(1),
-                &target(KeepaliveKind::EmptyDatagram),
-                vec![i],
-            );
-            assert_eq!(
-                a,
-                vec![Action::ToCamera {
-                    server_port: port,
-                    to: NAT.parse().unwrap(),
-                    payload: vec![i]
-                }]
-            );
+            let a = m.client_datagram(t0, 0, client(1), &target(KeepaliveKind::EmptyDatagram), vec![i]);
+            assert_eq!(a, vec![Action::ToCamera { server_port: port, to: NAT.parse().unwrap(), payload: vec![i] }]);
             m.camera_datagram(t0, port, NAT.parse().unwrap(), vec![i]);
         }
         assert_eq!(m.flow(port).unwrap().stats.indications, 1);
@@ -504,58 +416,23 @@ mod tests {
     fn two_clients_get_separate_ports_and_answers() {
         let t0 = Instant::now();
         let (mut m, p1) = mapped(t0, None, KeepaliveKind::EmptyDatagram);
-        let a = m.client_datagram(
-            t0,
-            0,
-            client(2),
-            &target(KeepaliveKind::EmptyDatagram),
-            b"x".to_vec(),
-        );
+        let a = m.client_datagram(t0, 0, client(2), &target(KeepaliveKind::EmptyDatagram), b"x".to_vec());
         let Action::OpenPort(p2) = a[0] else { panic!() };
         assert_ne!(p1, p2);
-        let a = m.camera_datagram(
-            t0,
-            p2,
-            "203.0.113.2:6000".parse().unwrap(),
-            b"for2".to_vec(),
-        );
-        assert_eq!(
-            a,
-            vec![Action::ToClient {
-                expose: 0,
-                client: client(2),
-                payload: b"for2".to_vec()
-            }]
-        );
+        let a = m.camera_datagram(t0, p2, "203.0.113.2:6000".parse().unwrap(), b"for2".to_vec());
+        assert_eq!(a, vec![Action::ToClient { expose: 0, client: client(2), payload: b"for2".to_vec() }]);
     }
 
     #[test]
     fn strangers_and_private_sources_are_not_mappings() {
         let t0 = Instant::now();
         let mut m = UdpMappings::new(None, Duration::from_secs(300), 100, 1);
-        let a = m.client_datagram(
-            t0,
-            0,
-            client(1),
-            &target(KeepaliveKind::EmptyDatagram),
-            b"x".to_vec(),
-        );
+        let a = m.client_datagram(t0, 0, client(1), &target(KeepaliveKind::EmptyDatagram), b"x".to_vec());
         let Action::OpenPort(p) = a[0] else { panic!() };
-        assert!(m
-            .camera_datagram(t0, p, "198.18.1.10:5060".parse().unwrap(), b"leak".to_vec())
-            .is_empty());
-        assert!(m
-            .camera_datagram(t0, p.wrapping_add(1), NAT.parse().unwrap(), b"x".to_vec())
-            .is_empty());
+        assert!(m.camera_datagram(t0, p, "198.18.1.10:5060".parse().unwrap(), b"leak".to_vec()).is_empty());
+        assert!(m.camera_datagram(t0, p.wrapping_add(1), NAT.parse().unwrap(), b"x".to_vec()).is_empty());
         m.camera_datagram(t0, p, NAT.parse().unwrap(), b"ok".to_vec());
-        assert!(m
-            .camera_datagram(
-                t0,
-                p,
-                "203.0.113.9:5060".parse().unwrap(),
-                b"spoof".to_vec()
-            )
-            .is_empty());
+        assert!(m.camera_datagram(t0, p, "203.0.113.9:5060".parse().unwrap(), b"spoof".to_vec()).is_empty());
         assert_eq!(m.counters.unsolicited_datagrams, 3);
     }
 
@@ -566,9 +443,7 @@ mod tests {
         let mut m = UdpMappings::new(None, Duration::from_secs(300), 100, 1);
         let a = m.client_datagram(t0, 0, client(1), &tg, b"1".to_vec());
         let Action::OpenPort(p) = a[0] else { panic!() };
-        assert!(m
-            .client_datagram(t0, 0, client(1), &tg, b"2".to_vec())
-            .is_empty());
+        assert!(m.client_datagram(t0, 0, client(1), &tg, b"2".to_vec()).is_empty());
         let a = m.client_datagram(secs(t0, 2), 0, client(1), &tg, b"3".to_vec());
         assert!(matches!(&a[..], [Action::Indicate { payload, .. }] if payload == b"3"));
         let a = m.camera_datagram(secs(t0, 2), p, NAT.parse().unwrap(), b"r".to_vec());
@@ -586,9 +461,7 @@ mod tests {
                     assert!(payload.is_empty());
                     sent += 1;
                     // The echo-like camera answers; it must be swallowed.
-                    assert!(m
-                        .camera_datagram(secs(t0, s), port, NAT.parse().unwrap(), b"cam: ".to_vec())
-                        .is_empty());
+                    assert!(m.camera_datagram(secs(t0, s), port, NAT.parse().unwrap(), b"cam: ".to_vec()).is_empty());
                 }
             }
         }
@@ -616,17 +489,8 @@ mod tests {
         assert!(closed);
         assert_eq!(m.counters.mappings_dropped, 1);
         // The next datagram creates a new flow and re-triggers.
-        let a = m.client_datagram(
-            secs(t0, 13),
-            0,
-            client(1),
-            &target(KeepaliveKind::SipOptions),
-            b"again".to_vec(),
-        );
-        assert!(matches!(
-            &a[..],
-            [Action::OpenPort(_), Action::Indicate { .. }]
-        ));
+        let a = m.client_datagram(secs(t0, 13), 0, client(1), &target(KeepaliveKind::SipOptions), b"again".to_vec());
+        assert!(matches!(&a[..], [Action::OpenPort(_), Action::Indicate { .. }]));
     }
 
     #[test]
@@ -634,21 +498,13 @@ mod tests {
         let t0 = Instant::now();
         let (mut m, port) = mapped(t0, Some(2), KeepaliveKind::SipOptions);
         let a = m.tick(secs(t0, 2));
-        let Some(Action::ToCamera { payload, .. }) = a.first() else {
-            panic!("{a:?}")
-        };
+        let Some(Action::ToCamera { payload, .. }) = a.first() else { panic!("{a:?}") };
         let req = String::from_utf8(payload.clone()).unwrap();
         let call_id = req.lines().find(|l| l.starts_with("Call-ID")).unwrap();
         let answer = format!("SIP/2.0 200 OK\r\n{call_id}\r\n\r\n").into_bytes();
-        assert!(m
-            .camera_datagram(secs(t0, 2), port, NAT.parse().unwrap(), answer)
-            .is_empty());
+        assert!(m.camera_datagram(secs(t0, 2), port, NAT.parse().unwrap(), answer).is_empty());
         let msg = b"MESSAGE sip:platform SIP/2.0\r\nCall-ID: cam-1\r\n\r\n".to_vec();
-        assert_eq!(
-            m.camera_datagram(secs(t0, 3), port, NAT.parse().unwrap(), msg.clone())
-                .len(),
-            1
-        );
+        assert_eq!(m.camera_datagram(secs(t0, 3), port, NAT.parse().unwrap(), msg.clone()).len(), 1);
     }
 
     #[test]
@@ -659,18 +515,9 @@ mod tests {
         m.unreachable(secs(t0, 30), port, NAT.parse().unwrap());
         let a = m.client_datagram(secs(t0, 30), 0, client(1), &tg, b"q".to_vec());
         assert!(matches!(&a[..], [Action::Indicate { .. }]), "{a:?}");
-        m.camera_datagram(
-            secs(t0, 30),
-            port,
-            "203.0.113.2:7000".parse().unwrap(),
-            b"r".to_vec(),
-        );
+        m.camera_datagram(secs(t0, 30), port, "203.0.113.2:7000".parse().unwrap(), b"r".to_vec());
         // No answer to a datagram for REPLY_TIMEOUT: the next one re-triggers.
-        assert_eq!(
-            m.client_datagram(secs(t0, 40), 0, client(1), &tg, b"1".to_vec())
-                .len(),
-            1
-        );
+        assert_eq!(m.client_datagram(secs(t0, 40), 0, client(1), &tg, b"1".to_vec()).len(), 1);
         let a = m.client_datagram(secs(t0, 46), 0, client(1), &tg, b"2".to_vec());
         assert!(matches!(&a[..], [Action::Indicate { .. }]), "{a:?}");
         assert_eq!(m.counters.retriggers, 2);
@@ -686,26 +533,14 @@ mod tests {
         m.client_datagram(t0, 0, client(2), &tg, vec![]);
         assert!(m.client_datagram(t0, 0, client(3), &tg, vec![]).is_empty());
         assert_eq!(m.counters.dropped_client_datagrams, 1);
-        let closed = m
-            .tick(secs(t0, 61))
-            .iter()
-            .filter(|a| matches!(a, Action::ClosePort(_)))
-            .count();
+        let closed = m.tick(secs(t0, 61)).iter().filter(|a| matches!(a, Action::ClosePort(_))).count();
         assert_eq!(closed, 2);
         assert_eq!(m.flows().count(), 0);
     }
 
     #[test]
     fn private_ranges() {
-        for p in [
-            "10.1.1.1",
-            "192.168.0.1",
-            "172.16.0.1",
-            "198.18.1.10",
-            "198.19.0.1",
-            "100.64.0.1",
-            "127.0.0.1",
-        ] {
+        for p in ["10.1.1.1", "192.168.0.1", "172.16.0.1", "198.18.1.10", "198.19.0.1", "100.64.0.1", "127.0.0.1"] {
             assert!(is_private(p.parse().unwrap()), "{p}");
         }
         for p in ["203.0.113.2", "198.51.100.1", "198.20.0.1", "8.8.8.8"] {

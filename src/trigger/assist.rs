@@ -69,21 +69,11 @@ async fn link(
         .await
         .map_err(|_| "TLS timed out".to_string())?
         .map_err(|e| format!("TLS: {e}"))?;
-    write_frame(
-        &mut tls,
-        &Message::AssistAttach {
-            site: cfg.site.clone(),
-            token: cfg.token.clone(),
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    write_frame(&mut tls, &Message::AssistAttach { site: cfg.site.clone(), token: cfg.token.clone() }).await.map_err(|e| e.to_string())?;
     let mut reader = FrameReader::new(tls);
     match tokio::time::timeout(CONNECT_TIMEOUT, reader.next()).await {
         Ok(Ok(Message::Registered { .. })) => {}
-        Ok(Ok(Message::Error { message, .. })) => {
-            return Err(format!("server refused the assist link: {message}"))
-        }
+        Ok(Ok(Message::Error { message, .. })) => return Err(format!("server refused the assist link: {message}")),
         Ok(Ok(other)) => return Err(format!("unexpected answer {other:?}")),
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err("no answer to assist_attach".into()),
@@ -91,17 +81,10 @@ async fn link(
     // yamux frames may have arrived together with `registered`: replay them first.
     let (tls, leftover) = reader.into_parts();
     let (rd, wr) = tokio::io::split(tls);
-    let io = tokio::io::join(
-        tokio::io::AsyncReadExt::chain(std::io::Cursor::new(leftover), rd),
-        wr,
-    );
+    let io = tokio::io::join(tokio::io::AsyncReadExt::chain(std::io::Cursor::new(leftover), rd), wr);
     tracing::info!("assist link up");
     let started = std::time::Instant::now();
-    let mut conn = yamux::Connection::new(
-        io.compat(),
-        crate::server::assist::yamux_config(),
-        yamux::Mode::Server,
-    );
+    let mut conn = yamux::Connection::new(io.compat(), crate::server::assist::yamux_config(), yamux::Mode::Server);
     poll_fn(|cx| loop {
         match conn.poll_next_inbound(cx) {
             Poll::Ready(Some(Ok(stream))) => {
@@ -121,64 +104,38 @@ async fn link(
 
 async fn serve_stream(cfg: Arc<TriggerConfig>, probe: Option<Probe>, stream: yamux::Stream) {
     let mut reader = FrameReader::new(stream.compat());
-    let Ok(Ok(Message::Open { camera_ip, port })) =
-        tokio::time::timeout(CONNECT_TIMEOUT, reader.next()).await
-    else {
+    let Ok(Ok(Message::Open { camera_ip, port })) = tokio::time::timeout(CONNECT_TIMEOUT, reader.next()).await else {
         return;
     };
-    let service = Service {
-        proto: Proto::Tcp,
-        port,
-    };
-    let allowed = cfg.allows(camera_ip, service)
-        || probe.is_some_and(|p| p.ip == camera_ip && p.tcp_port == port);
+    let service = Service { proto: Proto::Tcp, port };
+    let allowed = cfg.allows(camera_ip, service) || probe.is_some_and(|p| p.ip == camera_ip && p.tcp_port == port);
     let (mut s, leftover) = reader.into_parts();
     if !allowed {
         tracing::warn!(camera = %format!("{camera_ip}:{port}"), "assist open refused: not a configured camera service");
-        let _ = write_frame(&mut s, &Message::OpenResult { ok: false, error: Some(format!("{camera_ip}:{port} ({service}) is not a configured camera service of this trigger")) }).await;
+        let _ = write_frame(
+            &mut s,
+            &Message::OpenResult {
+                ok: false,
+                error: Some(format!("{camera_ip}:{port} ({service}) is not a configured camera service of this trigger")),
+            },
+        )
+        .await;
         return;
     }
-    let camera = match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect((camera_ip, port)),
-    )
-    .await
-    {
+    let camera = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect((camera_ip, port))).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            let _ = write_frame(
-                &mut s,
-                &Message::OpenResult {
-                    ok: false,
-                    error: Some(format!("connect {camera_ip}:{port}: {e}")),
-                },
-            )
-            .await;
+            let _ = write_frame(&mut s, &Message::OpenResult { ok: false, error: Some(format!("connect {camera_ip}:{port}: {e}")) }).await;
             return;
         }
         Err(_) => {
-            let _ = write_frame(
-                &mut s,
-                &Message::OpenResult {
-                    ok: false,
-                    error: Some(format!("connect {camera_ip}:{port}: timed out")),
-                },
-            )
-            .await;
+            let _ = write_frame(&mut s, &Message::OpenResult { ok: false, error: Some(format!("connect {camera_ip}:{port}: timed out")) })
+                .await;
             return;
         }
     };
     let _ = camera.set_nodelay(true);
-    if write_frame(
-        &mut s,
-        &Message::OpenResult {
-            ok: true,
-            error: None,
-        },
-    )
-    .await
-    .is_err()
-    {
+    if write_frame(&mut s, &Message::OpenResult { ok: true, error: None }).await.is_err() {
         return;
     }
     tracing::info!(camera = %format!("{camera_ip}:{port}"), "assisted connection to camera opened");

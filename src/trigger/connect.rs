@@ -27,11 +27,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, cap: Duration) -> Self {
-        Backoff {
-            base,
-            cap,
-            attempt: 0,
-        }
+        Backoff { base, cap, attempt: 0 }
     }
     pub fn reset(&mut self) {
         self.attempt = 0;
@@ -61,17 +57,7 @@ pub async fn run(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
-        match session(
-            &cfg,
-            probe,
-            server,
-            &connector,
-            &name,
-            &injector,
-            &mut shutdown,
-        )
-        .await
-        {
+        match session(&cfg, probe, server, &connector, &name, &injector, &mut shutdown).await {
             Ended::Shutdown => return,
             Ended::Lost { registered, reason } => {
                 if registered {
@@ -98,12 +84,11 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Ended {
     let lost = |registered: bool, reason: String| Ended::Lost { registered, reason };
-    let tcp =
-        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(server)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => return lost(false, format!("connect: {e}")),
-            Err(_) => return lost(false, "connect timed out".into()),
-        };
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(server)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return lost(false, format!("connect: {e}")),
+        Err(_) => return lost(false, "connect timed out".into()),
+    };
     let _ = tcp.set_nodelay(true);
     let tls = match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp)).await {
         Ok(Ok(t)) => t,
@@ -112,20 +97,13 @@ async fn session(
     };
     let (rd, mut wr) = tokio::io::split(tls);
     let mut reader = FrameReader::new(rd);
-    let register = Message::Register {
-        site: cfg.site.clone(),
-        token: cfg.token.clone(),
-        agent: format!("beckon/{}", env!("CARGO_PKG_VERSION")),
-    };
+    let register =
+        Message::Register { site: cfg.site.clone(), token: cfg.token.clone(), agent: format!("beckon/{}", env!("CARGO_PKG_VERSION")) };
     if let Err(e) = write_frame(&mut wr, &register).await {
         return lost(false, format!("sending register: {e}"));
     }
     match tokio::time::timeout(CONNECT_TIMEOUT, reader.next()).await {
-        Ok(Ok(Message::Registered {
-            site,
-            trigger_public,
-            public_ip,
-        })) => {
+        Ok(Ok(Message::Registered { site, trigger_public, public_ip })) => {
             let server_ip = match (cfg.server_public_ip, public_ip) {
                 (Some(pin), Some(announced)) if pin != announced => {
                     tracing::error!(%pin, %announced, "the server announces another public_ip than `server_public_ip` pins; refusing it");
@@ -172,15 +150,7 @@ async fn session(
         let reply = match msg {
             Err(_) => return lost(true, format!("server silent for {IDLE_TIMEOUT:?}")),
             Ok(Err(LinkError::Frame(e))) => {
-                let _ = write_frame(
-                    &mut wr,
-                    &Message::Error {
-                        code: e.code(),
-                        message: e.to_string(),
-                        id: None,
-                    },
-                )
-                .await;
+                let _ = write_frame(&mut wr, &Message::Error { code: e.code(), message: e.to_string(), id: None }).await;
                 return lost(true, format!("bad frame from server: {e}"));
             }
             Ok(Err(e)) => return lost(true, e.to_string()),
@@ -194,18 +164,11 @@ async fn session(
                         tracing::info!(id = ind.id, camera = %format!("{}:{}", ind.camera_ip, ind.camera_port), proto = %ind.proto,
                             server = %format!("{}:{}", ind.server_ip, ind.server_port), bytes = n,
                             total_packets = injector.packets.load(Ordering::Relaxed), "trigger packet injected");
-                        Message::IndicationResult {
-                            id: ind.id,
-                            injected_bytes: n,
-                        }
+                        Message::IndicationResult { id: ind.id, injected_bytes: n }
                     }
                     Err((code, message)) => {
                         tracing::warn!(id = ind.id, ?code, "indication refused: {message}");
-                        Message::Error {
-                            code,
-                            message,
-                            id: Some(ind.id),
-                        }
+                        Message::Error { code, message, id: Some(ind.id) }
                     }
                 }),
                 Message::Ping { nonce } => Some(Message::Pong { nonce }),
@@ -215,15 +178,9 @@ async fn session(
                     None
                 }
                 other => {
-                    let _ = write_frame(
-                        &mut wr,
-                        &Message::Error {
-                            code: ErrorCode::BadFrame,
-                            message: "unexpected frame".into(),
-                            id: None,
-                        },
-                    )
-                    .await;
+                    let _ =
+                        write_frame(&mut wr, &Message::Error { code: ErrorCode::BadFrame, message: "unexpected frame".into(), id: None })
+                            .await;
                     return lost(true, format!("unexpected frame from server: {other:?}"));
                 }
             },

@@ -24,16 +24,15 @@ pub async fn prepare(cfg: &TriggerConfig) -> Result<(SocketAddr, Prepared)> {
         .with_context(|| format!("server {:?} has no IPv4 address", cfg.server))?;
 
     let mut sysctls = SysctlGuard::default();
-    sysctls.ensure("net.ipv4.ip_forward", "1").context(
-        "injection needs net.ipv4.ip_forward=1 (the TUN's packets are forwarded onto the LAN)",
-    )?;
+    sysctls
+        .ensure("net.ipv4.ip_forward", "1")
+        .context("injection needs net.ipv4.ip_forward=1 (the TUN's packets are forwarded onto the LAN)")?;
     let tun = hostnet::create_tun(&cfg.tun_name)?;
-    for key in [
-        "net.ipv4.conf.all.rp_filter".to_string(),
-        format!("net.ipv4.conf.{}.rp_filter", cfg.tun_name),
-    ] {
+    for key in ["net.ipv4.conf.all.rp_filter".to_string(), format!("net.ipv4.conf.{}.rp_filter", cfg.tun_name)] {
         sysctls.ensure(&key, "0").with_context(|| {
-            format!("injection needs {key}=0: packets from the server's address arrive on the TUN, and reverse-path filtering would drop them")
+            format!(
+                "injection needs {key}=0: packets from the server's address arrive on the TUN, and reverse-path filtering would drop them"
+            )
         })?;
     }
     // The site profile injects packets from and to this host's own address (its probe
@@ -43,29 +42,18 @@ pub async fn prepare(cfg: &TriggerConfig) -> Result<(SocketAddr, Prepared)> {
         .context("the NAT profile needs accept_local=1 on the TUN")?;
     let route = hostnet::ip(&["-4", "route", "get", &server.ip().to_string()])?;
     let words: Vec<&str> = route.split_whitespace().collect();
-    if words
-        .windows(2)
-        .any(|w| w[0] == "dev" && w[1] == cfg.tun_name)
-    {
-        bail!("the route to the server {} goes into {} ({}); remove that route: it would capture the control link", server.ip(), cfg.tun_name, route.trim());
+    if words.windows(2).any(|w| w[0] == "dev" && w[1] == cfg.tun_name) {
+        bail!(
+            "the route to the server {} goes into {} ({}); remove that route: it would capture the control link",
+            server.ip(),
+            cfg.tun_name,
+            route.trim()
+        );
     }
     let lan_ip = words
         .windows(2)
         .find(|w| w[0] == "src")
         .and_then(|w| w[1].parse().ok())
-        .with_context(|| {
-            format!(
-                "no source address towards the server {} (`ip route get` said: {})",
-                server.ip(),
-                route.trim()
-            )
-        })?;
-    Ok((
-        server,
-        Prepared {
-            tun,
-            lan_ip,
-            sysctls,
-        },
-    ))
+        .with_context(|| format!("no source address towards the server {} (`ip route get` said: {})", server.ip(), route.trim()))?;
+    Ok((server, Prepared { tun, lan_ip, sysctls }))
 }

@@ -22,30 +22,19 @@ pub async fn run(cfg: TriggerConfig) -> Result<()> {
     let probe = match probe::start(prepared.lan_ip).await {
         Ok(p) => Some(p),
         Err(e) => {
-            tracing::warn!("no probe listener on {} ({e}); the server cannot profile this site's NAT, TCP will use the assisted path", prepared.lan_ip);
+            tracing::warn!(
+                "no probe listener on {} ({e}); the server cannot profile this site's NAT, TCP will use the assisted path",
+                prepared.lan_ip
+            );
             None
         }
     };
     let injector = inject::Injector::new(&cfg, probe, prepared.tun)?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let connector = tokio_rustls::TlsConnector::from(tls);
-    let assist = tokio::spawn(assist::run(
-        Arc::new(cfg.clone()),
-        probe,
-        server_addr,
-        connector.clone(),
-        server_name.clone(),
-        shutdown_rx.clone(),
-    ));
-    let link = tokio::spawn(connect::run(
-        cfg.clone(),
-        probe,
-        server_addr,
-        connector,
-        server_name,
-        injector,
-        shutdown_rx,
-    ));
+    let assist =
+        tokio::spawn(assist::run(Arc::new(cfg.clone()), probe, server_addr, connector.clone(), server_name.clone(), shutdown_rx.clone()));
+    let link = tokio::spawn(connect::run(cfg.clone(), probe, server_addr, connector, server_name, injector, shutdown_rx));
     tracing::info!(site = %cfg.site, server = %cfg.server, cameras = cfg.cameras.len(), "trigger running");
     crate::signals::wait().await;
     tracing::info!("shutting down");

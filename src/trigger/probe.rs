@@ -26,10 +26,8 @@ pub async fn start(lan_ip: Ipv4Addr) -> anyhow::Result<Probe> {
                 tracing::debug!(%peer, "probe connection");
                 let _ = s.write_all(PROBE_BANNER).await;
                 let mut buf = [0u8; 256];
-                let _ = tokio::time::timeout(Duration::from_secs(10), async {
-                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
-                })
-                .await;
+                let _ = tokio::time::timeout(Duration::from_secs(10), async { while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {} })
+                    .await;
             });
         }
     });
@@ -42,9 +40,7 @@ pub async fn start(lan_ip: Ipv4Addr) -> anyhow::Result<Probe> {
                     let Ok((_, from)) = u.recv_from(&mut buf).await else {
                         continue;
                     };
-                    let _ = u
-                        .send_to(format!("beckon-probe {from}\n").as_bytes(), from)
-                        .await;
+                    let _ = u.send_to(format!("beckon-probe {from}\n").as_bytes(), from).await;
                 }
             });
             Some(p)
@@ -55,9 +51,5 @@ pub async fn start(lan_ip: Ipv4Addr) -> anyhow::Result<Probe> {
         }
     };
     tracing::info!(tcp = %format!("{lan_ip}:{port}"), udp = ?udp_port, "probe listener ready (the server measures the site's NAT against it)");
-    Ok(Probe {
-        ip: lan_ip,
-        tcp_port: port,
-        udp_port,
-    })
+    Ok(Probe { ip: lan_ip, tcp_port: port, udp_port })
 }

@@ -9,12 +9,7 @@ pub fn report(cfg: &TriggerConfig, probe: Option<Probe>) -> Message {
         cameras: cfg
             .cameras
             .iter()
-            .map(|c| CameraReport {
-                name: c.name.clone(),
-                ip: c.ip,
-                device_type: c.device_type.clone(),
-                services: c.services(),
-            })
+            .map(|c| CameraReport { name: c.name.clone(), ip: c.ip, device_type: c.device_type.clone(), services: c.services() })
             .collect(),
         probe,
     }

@@ -195,11 +195,7 @@ impl FrameError {
 
 /// Encode one message as a length-prefixed frame.
 pub fn encode(msg: &Message) -> Vec<u8> {
-    let body = serde_json::to_vec(&Envelope {
-        v: VERSION,
-        msg: msg.clone(),
-    })
-    .expect("control messages always serialize");
+    let body = serde_json::to_vec(&Envelope { v: VERSION, msg: msg.clone() }).expect("control messages always serialize");
     debug_assert!(body.len() <= MAX_FRAME, "sender built an oversized frame");
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -221,8 +217,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message, FrameError> {
     if v.v != VERSION {
         return Err(FrameError::Version(v.v));
     }
-    let env: Envelope =
-        serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let env: Envelope = serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
     Ok(env.msg)
 }
 
@@ -290,17 +285,9 @@ mod tests {
     #[test]
     fn round_trip_byte_by_byte() {
         let msgs = vec![
-            Message::Register {
-                site: "a".into(),
-                token: "t".into(),
-                agent: "beckon/0.1".into(),
-            },
+            Message::Register { site: "a".into(), token: "t".into(), agent: "beckon/0.1".into() },
             ind(),
-            Message::Error {
-                code: ErrorCode::NotAllowed,
-                message: "no".into(),
-                id: Some(7),
-            },
+            Message::Error { code: ErrorCode::NotAllowed, message: "no".into(), id: Some(7) },
             Message::Ping { nonce: 1 },
         ];
         let mut wire = Vec::new();
@@ -334,18 +321,9 @@ mod tests {
 
     #[test]
     fn malformed_and_wrong_version_are_errors() {
-        assert!(matches!(
-            decode_body(b"{not json"),
-            Err(FrameError::Malformed(_))
-        ));
-        assert!(matches!(
-            decode_body(br#"{"v":1,"type":"launch"}"#),
-            Err(FrameError::Malformed(_))
-        ));
-        assert_eq!(
-            decode_body(br#"{"v":9,"type":"ping","nonce":1}"#),
-            Err(FrameError::Version(9))
-        );
+        assert!(matches!(decode_body(b"{not json"), Err(FrameError::Malformed(_))));
+        assert!(matches!(decode_body(br#"{"v":1,"type":"launch"}"#), Err(FrameError::Malformed(_))));
+        assert_eq!(decode_body(br#"{"v":9,"type":"ping","nonce":1}"#), Err(FrameError::Version(9)));
         let mut d = FrameDecoder::default();
         d.push(&[0, 0, 0, 0]);
         assert_eq!(d.next_frame(), Err(FrameError::Empty));

@@ -59,21 +59,14 @@ pub fn rewrite(pkt: &mut [u8], end: End, to: SocketAddrV4) -> Result<(), Rewrite
         if ip.more_frags() || ip.frag_offset() != 0 {
             return Err(RewriteError::Fragment);
         }
-        (
-            ip.header_len() as usize,
-            ip.next_header(),
-            ip.total_len() as usize,
-        )
+        (ip.header_len() as usize, ip.next_header(), ip.total_len() as usize)
     };
     let csum_at = match proto {
         IpProtocol::Tcp => 16,
         IpProtocol::Udp => 6,
         _ => return Err(RewriteError::Protocol),
     };
-    if total < hl + csum_at + 2
-        || (proto == IpProtocol::Tcp && total < hl + 20)
-        || (proto == IpProtocol::Udp && total < hl + 8)
-    {
+    if total < hl + csum_at + 2 || (proto == IpProtocol::Tcp && total < hl + 20) || (proto == IpProtocol::Udp && total < hl + 8) {
         return Err(RewriteError::Truncated);
     }
     let addr_at = match end {
@@ -139,18 +132,11 @@ mod tests {
 
     fn verify(pkt: &[u8]) -> bool {
         let ip = Ipv4Packet::new_checked(pkt).unwrap();
-        let (s, d) = (
-            IpAddress::Ipv4(ip.src_addr()),
-            IpAddress::Ipv4(ip.dst_addr()),
-        );
+        let (s, d) = (IpAddress::Ipv4(ip.src_addr()), IpAddress::Ipv4(ip.dst_addr()));
         ip.verify_checksum()
             && match ip.next_header() {
-                IpProtocol::Tcp => TcpPacket::new_checked(ip.payload())
-                    .unwrap()
-                    .verify_checksum(&s, &d),
-                _ => UdpPacket::new_checked(ip.payload())
-                    .unwrap()
-                    .verify_checksum(&s, &d),
+                IpProtocol::Tcp => TcpPacket::new_checked(ip.payload()).unwrap().verify_checksum(&s, &d),
+                _ => UdpPacket::new_checked(ip.payload()).unwrap().verify_checksum(&s, &d),
             }
     }
 
@@ -159,10 +145,7 @@ mod tests {
         let mut p = tcp_packet(b"RTSP/1.0 200 OK\r\n\r\n");
         rewrite(&mut p, End::Src, "198.19.128.1:554".parse().unwrap()).unwrap();
         assert!(verify(&p));
-        assert_eq!(
-            endpoint(&p, End::Src).unwrap(),
-            "198.19.128.1:554".parse().unwrap()
-        );
+        assert_eq!(endpoint(&p, End::Src).unwrap(), "198.19.128.1:554".parse().unwrap());
         rewrite(&mut p, End::Dst, "203.0.113.100:41234".parse().unwrap()).unwrap();
         assert!(verify(&p));
         assert_eq!(endpoint(&p, End::Dst).unwrap().port(), 41234);
@@ -183,18 +166,10 @@ mod tests {
             dst: "198.18.1.10".parse().unwrap(),
             dst_port: 5060,
         };
-        let mut p = crate::wire::trigger_packet::build(
-            &a,
-            &crate::wire::trigger_packet::udp_pd1(&a, b"hi"),
-            1,
-        )
-        .unwrap();
+        let mut p = crate::wire::trigger_packet::build(&a, &crate::wire::trigger_packet::udp_pd1(&a, b"hi"), 1).unwrap();
         rewrite(&mut p, End::Dst, "203.0.113.2:6000".parse().unwrap()).unwrap();
         assert!(verify(&p));
-        assert_eq!(
-            rewrite(&mut [0u8; 10], End::Src, "1.2.3.4:1".parse().unwrap()),
-            Err(RewriteError::BadIp)
-        );
+        assert_eq!(rewrite(&mut [0u8; 10], End::Src, "1.2.3.4:1".parse().unwrap()), Err(RewriteError::BadIp));
         let mut short = tcp_packet(b"");
         short.truncate(30);
         short[2..4].copy_from_slice(&30u16.to_be_bytes());

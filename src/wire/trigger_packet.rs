@@ -68,9 +68,7 @@ pub fn build(a: &Addressing, pd1: &[u8], ident: u16) -> Result<Vec<u8>, BuildErr
         }
     };
     if (sport, dport) != (a.src_port, a.dst_port) {
-        return Err(BuildError::PortMismatch(
-            sport, dport, a.src_port, a.dst_port,
-        ));
+        return Err(BuildError::PortMismatch(sport, dport, a.src_port, a.dst_port));
     }
 
     let mut buf = vec![0u8; total];
@@ -116,10 +114,7 @@ pub fn udp_pd1(a: &Addressing, payload: &[u8]) -> Vec<u8> {
     udp.set_dst_port(a.dst_port);
     udp.set_len(len as u16);
     udp.payload_mut().copy_from_slice(payload);
-    udp.fill_checksum(
-        &IpAddress::Ipv4(a.src.into()),
-        &IpAddress::Ipv4(a.dst.into()),
-    );
+    udp.fill_checksum(&IpAddress::Ipv4(a.src.into()), &IpAddress::Ipv4(a.dst.into()));
     buf
 }
 
@@ -128,13 +123,7 @@ mod tests {
     use super::*;
 
     fn addr(proto: Proto) -> Addressing {
-        Addressing {
-            proto,
-            src: "203.0.113.100".parse().unwrap(),
-            src_port: 40000,
-            dst: "198.18.1.10".parse().unwrap(),
-            dst_port: 5060,
-        }
+        Addressing { proto, src: "203.0.113.100".parse().unwrap(), src_port: 40000, dst: "198.18.1.10".parse().unwrap(), dst_port: 5060 }
     }
 
     #[test]
@@ -148,19 +137,13 @@ mod tests {
         assert_eq!(ip.dst_addr(), Ipv4Address::from(a.dst));
         assert_eq!(ip.hop_limit(), TTL);
         let udp = UdpPacket::new_checked(ip.payload()).unwrap();
-        assert!(udp.verify_checksum(
-            &IpAddress::Ipv4(a.src.into()),
-            &IpAddress::Ipv4(a.dst.into())
-        ));
+        assert!(udp.verify_checksum(&IpAddress::Ipv4(a.src.into()), &IpAddress::Ipv4(a.dst.into())));
         assert_eq!(udp.payload(), b"OPTIONS sip:cam SIP/2.0\r\n\r\n");
     }
 
     #[test]
     fn tcp_syn_p3_checksum_is_recomputed() {
-        let a = Addressing {
-            dst_port: 554,
-            ..addr(Proto::Tcp)
-        };
+        let a = Addressing { dst_port: 554, ..addr(Proto::Tcp) };
         let mut pd1 = vec![0u8; 20];
         {
             let mut t = TcpPacket::new_unchecked(&mut pd1[..]);
@@ -174,44 +157,26 @@ mod tests {
         let p3 = build(&a, &pd1, 1).unwrap();
         let ip = Ipv4Packet::new_checked(&p3[..]).unwrap();
         let t = TcpPacket::new_checked(ip.payload()).unwrap();
-        assert!(t.verify_checksum(
-            &IpAddress::Ipv4(a.src.into()),
-            &IpAddress::Ipv4(a.dst.into())
-        ));
+        assert!(t.verify_checksum(&IpAddress::Ipv4(a.src.into()), &IpAddress::Ipv4(a.dst.into())));
         assert!(t.syn());
     }
 
     #[test]
     fn hostile_pd1_is_refused() {
         let a = addr(Proto::Udp);
-        assert_eq!(
-            build(&a, &[0; 4], 0),
-            Err(BuildError::TooShort(4, Proto::Udp))
-        );
+        assert_eq!(build(&a, &[0; 4], 0), Err(BuildError::TooShort(4, Proto::Udp)));
         let other = Addressing { dst_port: 22, ..a };
         let pd1 = udp_pd1(&other, b"x");
-        assert_eq!(
-            build(&a, &pd1, 0),
-            Err(BuildError::PortMismatch(40000, 22, 40000, 5060))
-        );
+        assert_eq!(build(&a, &pd1, 0), Err(BuildError::PortMismatch(40000, 22, 40000, 5060)));
         let mut pd1 = udp_pd1(&a, b"xy");
         pd1[5] = 200; // length field lies
-        assert!(matches!(
-            build(&a, &pd1, 0),
-            Err(BuildError::BadUdpLength(..))
-        ));
+        assert!(matches!(build(&a, &pd1, 0), Err(BuildError::BadUdpLength(..))));
         let pd1 = udp_pd1(&a, &[0; 1500]);
         assert!(matches!(build(&a, &pd1, 0), Err(BuildError::TooLong(_))));
-        let t = Addressing {
-            proto: Proto::Tcp,
-            ..a
-        };
+        let t = Addressing { proto: Proto::Tcp, ..a };
         let mut pd1 = vec![0u8; 20];
         pd1[12] = 0x10; // data offset 4 bytes
-        assert!(matches!(
-            build(&t, &pd1, 0),
-            Err(BuildError::BadTcpHeader(4))
-        ));
+        assert!(matches!(build(&t, &pd1, 0), Err(BuildError::BadTcpHeader(4))));
     }
 
     proptest::proptest! {

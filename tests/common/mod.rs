@@ -18,10 +18,7 @@ pub fn repo() -> PathBuf {
 }
 
 fn require_root() {
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "lab tests need root (network namespaces, TUN, nftables): run `sudo ./scripts/test.sh`"
-    );
+    assert!(unsafe { libc::geteuid() } == 0, "lab tests need root (network namespaces, TUN, nftables): run `sudo ./scripts/test.sh`");
 }
 
 /// A lab from `scripts/lab/lab.sh`; `down` on drop.
@@ -37,23 +34,9 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("beckon-test-{prefix}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let lab = Lab {
-            prefix: prefix.into(),
-            dir,
-            procs: Vec::new(),
-        };
-        let out = Command::new(repo().join("scripts/lab/lab.sh"))
-            .arg("up")
-            .arg(prefix)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "lab up failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let lab = Lab { prefix: prefix.into(), dir, procs: Vec::new() };
+        let out = Command::new(repo().join("scripts/lab/lab.sh")).arg("up").arg(prefix).args(args).output().unwrap();
+        assert!(out.status.success(), "lab up failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         lab
     }
 
@@ -97,10 +80,7 @@ impl Lab {
 
     pub fn write(&self, file: &str, text: &str) -> String {
         let p = self.dir.join(file);
-        std::fs::File::create(&p)
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
+        std::fs::File::create(&p).unwrap().write_all(text.as_bytes()).unwrap();
         p.display().to_string()
     }
 
@@ -163,49 +143,33 @@ ports = ["udp/5060"]
         let cfg = self.server_config(keepalive_secs);
         self.spawn("server", "srv", &["server", "--config", &cfg]);
         let ca = PathBuf::from(self.state_dir()).join("ca.pem");
-        wait_for(Duration::from_secs(10), "server admin endpoint", || {
-            self.try_status().is_some()
-        });
+        wait_for(Duration::from_secs(10), "server admin endpoint", || self.try_status().is_some());
         assert!(ca.exists());
     }
 
     pub fn start_trigger(&mut self, site: &str) {
-        let ca = PathBuf::from(self.state_dir())
-            .join("ca.pem")
-            .display()
-            .to_string();
+        let ca = PathBuf::from(self.state_dir()).join("ca.pem").display().to_string();
         let cfg = self.trigger_config(site, &format!("token-{site}-0123456789"), &ca);
-        self.spawn(
-            &format!("trigger-{site}"),
-            &format!("trg-{site}"),
-            &["trigger", "--config", &cfg],
-        );
+        self.spawn(&format!("trigger-{site}"), &format!("trg-{site}"), &["trigger", "--config", &cfg]);
     }
 
     /// Wait until the status shows the site connected with a camera reported and its NAT
     /// profiled (the profile's probes are trigger packets too: tests count from after it).
     pub fn wait_registered(&self, site: &str) {
-        wait_for(
-            Duration::from_secs(40),
-            &format!("site-{site} registered and profiled"),
-            || {
-                self.try_status().is_some_and(|s| {
-                    s["sites"].as_array().unwrap().iter().any(|x| {
-                        x["name"] == format!("site-{site}")
-                            && x["connected"] == true
-                            && !x["cameras"].as_array().unwrap().is_empty()
-                            && !x["profile"].is_null()
-                    })
+        wait_for(Duration::from_secs(40), &format!("site-{site} registered and profiled"), || {
+            self.try_status().is_some_and(|s| {
+                s["sites"].as_array().unwrap().iter().any(|x| {
+                    x["name"] == format!("site-{site}")
+                        && x["connected"] == true
+                        && !x["cameras"].as_array().unwrap().is_empty()
+                        && !x["profile"].is_null()
                 })
-            },
-        );
+            })
+        });
     }
 
     pub fn try_status(&self) -> Option<serde_json::Value> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns("srv"), BECKON, "status", "--json"])
-            .output()
-            .ok()?;
+        let out = Command::new("ip").args(["netns", "exec", &self.ns("srv"), BECKON, "status", "--json"]).output().ok()?;
         if !out.status.success() {
             return None;
         }
@@ -232,31 +196,15 @@ ports = ["udp/5060"]
     /// Packets the trigger host's kernel received from its TUN = trigger packets injected.
     pub fn tun_injected_packets(&self, site: &str) -> u64 {
         let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns(&format!("trg-{site}")),
-                "cat",
-                "/sys/class/net/beckon0/statistics/rx_packets",
-            ])
+            .args(["netns", "exec", &self.ns(&format!("trg-{site}")), "cat", "/sys/class/net/beckon0/statistics/rx_packets"])
             .output()
             .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(u64::MAX)
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(u64::MAX)
     }
 
     pub fn lab(&self, args: &[&str]) -> String {
-        let out = Command::new(repo().join("scripts/lab/lab.sh"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "lab.sh {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new(repo().join("scripts/lab/lab.sh")).args(args).output().unwrap();
+        assert!(out.status.success(), "lab.sh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -268,15 +216,11 @@ impl Drop for Lab {
             if std::thread::panicking() {
                 eprintln!(
                     "---- {name} (exit {code:?}) ----\n{}",
-                    std::fs::read_to_string(self.dir.join(format!("{name}.log")))
-                        .unwrap_or_default()
+                    std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
                 );
             }
         }
-        let _ = Command::new(repo().join("scripts/lab/lab.sh"))
-            .arg("down")
-            .arg(&self.prefix)
-            .output();
+        let _ = Command::new(repo().join("scripts/lab/lab.sh")).arg("down").arg(&self.prefix).output();
     }
 }
 
@@ -313,8 +257,7 @@ pub struct Client {
 impl Client {
     pub fn new(port: u16) -> Client {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(1500)))
-            .unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
         Client { sock, port }
     }
 
@@ -332,20 +275,112 @@ impl Client {
 }
 
 pub fn mappings_for<'a>(st: &'a serde_json::Value, camera: &str) -> Vec<&'a serde_json::Value> {
-    st["mappings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["camera"] == camera)
-        .collect()
+    st["mappings"].as_array().unwrap().iter().filter(|m| m["camera"] == camera).collect()
 }
 
 pub fn counter(st: &serde_json::Value, name: &str) -> u64 {
-    st["counters"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no counter {name}"))
+    st["counters"][name].as_u64().unwrap_or_else(|| panic!("no counter {name}"))
 }
 
 pub fn path_exists(p: &str) -> bool {
     Path::new(p).exists()
+}
+
+// ---- helpers for the fault-recovery tests (tests/lab_faults.rs)
+
+impl Lab {
+    /// Is the process started as `name` still running? (false once it exited or was stopped)
+    pub fn running(&mut self, name: &str) -> bool {
+        self.procs.iter_mut().find(|(n, _)| n == name).is_some_and(|(_, c)| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Run `f` on a background thread inside namespace `ns`; the caller joins it.
+    pub fn spawn_in_ns<T: Send + 'static>(&self, ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.ns(ns));
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap();
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
+    /// `ip -n PREFIX-NS ARGS`; panics on failure.
+    pub fn ip(&self, ns: &str, args: &[&str]) -> String {
+        let out = Command::new("ip").args(["-n", &self.ns(ns)]).args(args).output().unwrap();
+        assert!(out.status.success(), "ip -n {} {args:?}: {}", self.ns(ns), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Lines of `name`'s log that contain every one of `needles`.
+    pub fn log_lines(&self, name: &str, needles: &[&str]) -> Vec<String> {
+        self.log(name).lines().filter(|l| needles.iter().all(|n| l.contains(n))).map(str::to_string).collect()
+    }
+
+    /// The status entry of site `name` (panics if the server does not list it).
+    pub fn site_status(&self, name: &str) -> serde_json::Value {
+        let st = self.status();
+        st["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("site {name} not in status: {st:#}"))
+            .clone()
+    }
+
+    /// Is site `name` shown connected with at least one camera reported?
+    pub fn site_connected(&self, name: &str) -> bool {
+        self.try_status().is_some_and(|s| {
+            s["sites"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["name"] == name && x["connected"] == true && !x["cameras"].as_array().unwrap().is_empty())
+        })
+    }
+}
+
+/// Seconds since the epoch, now.
+pub fn now_unix() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+/// The time of a beckon log line (tracing's RFC 3339 UTC timestamp at its start, e.g.
+/// `2025-03-01T12:34:56.123456Z`), as seconds since the epoch.
+pub fn log_line_time(line: &str) -> Option<f64> {
+    let ts = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (hh, mm) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?);
+    let ss = t.next()?.parse::<f64>().ok()?;
+    // days from civil (Howard Hinnant's algorithm)
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Some((days * 86400 + hh * 3600 + mm * 60) as f64 + ss)
+}
+
+impl Lab {
+    /// SIGTERM several processes started with `spawn` at once, then reap them (bounded like
+    /// `stop`); returns their exit codes in order.
+    pub fn stop_many(&mut self, names: &[String]) -> Vec<Option<i32>> {
+        let mut children = Vec::new();
+        for name in names {
+            if let Some(i) = self.procs.iter().position(|(n, _)| n == name) {
+                let (_, child) = self.procs.remove(i);
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                children.push(Some(child));
+            } else {
+                children.push(None);
+            }
+        }
+        children.into_iter().map(|c| c.and_then(|mut c| terminate(&mut c))).collect()
+    }
 }
