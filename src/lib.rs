@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod config;
 pub mod hostnet;
 pub mod link;
+pub mod rate_limit;
 pub mod server;
 pub mod signals;
 pub mod splice;

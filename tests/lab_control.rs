@@ -100,6 +100,33 @@ fn server_refuses_bad_tokens_and_bad_frames_without_crashing() {
         assert_eq!(code, ecode, "{name}");
         assert!(closed, "{name}: link must be closed afterwards");
     }
+    // An authenticated trigger that floods frames is cut off with a rate-limit error.
+    let ca = format!("{}/ca.pem", lab.state_dir());
+    let flood = lab.in_ns("srv", move || {
+        let mut s = client(&ca);
+        s.write_all(&encode(&Message::Register { site: "site-a".into(), token: "token-a-0123456789".into(), agent: "flood".into() }))
+            .unwrap();
+        assert!(matches!(read_msg(&mut s), Some(Message::Registered { .. })));
+        // Pongs need no answer: the flood does not fill the server's queue towards us.
+        let pong = encode(&Message::Pong { nonce: 1 });
+        let mut burst = Vec::new();
+        for _ in 0..5000 {
+            burst.extend_from_slice(&pong);
+        }
+        let _ = s.write_all(&burst);
+        let _ = s.flush();
+        let mut pongs = 0;
+        loop {
+            match read_msg(&mut s) {
+                Some(Message::Pong { .. }) | Some(Message::Ping { .. }) => pongs += 1,
+                Some(Message::Error { code, .. }) => return (pongs, Some(code), read_msg(&mut s).is_none()),
+                Some(other) => panic!("unexpected {other:?}"),
+                None => return (pongs, None, true),
+            }
+        }
+    });
+    assert_eq!(flood.1, Some(ErrorCode::RateLimited), "{flood:?}");
+    assert!(flood.2, "link closed after the rate-limit error: {flood:?}");
     // The server is alive and serves a good trigger.
     lab.start_trigger("b");
     lab.wait_registered("b");

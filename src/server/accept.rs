@@ -17,6 +17,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 /// Frames queued towards one trigger.
 pub const OUT_QUEUE: usize = 256;
+/// Frames a trigger may send per second (sustained / burst): pings, reports and one result per
+/// indication the server sent stay far below; a flood closes the link.
+pub const FRAMES_PER_SEC: u32 = 500;
+pub const FRAME_BURST: u32 = 2000;
 
 pub async fn run(
     shared: Arc<Shared>,
@@ -144,6 +148,7 @@ async fn session(
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut wr).await;
     });
 
+    let mut budget = crate::rate_limit::TokenBucket::new(FRAMES_PER_SEC, FRAME_BURST, Instant::now());
     let reason = loop {
         let msg = tokio::select! {
             r = tokio::time::timeout(IDLE_TIMEOUT, reader.next()) => r,
@@ -158,6 +163,12 @@ async fn session(
                 break format!("bad frame: {e}");
             }
             Ok(Err(e)) => break e.to_string(),
+            Ok(Ok(_)) if !budget.allow(Instant::now()) => {
+                shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                let message = format!("more than {FRAMES_PER_SEC} frames/s");
+                let _ = tx.try_send(Message::Error { code: ErrorCode::RateLimited, message: message.clone(), id: None });
+                break message;
+            }
             Ok(Ok(m)) => {
                 if let Err(why) = handle(&shared, &site, &tx, m) {
                     shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);

@@ -16,6 +16,9 @@ use tokio::sync::watch;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PING_EVERY: Duration = Duration::from_secs(15);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+/// Trigger packets per second (sustained / burst) a trigger injects at most.
+pub const INDICATIONS_PER_SEC: u32 = 200;
+pub const INDICATION_BURST: u32 = 400;
 
 /// Capped exponential backoff with jitter (each delay drawn from [d/2, d]).
 #[derive(Debug, Clone)]
@@ -129,6 +132,8 @@ async fn session(
         return lost(true, format!("sending report: {e}"));
     }
 
+    // A compromised server must not turn the trigger into a packet cannon on the camera LAN.
+    let mut budget = crate::rate_limit::TokenBucket::new(INDICATIONS_PER_SEC, INDICATION_BURST, std::time::Instant::now());
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
     let mut nonce = 0u64;
@@ -158,6 +163,14 @@ async fn session(
                 Message::ReportAck { cameras } => {
                     tracing::info!(cameras, "server recorded the camera report");
                     None
+                }
+                Message::Indication(ind) if !budget.allow(std::time::Instant::now()) => {
+                    tracing::warn!(id = ind.id, "indication refused: more than {INDICATIONS_PER_SEC}/s");
+                    Some(Message::Error {
+                        code: ErrorCode::RateLimited,
+                        message: format!("more than {INDICATIONS_PER_SEC} indications/s"),
+                        id: Some(ind.id),
+                    })
                 }
                 Message::Indication(ind) => Some(match injector.inject(&ind).await {
                     Ok(n) => {

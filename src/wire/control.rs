@@ -100,6 +100,8 @@ pub enum ErrorCode {
     NotAllowed,
     /// The trigger could not build or inject the packet.
     InjectFailed,
+    /// The peer sends frames faster than allowed.
+    RateLimited,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
