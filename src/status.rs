@@ -23,6 +23,9 @@ pub struct SiteStatus {
     /// The trigger's control link as the server sees it (its NAT's public endpoint).
     pub trigger_public: Option<String>,
     pub connected_secs: Option<u64>,
+    /// The trigger's assist link (trigger-assisted TCP) is up.
+    #[serde(default)]
+    pub assist_link: bool,
     pub last_registered_unix: Option<u64>,
     pub cameras: Vec<CameraStatus>,
     /// How the site's NAT treats direct TCP, measured against the trigger's probe listener.

@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 /// Most control links at once (each is a trigger or someone pretending to be one).
 pub const MAX_LINKS: usize = 1024;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Triggers ping every 15 s; a link silent for this long is dead.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+/// Triggers ping every 5 s; a link silent for this long is dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Frames queued towards one trigger.
 pub const OUT_QUEUE: usize = 256;
 /// Frames a trigger may send per second (sustained / burst): pings, reports and one result per

@@ -127,6 +127,7 @@ impl Shared {
                     connected: sess.is_some(),
                     trigger_public: sess.map(|x| x.public.to_string()).or_else(|| rec.and_then(|r| r.trigger_public.clone())),
                     connected_secs: sess.map(|x| x.since.elapsed().as_secs()),
+                    assist_link: self.assist.lock().unwrap().contains_key(&s.name),
                     last_registered_unix: rec.and_then(|r| r.last_registered_unix),
                     cameras: rec
                         .map(|r| {

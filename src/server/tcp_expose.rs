@@ -132,7 +132,15 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, client: TcpStream, peer: S
         note = Some(failures.join("; "));
     }
 
-    let handle = shared.assist.lock().unwrap().get(&site).cloned();
+    // Right after a (re)registration the assist link may still be on its way: wait briefly.
+    let mut handle = shared.assist.lock().unwrap().get(&site).cloned();
+    for _ in 0..30 {
+        if handle.is_some() || !shared.sessions.lock().unwrap().contains_key(&site) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        handle = shared.assist.lock().unwrap().get(&site).cloned();
+    }
     let opened = match handle {
         Some(h) => h.open(camera).await,
         None => Err(format!("the trigger of site {site:?} has no assist link")),

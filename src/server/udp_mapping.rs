@@ -19,8 +19,9 @@ pub const PORT_RANGE: std::ops::RangeInclusive<u16> = 20000..=60999;
 /// Datagrams held per flow while its mapping is being set up.
 pub const MAX_QUEUED: usize = 16;
 /// Keepalives sent without any answer before a mapping is declared lost.
-pub const MAX_UNANSWERED: u32 = 3;
+pub const MAX_UNANSWERED: u32 = 2;
 /// A client datagram to a mapping that has not answered anything for this long re-triggers.
+/// (At most; with keepalives on it is at most two keepalive intervals.)
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// While pending, a client datagram re-sends the indication at most this often.
 pub const REINDICATE_AFTER: Duration = Duration::from_secs(1);
@@ -221,7 +222,8 @@ impl UdpMappings {
                 }
             }
             FlowState::Mapped { public, .. } => {
-                let stale = flow.awaiting_reply_since.is_some_and(|t| now.duration_since(t) >= REPLY_TIMEOUT);
+                let reply_timeout = self.keepalive.map_or(REPLY_TIMEOUT, |k| (k * 2).min(REPLY_TIMEOUT));
+                let stale = flow.awaiting_reply_since.is_some_and(|t| now.duration_since(t) >= reply_timeout);
                 if stale {
                     // Nothing came back for a while: the NAT probably forgot the mapping.
                     self.counters.retriggers += 1;
@@ -321,17 +323,21 @@ impl UdpMappings {
                 continue;
             };
             let heard = flow.last_from_camera.unwrap_or(since).max(since);
-            if now.duration_since(heard) < every {
+            let quiet = now.duration_since(heard);
+            if quiet < every {
                 continue; // the camera spoke recently: its NAT refreshed the mapping
             }
-            if flow.keepalive_sent_at.is_some_and(|ka| now.duration_since(ka) < every) {
-                continue;
-            }
-            if flow.unanswered_keepalives >= MAX_UNANSWERED {
+            // A mapping that stopped answering is noticed within two keepalive intervals of its
+            // last sign of life: a keepalive after one interval, a second one half an interval
+            // later, and the verdict at two intervals.
+            if quiet >= every * 2 && flow.unanswered_keepalives >= MAX_UNANSWERED {
                 tracing::warn!(camera = %format!("{}/{}", flow.target.site, flow.target.camera), server_port = *port,
                     public = %public, "mapping stopped answering keepalives; dropped (next datagram re-triggers)");
                 self.counters.mappings_dropped += 1;
                 remove.push(*port);
+                continue;
+            }
+            if flow.keepalive_sent_at.is_some_and(|ka| now.duration_since(ka) < every / 2) || flow.unanswered_keepalives >= MAX_UNANSWERED {
                 continue;
             }
             flow.unanswered_keepalives += 1;
@@ -491,6 +497,26 @@ mod tests {
         // The next datagram creates a new flow and re-triggers.
         let a = m.client_datagram(secs(t0, 13), 0, client(1), &target(KeepaliveKind::SipOptions), b"again".to_vec());
         assert!(matches!(&a[..], [Action::OpenPort(_), Action::Indicate { .. }]));
+    }
+
+    #[test]
+    fn silence_is_noticed_within_two_keepalive_intervals() {
+        let t0 = Instant::now();
+        let (mut m, port) = mapped(t0, Some(2), KeepaliveKind::EmptyDatagram);
+        let mut sent = Vec::new();
+        let mut dropped_at = None;
+        for i in 1..=40 {
+            let now = t0 + Duration::from_millis(250 * i);
+            for a in m.tick(now) {
+                match a {
+                    Action::ToCamera { .. } => sent.push(now.duration_since(t0).as_millis()),
+                    Action::ClosePort(p) if p == port => dropped_at = dropped_at.or(Some(now.duration_since(t0))),
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(sent, vec![2000, 3000], "a keepalive after one interval, a retry half an interval later");
+        assert_eq!(dropped_at, Some(Duration::from_secs(4)), "dropped two intervals after the last answer");
     }
 
     #[test]

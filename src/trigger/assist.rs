@@ -28,12 +28,27 @@ pub async fn run(
     server: SocketAddr,
     connector: tokio_rustls::TlsConnector,
     name: rustls::pki_types::ServerName<'static>,
+    mut registrations: watch::Receiver<u64>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    // The assist link follows the control link: it is opened once the trigger is registered and
+    // renewed whenever the control link registers again (after a server restart or a NAT that
+    // lost its state, the old assist link is likely dead too, and nobody would notice until the
+    // next stream).
+    tokio::select! {
+        _ = registrations.wait_for(|g| *g > 0) => {}
+        _ = shutdown.changed() => return,
+    }
     loop {
+        registrations.borrow_and_update();
         let r = tokio::select! {
             r = link(&cfg, probe, server, &connector, &name) => r,
+            _ = registrations.changed() => {
+                tracing::info!("control link registered again: renewing the assist link");
+                backoff.reset();
+                continue;
+            }
             _ = shutdown.changed() => return,
         };
         let up_for_a_while = r.as_ref().is_ok_and(|d| *d > Duration::from_secs(30));
@@ -47,6 +62,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
+            _ = registrations.changed() => backoff.reset(),
             _ = shutdown.changed() => return,
         }
     }

@@ -14,8 +14,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-pub const PING_EVERY: Duration = Duration::from_secs(15);
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+/// Pings keep the link's NAT mapping fresh and find a dead link (e.g. after the NAT lost its
+/// state and answered the server with RST) within one interval.
+pub const PING_EVERY: Duration = Duration::from_secs(5);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Trigger packets per second (sustained / burst) a trigger injects at most.
 pub const INDICATIONS_PER_SEC: u32 = 200;
 pub const INDICATION_BURST: u32 = 400;
@@ -56,11 +58,12 @@ pub async fn run(
     connector: tokio_rustls::TlsConnector,
     name: rustls::pki_types::ServerName<'static>,
     injector: Injector,
+    registrations: watch::Sender<u64>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
-        match session(&cfg, probe, server, &connector, &name, &injector, &mut shutdown).await {
+        match session(&cfg, probe, server, &connector, &name, &injector, &registrations, &mut shutdown).await {
             Ended::Shutdown => return,
             Ended::Lost { registered, reason } => {
                 if registered {
@@ -84,6 +87,7 @@ async fn session(
     connector: &tokio_rustls::TlsConnector,
     name: &rustls::pki_types::ServerName<'static>,
     injector: &Injector,
+    registrations: &watch::Sender<u64>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Ended {
     let lost = |registered: bool, reason: String| Ended::Lost { registered, reason };
@@ -116,6 +120,8 @@ async fn session(
                 (None, announced) => announced,
             };
             injector.set_server_ip(server_ip);
+            // A new control session: the assist link is renewed with it.
+            registrations.send_modify(|g| *g += 1);
             tracing::info!(%site, %trigger_public, public_ip = ?server_ip, "registered with the server");
         }
         Ok(Ok(Message::Error { code, message, .. })) => {

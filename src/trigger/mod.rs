@@ -32,9 +32,17 @@ pub async fn run(cfg: TriggerConfig) -> Result<()> {
     let injector = inject::Injector::new(&cfg, probe, prepared.tun)?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let connector = tokio_rustls::TlsConnector::from(tls);
-    let assist =
-        tokio::spawn(assist::run(Arc::new(cfg.clone()), probe, server_addr, connector.clone(), server_name.clone(), shutdown_rx.clone()));
-    let link = tokio::spawn(connect::run(cfg.clone(), probe, server_addr, connector, server_name, injector, shutdown_rx));
+    let (reg_tx, reg_rx) = tokio::sync::watch::channel(0u64);
+    let assist = tokio::spawn(assist::run(
+        Arc::new(cfg.clone()),
+        probe,
+        server_addr,
+        connector.clone(),
+        server_name.clone(),
+        reg_rx,
+        shutdown_rx.clone(),
+    ));
+    let link = tokio::spawn(connect::run(cfg.clone(), probe, server_addr, connector, server_name, injector, reg_tx, shutdown_rx));
     tracing::info!(site = %cfg.site, server = %cfg.server, cameras = cfg.cameras.len(), "trigger running");
     crate::signals::wait().await;
     tracing::info!("shutting down");
