@@ -69,15 +69,15 @@ fn sip_options(seq: u64, server: SocketAddrV4, camera: SocketAddrV4) -> String {
 
 fn is_sip_keepalive_answer(payload: &[u8]) -> bool {
     // A SIP response (status line) carrying our Call-ID. Bounded scan: headers only.
+    // Works on bytes: header names are ASCII, and slicing UTF-8 text at fixed offsets would
+    // panic on a multi-byte character (found by fuzzing).
     let head = &payload[..payload.len().min(2048)];
-    let Ok(text) = std::str::from_utf8(head) else {
-        return false;
-    };
-    text.starts_with("SIP/2.0 ")
-        && text.lines().any(|l| {
-            let l = l.trim_start();
-            (l.len() > 8 && l[..8].eq_ignore_ascii_case("call-id:") && l[8..].trim_start().starts_with(CALL_ID_PREFIX))
-                || (l.len() > 2 && l[..2].eq_ignore_ascii_case("i:") && l[2..].trim_start().starts_with(CALL_ID_PREFIX))
+    let value_is_ours = |v: &[u8]| v.trim_ascii_start().starts_with(CALL_ID_PREFIX.as_bytes());
+    let header = |l: &[u8], name: &[u8]| l.len() > name.len() && l[..name.len()].eq_ignore_ascii_case(name);
+    head.starts_with(b"SIP/2.0 ")
+        && head.split(|b| *b == b'\n').any(|l| {
+            let l = l.trim_ascii_start();
+            (header(l, b"call-id:") && value_is_ours(&l[8..])) || (header(l, b"i:") && value_is_ours(&l[2..]))
         })
 }
 
@@ -100,6 +100,8 @@ mod tests {
         assert_eq!(k.is_answer(b"SIP/2.0 200 OK\r\nCall-ID: abc@x\r\n\r\n"), Some(false));
         assert_eq!(k.is_answer(b"MESSAGE sip:x SIP/2.0\r\nCall-ID: beckon-ka-1\r\n\r\n"), Some(false));
         assert_eq!(k.is_answer(&[0xff, 0xfe]), Some(false));
+        // Multi-byte characters where a header name would end: no panic, no match.
+        assert_eq!(k.is_answer("SIP/2.0 200 OK\r\nCall-I\u{e9}: beckon-ka-1\r\n\u{1f600}\r\n".as_bytes()), Some(false));
     }
 
     #[test]

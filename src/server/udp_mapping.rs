@@ -276,10 +276,11 @@ impl UdpMappings {
         flow.awaiting_reply_since = None;
         flow.stats.datagrams_from_camera += 1;
         flow.stats.bytes_from_camera += payload.len() as u64;
-        let keepalive_answer = match flow.keepalive_sent_at {
+        let keepalive_answer = match flow.target.keepalive.is_answer(&payload) {
+            // Recognisable answers are always ours, also a late one to an earlier keepalive.
+            Some(certain) => certain,
             // Undecidable protocol: it answers the keepalive if no client request went out since.
-            Some(sent) => flow.target.keepalive.is_answer(&payload).unwrap_or(flow.last_client < sent),
-            None => false,
+            None => flow.keepalive_sent_at.is_some_and(|sent| flow.last_client < sent),
         };
         // Anything from the camera proves the mapping alive.
         flow.unanswered_keepalives = 0;
