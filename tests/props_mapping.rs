@@ -392,8 +392,8 @@ fn regression_sip_answer_with_multibyte_header_does_not_panic() {
 }
 
 /// Two keepalives outstanding (the first answer late): the answer to the second must not reach
-/// the platform client either (docs/protocol.md: keepalive answers are never relayed). Fails
-/// until a SIP answer carrying a `beckon-ka-` Call-ID is recognised with no keepalive pending.
+/// the platform client either (docs/protocol.md: keepalive answers are never relayed). Found by
+/// fuzzing; a SIP answer carrying a `beckon-ka-` Call-ID is now recognised with no keepalive pending.
 #[test]
 fn regression_late_second_sip_keepalive_answer_is_not_relayed() {
     let (mut h, _port) = mapped(KeepaliveKind::SipOptions, 2);
