@@ -3,8 +3,8 @@
 //! camera's NAT, strangers and private sources, ICMP unreachables and clock ticks. No root, no
 //! network: the table is sans-IO.
 //!
-//! Payloads are ASCII (plus SIP-shaped answers): a SIP-keepalive flow given a non-ASCII answer
-//! currently panics, see `regression_sip_answer_with_multibyte_header_does_not_panic` below.
+//! Payloads: ASCII, arbitrary bytes, text with multi-byte characters, and SIP responses (some
+//! answering a keepalive) with a header line of arbitrary text.
 
 use beckon::server::keepalive::KeepaliveKind;
 use beckon::server::udp_mapping::{is_private, Action, FlowState, Target, UdpMappings, MAX_QUEUED, PORT_RANGE};
@@ -18,7 +18,14 @@ use std::time::{Duration, Instant};
 const NAT_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
 
 fn target(kind: KeepaliveKind) -> Target {
-    Target { site: "a".into(), camera: "cam".into(), camera_ip: Ipv4Addr::new(198, 18, 1, 10), camera_port: 5060, keepalive: kind }
+    Target {
+        site: "a".into(),
+        camera: "cam".into(),
+        camera_ip: Ipv4Addr::new(198, 18, 1, 10),
+        camera_port: 5060,
+        keepalive: kind,
+        nat_ip: None,
+    }
 }
 
 fn client(n: u16) -> SocketAddr {
@@ -67,17 +74,22 @@ fn ascii() -> impl Strategy<Value = Vec<u8>> {
     vec(0x20u8..0x7f, 0..48)
 }
 
+/// Any bytes, or printable text with multi-byte characters (a GB28181 camera's Chinese names).
+fn binary() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![vec(any::<u8>(), 0..48), "\\PC{0,16}".prop_map(String::into_bytes)]
+}
+
 /// A SIP response, possibly answering keepalive `n`.
 fn sip_answer() -> impl Strategy<Value = Vec<u8>> {
-    (1u64..6, any::<bool>(), any::<bool>()).prop_map(|(n, ours, compact)| {
+    (1u64..6, any::<bool>(), any::<bool>(), "\\PC{0,12}").prop_map(|(n, ours, compact, line)| {
         let id = if ours { format!("beckon-ka-{n}@0.0.0.0") } else { format!("cam-{n}") };
         let h = if compact { "i" } else { "Call-ID" };
-        format!("SIP/2.0 200 OK\r\nCSeq: {n} OPTIONS\r\n{h}: {id}\r\n\r\n").into_bytes()
+        format!("SIP/2.0 200 OK\r\n{line}\r\nCSeq: {n} OPTIONS\r\n{h}: {id}\r\n\r\n").into_bytes()
     })
 }
 
 fn payload() -> impl Strategy<Value = Vec<u8>> {
-    prop_oneof![3 => ascii(), 2 => sip_answer(), 1 => Just(Vec::new())]
+    prop_oneof![3 => ascii(), 2 => sip_answer(), 1 => binary(), 1 => Just(Vec::new())]
 }
 
 fn from() -> impl Strategy<Value = From> {

@@ -75,6 +75,8 @@ fn target(sip: bool) -> Target {
         camera_ip: Ipv4Addr::new(198, 18, 1, if sip { 10 } else { 11 }),
         camera_port: 5060,
         keepalive: if sip { KeepaliveKind::SipOptions } else { KeepaliveKind::EmptyDatagram },
+        // Half the targets know their NAT's address (as when the trigger is connected).
+        nat_ip: if sip { Some(Ipv4Addr::new(203, 0, 113, 2)) } else { None },
     }
 }
 

@@ -100,6 +100,14 @@ impl Shared {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The public address of a site's NAT, as the trigger's control link arrives from it.
+    pub fn nat_ip(&self, site: &str) -> Option<std::net::Ipv4Addr> {
+        match self.sessions.lock().unwrap().get(site)?.public.ip() {
+            std::net::IpAddr::V4(ip) => Some(ip),
+            std::net::IpAddr::V6(_) => None,
+        }
+    }
+
     pub fn tun(&self) -> &tun_rs::AsyncDevice {
         self.tun.get().expect("TUN is set before any connection starts")
     }

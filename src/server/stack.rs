@@ -218,6 +218,7 @@ impl Stack {
             camera_ip: cam.ip,
             camera_port: e.port,
             keepalive: KeepaliveKind::for_device_type(&cam.device_type),
+            nat_ip: self.shared.nat_ip(e.site()),
         })
     }
 

@@ -234,7 +234,8 @@ impl Shard {
         let handle = sockets.add(sock);
         let server = SocketAddrV4::new(public, route.port);
         let now = Instant::now();
-        let attempt = Attempt::new(p.strategy, server, p.camera, SocketAddrV4::new(p.virt, p.camera.port()), now, p.timeout);
+        let mut attempt = Attempt::new(p.strategy, server, p.camera, SocketAddrV4::new(p.virt, p.camera.port()), now, p.timeout);
+        attempt.nat_ip = shared.nat_ip(&p.site);
         let mut shard = Shard { shared, site: p.site, iface, device, sockets, handle, attempt, rx, _route: route, epoch, record };
         let outs = shard.attempt.start(now, &mut rand::rng());
         shard.process(outs).await;

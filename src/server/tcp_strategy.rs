@@ -26,7 +26,7 @@ use crate::wire::rewrite::{self, End};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use smoltcp::wire::{IpProtocol, Ipv4Packet, TcpPacket, TcpSeqNumber};
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -154,6 +154,9 @@ pub struct Attempt {
     deadline: Instant,
     /// A SYN-ACK arrived from a private address: the NAT leaked it untranslated.
     leaked: bool,
+    /// The site NAT's public address (from the trigger's control link): before the mapping is
+    /// learned, packets from any other address are ignored.
+    pub nat_ip: Option<Ipv4Addr>,
     /// steered-resync: smoltcp's ISN and SYN segment, the TTL for steered packets, the camera's
     /// held SYN-ACK and its ISN.
     isn: Option<u32>,
@@ -251,6 +254,7 @@ impl Attempt {
             last_pd1: None,
             deadline: now + timeout,
             leaked: false,
+            nat_ip: None,
             isn: None,
             syn_pd1: None,
             steer_ttl: None,
@@ -396,6 +400,9 @@ impl Attempt {
             return vec![];
         }
         let private = super::udp_mapping::is_private(*src.ip());
+        if self.public.is_none() && !private && self.nat_ip.is_some_and(|ip| ip != *src.ip()) {
+            return vec![]; // not from the site's NAT: someone guessed the server port
+        }
         let (syn, ack, rst) = (t.syn(), t.ack(), t.rst());
         let (seq, ackn) = (t.seq_number().0 as u32, t.ack_number().0 as u32);
         if let Strategy::SteeredResync(steering) = self.strategy {
@@ -915,6 +922,16 @@ mod steered_tests {
             a.tick(t0 + Duration::from_secs(i));
         }
         assert!(a.failed().unwrap().contains("TTL too low"), "{:?}", a.state);
+    }
+
+    #[test]
+    fn before_the_mapping_only_the_sites_nat_is_heard() {
+        let (mut a, t0) = attempt(Steering::Ttl { adjust: 0 });
+        a.nat_ip = Some("203.0.113.2".parse().unwrap());
+        let t = to_step1(&mut a, t0);
+        assert!(a.from_wire(seg("203.0.113.66:31000", SERVER, "S", t, 0, 61), t0).is_empty());
+        assert_eq!(a.state, State::AwaitReverseSyn);
+        assert_eq!(a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0).len(), 3);
     }
 
     #[test]

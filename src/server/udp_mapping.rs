@@ -34,6 +34,9 @@ pub struct Target {
     pub camera_ip: Ipv4Addr,
     pub camera_port: u16,
     pub keepalive: KeepaliveKind,
+    /// The site NAT's public address as the trigger's control link shows it: a first answer
+    /// from any other address is not the camera's (someone guessed the server port).
+    pub nat_ip: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,8 +252,9 @@ impl UdpMappings {
         };
         match flow.state {
             FlowState::Pending { .. } => {
-                if is_private(*from.ip()) {
-                    // An untranslated answer leaked by the NAT is not a mapping.
+                // An untranslated answer leaked by the NAT is not a mapping, nor is an answer
+                // from anywhere but the site's NAT.
+                if is_private(*from.ip()) || flow.target.nat_ip.is_some_and(|ip| ip != *from.ip()) {
                     self.counters.unsolicited_datagrams += 1;
                     return out;
                 }
@@ -379,7 +383,14 @@ mod tests {
     use super::*;
 
     fn target(kind: KeepaliveKind) -> Target {
-        Target { site: "a".into(), camera: "cam1".into(), camera_ip: "198.18.1.10".parse().unwrap(), camera_port: 5060, keepalive: kind }
+        Target {
+            site: "a".into(),
+            camera: "cam1".into(),
+            camera_ip: "198.18.1.10".parse().unwrap(),
+            camera_port: 5060,
+            keepalive: kind,
+            nat_ip: None,
+        }
     }
     const NAT: &str = "203.0.113.2:5060";
     fn client(n: u16) -> SocketAddr {
@@ -417,6 +428,17 @@ mod tests {
         }
         assert_eq!(m.flow(port).unwrap().stats.indications, 1);
         assert_eq!(m.counters.mappings_learned, 1);
+    }
+
+    #[test]
+    fn only_the_sites_nat_can_answer_a_pending_flow() {
+        let t0 = Instant::now();
+        let mut m = UdpMappings::new(None, Duration::from_secs(300), 100, 1);
+        let tg = Target { nat_ip: Some("203.0.113.2".parse().unwrap()), ..target(KeepaliveKind::EmptyDatagram) };
+        let a = m.client_datagram(t0, 0, client(1), &tg, b"x".to_vec());
+        let Action::OpenPort(p) = a[0] else { panic!() };
+        assert!(m.camera_datagram(t0, p, "203.0.113.66:5060".parse().unwrap(), b"hijack".to_vec()).is_empty());
+        assert_eq!(m.camera_datagram(t0, p, NAT.parse().unwrap(), b"ok".to_vec()).len(), 1);
     }
 
     #[test]
