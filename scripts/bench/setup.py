@@ -47,6 +47,7 @@ def main():
         sys.exit(f"setup: no ping answer from {a.ping}")
     log_off = os.path.getsize(a.server_log)
     c0 = bl.counters(a.beckon)
+    n0 = bl.net_snapshot()
     times = {name: [] for name, _ in targets}
     errors = {name: [] for name, _ in targets}
     for i in range(a.n):
@@ -58,6 +59,7 @@ def main():
             else:
                 times[name].append(ms)
     c1 = bl.counters(a.beckon)
+    net = bl.delta(n0, bl.net_snapshot())
     with open(a.server_log, errors="replace") as f:
         f.seek(log_off)
         log = f.read()
@@ -81,7 +83,7 @@ def main():
         "max_ms": {k: (max(v) if v else None) for k, v in times.items()},
         "ok": {k: len(v) for k, v in times.items()},
         "errors": {k: v[:3] for k, v in errors.items() if v},
-        "counters": bl.delta(c0, c1),
+        "counters": bl.delta(c0, c1), "net": net,
         "server_setup_ms_median": bl.median(setup_ms),
         "server_round_trips": sorted(set(rts)),
         "strategies": strategies,

@@ -1,8 +1,10 @@
 #!/usr/bin/python3
 """Concurrent paced streams through one exposure (run inside the server's namespace): opens N
 connections to the exposure (at most --setup-parallel waiting for their first byte at once),
-waits --warmup s, then counts each stream's bytes in --window-s windows for --measure s. A
-stream keeps its rate if every window carries >= --keep of rate * window. Also records CPU
+waits --warmup s, then counts each stream's bytes in 1 s buckets for --measure s. A stream
+keeps its rate if every sliding --window-s window (1 s steps) carries >= --keep of
+rate * window: a stall of about (1 - keep) * window seconds fails it, delivery jitter well
+below that does not. Also records CPU
 seconds and RSS of the given PIDs and the machine's busy share during the measurement."""
 import argparse
 import asyncio
@@ -19,7 +21,8 @@ class Client(asyncio.Protocol):
         self.st = st
         self.first = asyncio.get_running_loop().create_future()
         self.total = 0
-        self.windows = None
+        self.windows = [0] * st.nwin
+        self.t = None
         self.last = None
         self.max_gap = 0.0
         self.lost = False
@@ -44,10 +47,11 @@ class Client(asyncio.Protocol):
     def connection_lost(self, exc):
         self.lost = True
         if not self.first.done():
-            self.first.set_exception(ConnectionError(str(exc) if exc else "closed before data"))
+            self.first.set_result(None)  # closed before any data
 
 
 class State:
+    nwin = 0
     t0 = None
     t_end = None
     window = 2.0
@@ -62,7 +66,7 @@ async def main():
     ap.add_argument("--keep", type=float, default=0.9)
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--measure", type=float, default=10.0)
-    ap.add_argument("--window-s", type=float, default=2.0)
+    ap.add_argument("--window-s", type=int, default=5)
     ap.add_argument("--setup-parallel", type=int, default=32)
     ap.add_argument("--setup-timeout", type=float, default=15.0)
     ap.add_argument("--pid", action="append", default=[])
@@ -70,37 +74,50 @@ async def main():
     a = ap.parse_args()
     loop = asyncio.get_running_loop()
     st = State()
-    st.window = a.window_s
-    nwin = int(round(a.measure / a.window_s))
+    st.window = 1.0
+    nwin = st.nwin = int(round(a.measure))  # 1 s buckets
+    if a.window_s > nwin:
+        sys.exit("streams: --window-s must not exceed --measure")
     sem = asyncio.Semaphore(a.setup_parallel)
     clients, failures = [], []
     t_setup0 = time.monotonic()
+    n0 = bl.net_snapshot()
 
     async def open_one(i):
         async with sem:
             t = time.monotonic()
+            c = None
             try:
                 _, c = await asyncio.wait_for(
                     loop.create_connection(lambda: Client(st), a.host, a.port), a.setup_timeout)
-                await asyncio.wait_for(asyncio.shield(c.first), a.setup_timeout)
-                c.windows = [0] * nwin
-                c.setup_s = c.first.result() - t
+                t_first = await asyncio.wait_for(asyncio.shield(c.first), a.setup_timeout)
+                if t_first is None:
+                    raise ConnectionError("closed before any data")
+                c.setup_s = t_first - t
                 clients.append(c)
             except Exception as e:  # noqa: BLE001
                 failures.append(f"{type(e).__name__}: {e}")
+                if c is not None and c.t is not None:
+                    c.t.abort()
 
     await asyncio.gather(*(open_one(i) for i in range(a.n)))
     setup_wall = time.monotonic() - t_setup0
     print(f"streams n={a.n}: {len(clients)} up, {len(failures)} failed in {setup_wall:.1f} s", file=sys.stderr)
     await asyncio.sleep(a.warmup)
-    probe = bl.CpuProbe(dict(p.split("=", 1) for p in a.pid))
+    probe = bl.CpuProbe({**dict(p.split("=", 1) for p in a.pid), "client": os.getpid()})
     st.t0 = time.monotonic()
-    st.t_end = st.t0 + nwin * a.window_s
+    st.t_end = st.t0 + nwin
     probe.start()
-    await asyncio.sleep(nwin * a.window_s + 0.05)
+    await asyncio.sleep(nwin + 0.05)
     cpu = probe.stop()
+    net = bl.delta(n0, bl.net_snapshot())
     per_win = a.rate * a.window_s
-    worst = [min(c.windows) / per_win if c.windows else 0.0 for c in clients]
+    w = a.window_s
+
+    def slide(b):
+        return min(sum(b[i:i + w]) for i in range(len(b) - w + 1)) / per_win
+
+    worst = [slide(c.windows) for c in clients]
     below = sum(1 for w in worst if w < a.keep)
     lost = sum(1 for c in clients if c.lost)
     total = sum(sum(c.windows) for c in clients)
@@ -111,10 +128,12 @@ async def main():
         "setup_s_max": max([c.setup_s for c in clients], default=None),
         "streams_below_keep": below, "lost": lost,
         "worst_window_ratio": round(min(worst), 3) if worst else None,
-        "median_window_ratio": bl.median([sum(c.windows) / (per_win * nwin) for c in clients]),
+        "median_rate_ratio": bl.median([sum(c.windows) / (a.rate * nwin) for c in clients]),
+        "worst_1s_ratio": round(min((min(c.windows) / a.rate for c in clients), default=0.0), 3),
+        "window_s": w,
         "max_gap_s": round(max([c.max_gap for c in clients], default=0.0), 3),
-        "aggregate_MBps": round(total / (nwin * a.window_s) / 1e6, 1),
-        "cpu": cpu,
+        "aggregate_MBps": round(total / nwin / 1e6, 1),
+        "cpu": cpu, "net": net,
     }
     res["ok"] = res["up"] == a.n and below == 0 and lost == 0
     for c in clients:
@@ -122,7 +141,8 @@ async def main():
     bl.write_json(a.out, res)
     print(f"streams n={a.n}: {'OK' if res['ok'] else 'STALL'} worst window {res['worst_window_ratio']}, "
           f"{below} below {a.keep:.0%}, {lost} lost, max gap {res['max_gap_s']} s, {res['aggregate_MBps']} MB/s; "
-          + " ".join(f"{k}={v}" for k, v in cpu.items()), file=sys.stderr)
+          + " ".join(f"{k}={v}" for k, v in cpu.items() if k.startswith(("server", "machine")))
+          + "; " + " ".join(f"{k}={v}" for k, v in net.items() if v), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def run(url: str, k: int, nbytes: int, timeout: float):
             out, _ = p.communicate()
         outs.append((p.returncode, out.split()))
     wall = time.monotonic() - t0
-    got = sum(int(o[1]) for rc, o in outs if rc == 0 and len(o) == 2 and o[0] == "200")
+    got = sum(int(o[1]) for rc, o in outs if len(o) == 2 and o[1].isdigit())
     complete = all(rc == 0 and len(o) == 2 and o[0] == "200" and int(o[1]) == nbytes for rc, o in outs)
     return wall, got, complete
 
@@ -52,33 +52,41 @@ def main():
         for rep in range(r):
             for name, url in targets:
                 c0 = bl.counters(a.beckon)
+                n0 = bl.net_snapshot()
                 probe = bl.CpuProbe(pids)
                 probe.start()
                 wall, got, complete = run(url, k, a.bytes, a.timeout)
                 cpu = probe.stop()
                 c1 = bl.counters(a.beckon)
+                net = bl.delta(n0, bl.net_snapshot())
                 mbps = got / wall / 1e6
                 run_ = {"target": name, "streams": k, "rep": rep, "wall_s": round(wall, 3),
                         "bytes": got, "complete": complete, "MBps": round(mbps, 1), "cpu": cpu,
-                        "counters": bl.delta(c0, c1)}
+                        "counters": bl.delta(c0, c1), "net": net}
                 res["runs"].append(run_)
                 bl.write_json(a.out, res)
                 print(f"throughput {name} x{k} rep {rep}: {mbps:.1f} MB/s ({got / 1e6:.0f} MB in {wall:.2f} s"
                       f"{'' if complete else ', INCOMPLETE'}); cpu "
                       + " ".join(f"{n} {cpu.get(n + '_cpu_pct')}%" for n in pids)
-                      + f", machine {cpu['machine_busy_pct']}%", file=sys.stderr)
+                      + f", machine {cpu['machine_busy_pct']}%; "
+                      + " ".join(f"{k}={v}" for k, v in net.items() if v), file=sys.stderr)
     # medians per (target, streams)
     summary = {}
     for name, _ in targets:
         for k in streams:
             rs = [x for x in res["runs"] if x["target"] == name and x["streams"] == k]
             summary[f"{name}/{k}"] = {
-                "MBps": bl.median([x["MBps"] for x in rs if x["complete"]]),
+                # median over the complete runs; a run cut short (connection reset) says little
+                "MBps": bl.median([x["MBps"] for x in rs if x["complete"]] or [x["MBps"] for x in rs]),
+                "runs": len(rs), "incomplete_runs": sum(1 for x in rs if not x["complete"]),
+                "bytes_expected": sum(k * a.bytes for x in rs), "bytes_got": sum(x["bytes"] for x in rs),
                 "complete": all(x["complete"] for x in rs),
                 "server_cpu_pct": bl.median([x["cpu"].get("server_cpu_pct") for x in rs
-                                             if x["cpu"].get("server_cpu_pct") is not None]),
+                                             if x["cpu"].get("server_cpu_pct") is not None
+                                             and (x["complete"] or not any(y["complete"] for y in rs))]),
                 "machine_busy_pct": bl.median([x["cpu"]["machine_busy_pct"] for x in rs]),
                 "counters": rs[-1]["counters"] if rs else {},
+                "net": {key: sum(x["net"].get(key, 0) for x in rs) for key in (rs[0]["net"] if rs else {})},
                 "cpu": rs[-1]["cpu"] if rs else {},
             }
     res["summary"] = summary

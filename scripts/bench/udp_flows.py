@@ -4,7 +4,8 @@ sockets, each its own platform client, so each gets its own server port and its 
 mapping at the camera's router (an emulated camera each, seen from the server). Round 1: each
 flow's first datagram (carried to the camera by a trigger packet, at most --window waiting at
 once, retried after --timeout s up to --tries times). Round 2: one more datagram on every
-mapped flow, which goes directly to the mapping. Bounded by --budget seconds."""
+mapped flow (one retry after --timeout), which goes directly to the mapping. Then --idle seconds with no client traffic (the server's keepalives
+only). Rounds are bounded by --budget seconds."""
 import argparse
 import os
 import resource
@@ -75,6 +76,9 @@ def main():
     ap.add_argument("--timeout", type=float, default=2.0)
     ap.add_argument("--tries", type=int, default=3)
     ap.add_argument("--budget", type=float, default=150)
+    ap.add_argument("--perf-pid", type=int, help="perf record this pid during round 2")
+    ap.add_argument("--perf-data", default="/tmp/beckon-bench-udp.perf")
+    ap.add_argument("--idle", type=float, default=30, help="seconds of keepalive-only load measured after round 2")
     ap.add_argument("--pid", action="append", default=[])
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -92,6 +96,7 @@ def main():
         socks.append(s)
     pids = dict(p.split("=", 1) for p in a.pid)
     c0 = bl.counters(a.beckon)
+    n0 = bl.net_snapshot()
     probe = bl.CpuProbe(pids)
     probe.start()
     t0 = time.monotonic()
@@ -102,12 +107,30 @@ def main():
     print(f"udp round 1: {len(done1)} of {a.flows} flows mapped in {t1 - t0:.1f} s ({len(failed1)} failed)",
           file=sys.stderr)
     probe.start()
-    done2, failed2, lat2 = round_(socks, sorted(done1), a.port, 2, a.window, a.timeout, 1, deadline)
+    perf = bl.perf_start(a.perf_pid, 3, a.perf_data) if a.perf_pid else None
+    done2, failed2, lat2 = round_(socks, sorted(done1), a.port, 2, a.window, a.timeout, 2, deadline)
     t2 = time.monotonic()
     cpu2 = probe.stop()
     c2 = bl.counters(a.beckon)
+    perf_sum = {}
+    if perf is not None:
+        try:
+            perf.wait(timeout=30)
+            perf_sum = bl.perf_summary(a.perf_data)
+        except Exception as e:  # noqa: BLE001
+            perf_sum = {"error": str(e)}
     print(f"udp round 2: {len(done2)} of {len(done1)} mapped flows answered directly in {t2 - t1:.1f} s",
           file=sys.stderr)
+    # keepalive cost: all mappings go silent now; each gets a keepalive keepalive_secs after
+    # its camera last spoke, so this window holds one keepalive round of every mapping
+    ka = lambda: sum(m.get("keepalives_sent", 0) for m in bl.beckon_status(a.beckon)["mappings"])  # noqa: E731
+    ka0 = ka()
+    probe.start()
+    time.sleep(max(0.0, min(a.idle, deadline + 60 - time.monotonic())))
+    cpu_idle = probe.stop()
+    ka1 = ka()
+    print(f"udp idle {cpu_idle['wall_s']:.0f} s with {len(done1)} mappings: {ka1 - ka0} keepalives, "
+          f"server {cpu_idle.get('server_cpu_s')} CPU s", file=sys.stderr)
     pct = lambda xs, q: round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 2) if xs else None  # noqa: E731
     res = {
         "flows": a.flows, "mapped": len(done1), "failed_round1": len(failed1),
@@ -116,7 +139,8 @@ def main():
         "round2_ms_p50": pct(lat2, 0.5), "round2_ms_p99": pct(lat2, 0.99),
         "budget_exceeded": time.monotonic() >= deadline,
         "counters_round1": bl.delta(c0, c1), "counters_round2": bl.delta(c1, c2),
-        "cpu_round1": cpu1, "cpu_round2": cpu2,
+        "cpu_round1": cpu1, "cpu_round2": cpu2, "cpu_idle": cpu_idle, "keepalives_idle": ka1 - ka0,
+        "perf_round2": perf_sum, "net": bl.delta(n0, bl.net_snapshot()),
     }
     bl.write_json(a.out, res)
     for s in socks:

@@ -10,6 +10,7 @@
 #   lab.sh down PREFIX
 #   lab.sh router PREFIX SITE MODE        MODE: plain | invdrop | random | random-invdrop
 #   lab.sh delay PREFIX MS                change the WAN delay of a running lab (0 = no relay)
+#   lab.sh liberal PREFIX SITE 0|1        nf_conntrack_tcp_be_liberal of PREFIX-nat-SITE, at runtime
 #   lab.sh flush PREFIX SITE              conntrack -F in PREFIX-nat-SITE
 #   lab.sh counters PREFIX SITE           forward counters + conntrack -L of PREFIX-nat-SITE
 #   lab.sh status PREFIX                  namespaces and background processes of a lab
@@ -40,7 +41,7 @@ warn() { echo "lab: $*" >&2; }
 die() { echo "lab: error: $*" >&2; exit 1; }
 
 usage() {
-  sed -n '7,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '7,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -632,6 +633,16 @@ main() {
       [ $# -eq 2 ] || usage
       check_prefix "$1"; need_root
       cmd_delay "$1" "$2"
+      ;;
+    liberal)
+      [ $# -eq 3 ] || usage
+      check_prefix "$1"; check_site "$2"; need_root
+      [[ $3 == 0 || $3 == 1 ]] || die "liberal wants 0 or 1, got '$3'"
+      local lns
+      lns=$(router_ns "$1" "$2")
+      nsx "$lns" sysctl -q -w net.netfilter.nf_conntrack_tcp_be_liberal="$3"
+      [ ! -f "$RUN_BASE/$1/lab.env" ] || sed -i "s/^LIBERAL_${2^^}=.*/LIBERAL_${2^^}=$3/" "$RUN_BASE/$1/lab.env"
+      say "liberal $1-nat-$2: nf_conntrack_tcp_be_liberal=$3"
       ;;
     flush)
       [ $# -eq 2 ] || usage

@@ -1,0 +1,452 @@
+#!/usr/bin/python3
+"""Render the beckon benchmark's results (RUN/*.json from scripts/bench.sh) as markdown:
+the method first, then one table of ratios measured side by side, then notes."""
+import glob
+import json
+import os
+import sys
+
+RUN = sys.argv[1]
+
+
+def load(name):
+    try:
+        with open(os.path.join(RUN, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def f1(x, unit=""):
+    return "–" if x is None else f"{x:.1f}{unit}"
+
+
+def f2(x, unit=""):
+    return "–" if x is None else f"{x:.2f}{unit}"
+
+
+def pct(x):
+    return "–" if x is None else f"{100 * x:.3g} %"
+
+
+def met(ok):
+    return "–" if ok is None else ("yes" if ok else "**no**")
+
+
+meta = load("meta.json") or {}
+s0, s20 = load("setup-0.json"), None
+for f in sorted(glob.glob(os.path.join(RUN, "setup-*.json"))):
+    d = load(os.path.basename(f))
+    if d and d.get("delay_ms", 0) > 0:
+        s20 = d
+t1, t8 = load("throughput-1.json"), load("throughput-8.json")
+sd, sa = load("streams-direct.json"), load("streams-assisted.json")
+sl = load("streams-direct-liberal.json")
+tl1, tl8 = load("throughput-liberal-1.json"), load("throughput-liberal-8.json")
+udp = load("udp.json")
+bg = load("background.json") or {}
+lines = []
+out = lines.append
+
+out(f"## beckon benchmark: {meta.get('date', '?')}, {meta.get('cores', '?')} cores "
+    f"({meta.get('cpu', '?')}), kernel {meta.get('kernel', '?')}, {meta.get('git', 'beckon ?')}"
+    + (" (--quick)" if meta.get("quick") else ""))
+out("")
+out("### Method")
+out("")
+out("`scripts/bench.sh` (root) builds beckon (`cargo build --release`; or takes `--binary`), runs a "
+    "private copy of the binary, and builds **one** lab "
+    "(`scripts/lab/lab.sh up bk-bench --dnat-a 8080:80 --dnat-b 8080:80`): a server namespace "
+    "(203.0.113.1, beckon's `public_ip` 203.0.113.100) and two camera sites, each behind its own "
+    "**strict Linux NAT** (nftables masquerade + `ct state invalid drop`, default conntrack "
+    "sysctls, as OpenWrt), a trigger on each LAN. One beckon server serves both sites: "
+    f"site a with direct TCP (its site profile chose `{meta.get('strategy', '?')}`), site b with "
+    "`direct_tcp = false` (assisted path: the trigger relays the bytes). The **reference** for each "
+    "site is what beckon replaces: a static port-forward on the same router (`--dnat-a/-b "
+    "8080:80`: nft `dnat` in chain prerouting of `ip bk_nat`, 203.0.113.2/.3:8080 → camera "
+    "198.18.1.10:80), reached by the same client from the same namespace; packets to the camera "
+    "cross the same NAT, forward chain and conntrack either way. All clients run in the server "
+    "namespace, beckon's exposures listen on 127.0.0.1. Reference and beckon runs alternate "
+    "within each measurement, so slow drift of the host hits both.")
+out("")
+out(f"* **Setup**: `curl -w %{{time_starttransfer}}` (from the start of the client's connection to "
+    f"the first byte of the camera's `GET /`), median of {s0['n'] if s0 else '?'} per target, "
+    "targets interleaved. Run once with no WAN delay and once with "
+    f"{s20['delay_ms'] if s20 else '?'} ms one-way delay between the server and both routers "
+    "(`lab.sh delay`). The host kernel has no `sch_netem`, so the delay is a userspace L2 relay "
+    "(Python) in the WAN switch: fine for latency, but it caps WAN throughput at ≈ 70 MB/s, so "
+    "it is switched off (server port back on the plain bridge) for everything after the setup "
+    "measurement. RTT = median `ping` RTT server → router. Extra round trips = (beckon − "
+    "port-forward) / RTT. The port-forward's first byte costs 2 RTT (TCP handshake + request); "
+    "steered-resync opens the camera connection with 3 sequential WAN round trips through the "
+    "trigger (server log `direct TCP connection up … setup_ms … round_trips=3`), during which "
+    "the camera's TCP handshake completes, then the request needs 1 more RTT (4 RTT). The assisted "
+    "path needs 1 RTT to open the camera connection over the trigger's assist link (the trigger "
+    "connects on its LAN), then the request (2 RTT).")
+out(f"* **Throughput**: `curl /bulk?bytes=N` from the camera's `cam_http.py` (Python, 64 KiB "
+    f"writes), N = {t1['bytes_per_stream'] // 1_000_000 if t1 else '?'} MB (1 stream, median of "
+    f"{len([r for r in t1['runs'] if r['target'] == 'direct']) if t1 else '?'}) and 8 parallel "
+    f"streams of {t8['bytes_per_stream'] // 1_000_000 if t8 else '?'} MB; MB/s = all bytes / wall "
+    "time. The limit is the same transfer kernel-to-kernel through the same NAT via the "
+    "port-forward. No WAN delay (relay out of the path). Every transfer must arrive complete.")
+out("* **Concurrent streams**: a paced camera service (`scripts/bench/paced_cam.py`, one asyncio "
+    "process in each camera namespace) sends every accepted connection 4 Mbit/s (500 kB/s in "
+    "50 kB slices every 100 ms, spread over the tick; like an encoder it drops a slice rather "
+    "than queue more than 1 s). One client process (`scripts/bench/streams.py`) opens N "
+    "connections to one exposure (≤ 32 waiting for their first byte at once), waits 2 s, then "
+    "counts each stream's bytes per second for 10 s. N holds if no connection was lost and every "
+    "stream got ≥ 90 % of 4 Mbit/s in every sliding 5 s window (1 s steps; so a stall of "
+    "≈ 0.5 s fails it, jitter of a few 100 ms does not). N doubles from 50 until it fails or "
+    "the phase's time budget is used, then two bisection steps. Server CPU = utime+stime delta "
+    "of the beckon server process over the measured window (% of one core), RSS = VmRSS at its end.")
+out("* **Trigger share**: bytes the triggers injected (`bytes_injected_by_triggers`, trigger "
+    "packets incl. IP headers, as confirmed by the triggers) per payload byte beckon delivered "
+    "directly (`tcp_bytes_direct`, or UDP `bytes_direct_to/from_cameras`), as counter deltas "
+    "of `beckon status --json` over each phase. On the assisted path the trigger carries every "
+    "byte (`tcp_bytes_assisted`).")
+out("* **UDP mappings**: one client process opens F UDP sockets to one UDP exposure (camera port "
+    "5060, `cam_udp.py`); each is its own flow, so its own server port and its own NAT mapping "
+    "(conntrack entry) at site a's router: F emulated cameras as seen from the server and the "
+    "NAT, though all are answered by one camera and announced by one trigger. Round 1: each "
+    "flow's first datagram goes to the camera inside a trigger packet (≤ 200 outstanding, "
+    "retried after 2 s, 3 tries); round 2: one more datagram per mapped flow (one retry), which goes "
+    "directly to the mapping.")
+b0, b1 = bg.get("busy_before_pct"), bg.get("busy_after_pct")
+dur = (load("duration.json") or {}).get("duration_s")
+host = (f"* **Host**: everything (clients, Python camera services, routers, triggers, beckon) shares "
+        f"the same {meta.get('cores', '?')} cores, so absolute numbers are low and the ratios are what "
+        "counts. CPU % below is of one core (from `/proc/PID/stat`), \"machine\" is the busy share of "
+        "all cores (`/proc/stat`).")
+if b0 is not None:
+    host += (f" Host CPU busy with nothing of the benchmark running: {b0:.0f} % before"
+             + (f", {b1:.0f} % after" if b1 is not None else "") + " the run"
+             + (" — other work was running on the host, so CPU-bound results are pessimistic."
+                if max(b0, b1 or 0) > 15 else "."))
+if dur:
+    host += f" The run took {dur // 60} min {dur % 60} s."
+out(host)
+out("")
+out("### Results")
+out("")
+out("| measure | beckon | port-forward (reference) | beckon vs reference | target | met |")
+out("|---|---|---|---|---|---|")
+
+
+def setup_rows(s):
+    if not s:
+        out("| setup | not measured | | | | |")
+        return
+    m, rtt, d = s["median_ms"], s["rtt_ms"], s["delay_ms"]
+    for path, ref in (("direct", "dnat-a"), ("assisted", "dnat-b")):
+        b, r = m.get(path), m.get(ref)
+        if b is None or r is None:
+            out(f"| setup {path}, {d} ms delay | failed ({s['errors']}) | | | | |")
+            continue
+        extra = (b - r) / rtt if rtt else None
+        label = ("direct (steered-resync)" if path == "direct" else "assisted")
+        detail = ""
+        if path == "direct":
+            detail = (f"; server: setup {f1(s.get('server_setup_ms_median'))} ms, "
+                      f"round_trips {','.join(map(str, s.get('server_round_trips') or [])) or '?'}")
+        if d > 0:
+            diff = f"{b - r:+.1f} ms = **{extra:+.2f} RTT** (RTT {rtt:.1f} ms)"
+            ok = extra <= 1.0
+            target = "≤ +1 RTT"
+        else:
+            diff = f"{b - r:+.2f} ms (RTT {rtt:.2f} ms: processing, not round trips)"
+            ok, target = None, "–"
+        n_ok = s["ok"].get(path, 0)
+        out(f"| setup, {label}, {d} ms one-way delay: time to first byte, median of {n_ok}"
+            f"{detail} | {b:.2f} ms | {r:.2f} ms | {diff} | {target} | {met(ok)} |")
+
+
+setup_rows(s0)
+setup_rows(s20)
+
+
+def tput_rows(t, k, only=("direct", "assisted"), tag=""):
+    if not t:
+        out(f"| throughput, {k} stream(s){tag} | not measured | | | | |")
+        return
+    sm = t.get("summary", {})
+    for path, ref in (("direct", "dnat-a"), ("assisted", "dnat-b")):
+        if path not in only:
+            continue
+        b, r = sm.get(f"{path}/{k}"), sm.get(f"{ref}/{k}")
+        if not b or not r:
+            continue
+        ratio = (b["MBps"] / r["MBps"]) if b["MBps"] and r["MBps"] else None
+        bad, runs = b.get("incomplete_runs", 0), b.get("runs", 1)
+        if b["complete"]:
+            inc = ""
+        elif bad < runs:
+            inc = (f" (**{bad} of {runs} runs cut short** by a reset connection; MB/s is the median of the "
+                   "complete runs)")
+        else:
+            inc = (f" (**transfers cut short** by reset connections in every run: {b.get('bytes_got', 0) / 1e6:.0f} of "
+                   f"{b.get('bytes_expected', 0) / 1e6:.0f} MB arrived)")
+        cpu = b.get("cpu", {})
+        extra = f"; server CPU {f1(b.get('server_cpu_pct'))} %"
+        if path == "assisted":
+            extra += f", trigger CPU {f1(cpu.get('trigger_b_cpu_pct'))} %"
+        out(f"| throughput, {path}{tag}, {k} stream{'s' if k > 1 else ''}{extra}{inc} | "
+            f"{f1(b['MBps'])} MB/s | {f1(r['MBps'])} MB/s | ratio **{f2(ratio)}** | ≥ 0.8 | "
+            f"{met(ratio is not None and ratio >= 0.8 and b['complete'])} |")
+
+
+tput_rows(t1, 1)
+tput_rows(t8, 8)
+
+
+def level_paths(label, n):
+    """(direct, assisted) connections opened at one stream level, from the status snapshots."""
+    try:
+        a = json.load(open(os.path.join(RUN, f"streams-{label}-{n}.c0.json")))["counters"]
+        b = json.load(open(os.path.join(RUN, f"streams-{label}-{n}.c1.json")))["counters"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return (b["tcp_connections_direct"] - a["tcp_connections_direct"],
+            b["tcp_connections_assisted"] - a["tcp_connections_assisted"])
+
+
+def streams_row(s, path, title=None):
+    title = title or path
+    if not s:
+        out(f"| concurrent 4 Mbit/s streams, {title} | not measured | | | | |")
+        return
+    n = s["max_ok"]
+    lvl = load(f"streams-{path}-{n}.json") if n else None
+    bad = load(f"streams-{path}-{s['first_stall']}.json") if s.get("first_stall") else None
+    cpu = (lvl or {}).get("cpu", {})
+    desc = f"largest N with no stall: **{n}**"
+    paths = level_paths(path, n) if n else None
+    if paths and path.startswith("direct"):
+        d_, a_ = paths
+        desc += " (all direct)" if a_ == 0 else f" ({d_} direct, **{a_} fell back to assisted**)"
+    if lvl:
+        desc += (f"; at N={n}: server CPU {f1(cpu.get('server_cpu_pct'))} % of a core, RSS "
+                 f"{f1(cpu.get('server_rss_mb'))} MB")
+        if path == "assisted":
+            tb = cpu.get("trigger_b_cpu_pct")
+            desc += f", trigger CPU {f1(tb)} %, RSS {f1(cpu.get('trigger_b_rss_mb'))} MB"
+        desc += f", {lvl['aggregate_MBps']} MB/s total, machine {f1(cpu.get('machine_busy_pct'))} % busy"
+    if bad:
+        desc += (f"; N={bad['n']} failed: {bad['up']}/{bad['n']} up, {bad['streams_below_keep']} below 90 %, "
+                 f"{bad['lost']} connections lost, worst 5 s window {bad['worst_window_ratio']} of the rate, "
+                 f"server CPU {f1(bad['cpu'].get('server_cpu_pct'))} %")
+    elif s.get("first_stall") is None:
+        desc += " (no level failed within the time budget)"
+    out(f"| concurrent 4 Mbit/s streams, {title}: {desc} | {n} | – (no beckon) | – | ≥ 1,000 | {met(n >= 1000)} |")
+
+
+streams_row(sd, "direct")
+streams_row(sa, "assisted")
+
+
+# trigger share, direct TCP: sum over the direct throughput runs and over the stream levels
+def share_tcp():
+    inj = dl = 0
+    for t in (t1, t8):
+        for r in (t or {}).get("runs", []):
+            if r["target"] == "direct":
+                inj += r["counters"].get("bytes_injected_by_triggers", 0)
+                dl += r["counters"].get("tcp_bytes_direct", 0)
+    bulk = (inj, dl)
+    inj = dl = 0
+    for f in glob.glob(os.path.join(RUN, "streams-direct-*.c0.json")):
+        g = f.replace(".c0.json", ".c1.json")
+        try:
+            a, b = json.load(open(f))["counters"], json.load(open(g))["counters"]
+        except (OSError, ValueError, KeyError):
+            continue
+        inj += b["bytes_injected_by_triggers"] - a["bytes_injected_by_triggers"]
+        dl += b["tcp_bytes_direct"] - a["tcp_bytes_direct"]
+    return bulk, (inj, dl)
+
+
+(bi, bd), (si, sdl) = share_tcp()
+setup_c = (s20 or {}).get("counters", {})
+out(f"| trigger share, direct TCP, short connections (setup runs, one `GET /` each): injected / delivered | "
+    f"{pct(setup_c.get('bytes_injected_by_triggers', 0) / setup_c['tcp_bytes_direct']) if setup_c.get('tcp_bytes_direct') else '–'} "
+    f"({setup_c.get('bytes_injected_by_triggers', '?')} B / {setup_c.get('tcp_bytes_direct', '?')} B) | 0 | – | – | – |")
+out(f"| trigger share, direct TCP, bulk transfers | {pct(bi / bd) if bd else '–'} ({bi} B / {bd} B) | 0 | – | – | – |")
+out(f"| trigger share, direct TCP, concurrent streams (all levels, ~12 s each) | {pct(si / sdl) if sdl else '–'} "
+    f"({si} B / {sdl} B) | 0 | – | – | – |")
+ab = 0
+for t in (t1, t8):
+    for r in (t or {}).get("runs", []):
+        if r["target"] == "assisted":
+            ab += r["counters"].get("tcp_bytes_assisted", 0)
+out(f"| trigger share, assisted TCP | 100 % (the trigger relayed {ab} B in the throughput runs) | 0 | – | – | – |")
+
+if udp:
+    c1, c2 = udp["counters_round1"], udp["counters_round2"]
+    inj = c1.get("bytes_injected_by_triggers", 0) + c2.get("bytes_injected_by_triggers", 0)
+    dl = sum(c.get("bytes_direct_to_cameras", 0) + c.get("bytes_direct_from_cameras", 0) for c in (c1, c2))
+    cpu1 = udp["cpu_round1"]
+    out(f"| UDP mappings: {udp['flows']} flows (emulated cameras) to one exposure: mapped in round 1 "
+        f"(p50 {f1(udp['round1_ms_p50'])} ms, p99 {f1(udp['round1_ms_p99'])} ms per flow), answered directly in round 2 "
+        f"(p50 {f1(udp['round2_ms_p50'])} ms); server RSS {f1(udp['cpu_round2'].get('server_rss_mb'))} MB, "
+        f"CPU {f1(cpu1.get('server_cpu_s'))} s for round 1, {f1(udp['cpu_round2'].get('server_cpu_s'))} s for round 2; "
+        f"keepalives only ({udp.get('keepalives_idle', '?')} in {f1(udp.get('cpu_idle', {}).get('wall_s'))} s): server "
+        f"{f1(udp.get('cpu_idle', {}).get('server_cpu_pct'))} % of a core; "
+        f"{udp.get('nat_a_conntrack_entries', '?')} conntrack entries in site a's router; "
+        f"trigger share {pct(inj / dl) if dl else '–'} ({inj} B / {dl} B) | "
+        f"{udp['mapped']} mapped in {udp['round1_s']} s, {udp['answered_round2']} answered in {udp['round2_s']} s | – | – | "
+        f"{udp['flows']} | {met(udp['mapped'] == udp['flows'] and udp['answered_round2'] == udp['flows'])} |")
+else:
+    out("| UDP mappings | not measured (the client failed or ran out of time; see run/udp.json) | | | | |")
+out("")
+
+# ------------------------------------------------------------------ diagnosis table
+if tl1 or tl8 or sl:
+    out("### Diagnosis: site a's router with conntrack window tracking off")
+    out("")
+    _nd = {}
+    for _t in (t1, t8):
+        for _r in (_t or {}).get("runs", []):
+            if _r["target"] == "direct":
+                for _k, _v in _r.get("net", {}).items():
+                    _nd[_k] = _nd.get(_k, 0) + _v
+    out("Not a result: the direct rows again, with `nf_conntrack_tcp_be_liberal=1` set in site a's "
+        "router (`lab.sh liberal bk-bench a 1`, no TCP window tracking). The difference to the rows "
+        "above is what conntrack's window tracking costs the direct path; in the direct runs above the "
+        f"router dropped {_nd.get('nat_a_invalid_dropped', 0)} packets as INVALID and sent "
+        f"{_nd.get('nat_a_own_rsts', 0)} RSTs of its own. The port-forward runs here are the same as above "
+        "(the sysctl only relaxes checks).")
+    out("")
+    out("| measure | beckon | port-forward (reference) | beckon vs reference | target | met |")
+    out("|---|---|---|---|---|---|")
+    tput_rows(tl1, 1, only=("direct",), tag=" (be_liberal=1)")
+    tput_rows(tl8, 8, only=("direct",), tag=" (be_liberal=1)")
+    streams_row(sl, "direct-liberal", "direct (be_liberal=1)")
+    out("")
+
+# ------------------------------------------------------------------ notes (from the evidence counters)
+notes = []
+
+
+def net_sum(t, target):
+    acc = {}
+    for r in (t or {}).get("runs", []):
+        if r["target"] == target:
+            for k, v in r.get("net", {}).items():
+                acc[k] = acc.get(k, 0) + v
+    return acc
+
+
+nd = {}
+for t in (t1, t8):
+    for k, v in net_sum(t, "direct").items():
+        nd[k] = nd.get(k, 0) + v
+nr = {}
+for t in (t1, t8):
+    for k, v in net_sum(t, "dnat-a").items():
+        nr[k] = nr.get(k, 0) + v
+if nd:
+    notes.append(
+        f"Direct-path throughput runs (strict NAT): site a's router dropped {nd.get('nat_a_invalid_dropped', 0)} "
+        f"packets as conntrack INVALID, its own TCP stack sent {nd.get('nat_a_own_rsts', 0)} RSTs, the camera "
+        f"retransmitted {nd.get('cam_a_retrans_segs', 0)} segments, and the server kernel dropped "
+        f"{nd.get('server_tun_tx_dropped', 0)} packets on beckon's TUN (queue full); the port-forward runs "
+        f"through the same router: {nr.get('nat_a_invalid_dropped', 0)} INVALID, {nr.get('nat_a_own_rsts', 0)} RSTs, "
+        f"{nr.get('cam_a_retrans_segs', 0)} retransmissions.")
+sdl = load(f"streams-direct-{sd['first_stall']}.json") if sd and sd.get("first_stall") else None
+if sdl and sdl.get("net"):
+    n = sdl["net"]
+    notes.append(
+        f"Concurrent direct streams, N={sdl['n']}: {sdl['lost']} connections were lost; site a's router dropped "
+        f"{n.get('nat_a_invalid_dropped', 0)} packets as INVALID and its own TCP stack sent "
+        f"{n.get('nat_a_own_rsts', 0)} RSTs; server TUN drops {n.get('server_tun_tx_dropped', 0)}.")
+if nd.get("nat_a_invalid_dropped", 0) or nd.get("nat_a_own_rsts", 0) or (sdl and sdl.get("net", {}).get("nat_a_own_rsts")):
+    notes.append(
+        "Why (as far as the lab shows): conntrack learns TCP window scaling only from the SYN and SYN-ACK it "
+        "sees. In steered-resync those are trigger-injected/steered packets (in the lab's tcpdump: the "
+        "injected SYNs carry only an MSS option, the steered SYN-ACKs none), while the real endpoints "
+        "negotiate window scaling (the camera's SYN-ACK has `wscale`, smoltcp uses 256 KiB buffers). "
+        "Conntrack then reads the advertised windows unscaled, judges in-flight data beyond them as out of "
+        "window (INVALID, dropped by `ct state invalid drop`: retransmissions, lower throughput), and a server "
+        "ACK it judges INVALID is not de-NATed but delivered to the router's own stack, which answers with "
+        "a RST from the router's public address: the server's smoltcp socket takes it and the connection dies. "
+        "With window tracking off (diagnosis table) the INVALID drops and RSTs disappear.")
+prof = load("profile-direct.json")
+if prof and prof.get("perf", {}).get("dso"):
+    p, n = prof["perf"], prof.get("net", {})
+    kern = p["dso"].get("[kernel.kallsyms]", 0)
+    own = p["dso"].get("beckon", 0)
+    inc = p.get("inclusive", {})
+    rd, wr = n.get("server_tun_to_beckon_packets", 0), n.get("server_tun_from_beckon_packets", 0)
+    mb = prof.get("bytes", 0) / 1e6
+    notes.append(
+        f"Where the direct path's CPU goes (`perf record -g` of the server for 4 s during a direct transfer, "
+        f"{prof.get('MBps')} MB/s, window tracking off): {kern:.0f} % of its samples in the kernel, {own:.0f} % in "
+        f"beckon's own code (smoltcp, rewrite, tokio); inclusive: `write` {inc.get('ksys_write', 0):.0f} % "
+        f"(TUN write path {inc.get('tun_get_user', 0):.0f} %), `sendto` to the client socket "
+        f"{inc.get('__sys_sendto', 0):.0f} %, `read` {inc.get('ksys_read', 0):.0f} %. During the {mb:.0f} MB transfer "
+        f"beckon read {rd} packets from its TUN ({(mb * 1e6 / rd if rd else 0):.0f} B each) and wrote {wr} into it"
+        + (" (an ACK for every data segment)" if rd and wr / rd > 0.8 else
+           f" (one ACK per {rd / wr:.0f} data segments)" if wr else "")
+        + ": a syscall per MTU-sized packet, where the port-forward path moves up to 64 KB GSO/GRO "
+        f"super-packets kernel to kernel (the TUN has no offloads, so the kernel segments them before the "
+        f"TUN). In this lab the packets written into the TUN are forwarded through "
+        f"the veth, bridge, router NAT and into the camera's TCP stack inside that `write` call (softirq in "
+        f"the writer's context), so part of the server's kernel time is the emulated network's.")
+if udp and udp.get("perf_round2", {}).get("top_self"):
+    top = udp["perf_round2"]["top_self"][:5]
+    own = udp["perf_round2"].get("dso", {}).get("beckon", 0)
+    c2 = udp["cpu_round2"]
+    per = (c2.get("server_cpu_s", 0) / (2 * udp["answered_round2"]) * 1e6) if udp.get("answered_round2") else None
+    slower = ("round 2 (direct) took longer than round 1 (through the trigger) and "
+              if udp["round2_s"] > udp["round1_s"] else "round 2 (direct) ")
+    notes.append(
+        f"UDP with {udp['flows']} mappings: {slower}"
+        f"cost the server ≈ {f1(per)} µs CPU per datagram; {own:.0f} % of the server's samples during round 2 were "
+        f"in its own code, top: " + "; ".join(f"{x[1].split('] ', 1)[-1]} {x[0]:.0f} %" for x in top)
+        + ". One smoltcp interface holds a UDP socket per flow, and every packet and poll walks all of them "
+        "(O(flows) per packet); keepalives alone (one per mapping every keepalive_secs = 20 s) kept "
+        f"{f1(udp.get('cpu_idle', {}).get('server_cpu_pct'))} % of a core busy.")
+if udp and udp["counters_round1"].get("indication_errors"):
+    import re
+    limited, rate = 0, None
+    try:
+        for ln in open(os.path.join(RUN, "server.log"), errors="replace"):
+            if "RateLimited" in ln:
+                limited += 1
+                m = re.search(r"more than (\d+) indications/s", ln)
+                rate = rate or (m and m.group(1))
+    except OSError:
+        pass
+    c1 = udp["counters_round1"]
+    notes.append(
+        f"UDP round 1: the server sent {c1.get('indications_sent', 0)} indications for {udp['flows']} new flows; the "
+        f"trigger refused {c1['indication_errors']}"
+        + (f" as over its rate limit (`more than {rate} indications/s`, RateLimited; {limited} such refusals in "
+           f"the whole server log); those flows were mapped when the client retried (after 2 s; the per-flow "
+           f"times in the table count from the last try). New mappings are thus bounded to about {rate} per "
+           f"second and trigger: {udp['flows']} flows need ≥ {int(udp['flows']) // int(rate)} s"
+           if limited and rate else "")
+        + ".")
+if nd.get("server_tun_tx_dropped", 0):
+    notes.append(
+        "TUN drops: the server kernel queues packets for `public_ip` on the TUN `beckon0` (qdisc, 500 "
+        "packets); one task reads them, one `read` syscall per packet, and hands them to the shards. "
+        "When it falls behind, the kernel drops and TCP retransmits.")
+for t, k in ((t1, 1), (t8, 8)):
+    b = (t or {}).get("summary", {}).get(f"direct/{k}")
+    if b:
+        notes.append(
+            f"CPU, direct {k} stream{'s' if k > 1 else ''}: beckon server {f1(b.get('server_cpu_pct'))} % of one core, "
+            f"machine {f1(b.get('machine_busy_pct'))} % busy (2 cores: curl, cam_http.py, both kernels' TCP, beckon).")
+    b = (t or {}).get("summary", {}).get(f"assisted/{k}")
+    if b:
+        notes.append(
+            f"CPU, assisted {k} stream{'s' if k > 1 else ''}: beckon server {f1(b.get('server_cpu_pct'))} %, trigger "
+            f"{f1(b.get('cpu', {}).get('trigger_b_cpu_pct'))} % of one core (TLS + yamux both ends), machine "
+            f"{f1(b.get('machine_busy_pct'))} % busy.")
+if notes:
+    out("### Notes")
+    out("")
+    for n in notes:
+        out(f"* {n}")
+    out("")
+print("\n".join(lines))
