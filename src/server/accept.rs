@@ -64,8 +64,11 @@ pub async fn run(
     }
 }
 
-async fn refuse<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, code: ErrorCode, message: String) {
-    let _ = write_frame(w, &Message::Error { code, message, id: None }).await;
+/// Close a link that never authenticated. It gets no frame at all (nothing that tells a stranger
+/// what it got wrong); the reason is in the server's log. A short pause slows token guessing.
+async fn refuse<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, why: &str) {
+    tracing::debug!("closing an unauthenticated link: {why}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = tokio::io::AsyncWriteExt::shutdown(w).await;
 }
 
@@ -89,12 +92,12 @@ async fn session(
         Ok(Ok(other)) => {
             shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, "control link: expected register, got {}", kind(&other));
-            return refuse(&mut wr, ErrorCode::BadFrame, "the first frame must be register".into()).await;
+            return refuse(&mut wr, "the first frame must be register").await;
         }
         Ok(Err(LinkError::Frame(e))) => {
             shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, "control link: {e}");
-            return refuse(&mut wr, e.code(), e.to_string()).await;
+            return refuse(&mut wr, &e.to_string()).await;
         }
         Ok(Err(e)) => {
             tracing::info!(%peer, "control link closed before register: {e}");
@@ -102,7 +105,7 @@ async fn session(
         }
         Err(_) => {
             tracing::info!(%peer, "control link: no register within {HANDSHAKE_TIMEOUT:?}");
-            return refuse(&mut wr, ErrorCode::BadFrame, "register timed out".into()).await;
+            return refuse(&mut wr, "register timed out").await;
         }
     };
     let authorised =
@@ -110,7 +113,7 @@ async fn session(
     if !authorised {
         shared.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%peer, site = %site, "trigger refused: unknown site or wrong token");
-        return refuse(&mut wr, ErrorCode::Unauthorized, "unknown site or wrong token".into()).await;
+        return refuse(&mut wr, "unknown site or wrong token").await;
     }
     if assist {
         return assist_link(shared, site, reader, wr, peer, shutdown).await;

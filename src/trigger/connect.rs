@@ -131,6 +131,11 @@ async fn session(
             return lost(false, format!("server refused registration: {message}"));
         }
         Ok(Ok(other)) => return lost(false, format!("unexpected first frame {other:?}")),
+        Ok(Err(LinkError::Closed)) => {
+            // The server closes an unauthenticated link without a word.
+            tracing::error!(site = %cfg.site, "server refused this trigger (it closed the link after register): check `site` and `token` against the server's [[site]], and that `server` is a beckon server");
+            return lost(false, "server closed the link after register".into());
+        }
         Ok(Err(e)) => return lost(false, format!("waiting for registration: {e}")),
         Err(_) => return lost(false, "no answer to register".into()),
     }
