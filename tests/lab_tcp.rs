@@ -304,3 +304,35 @@ fn lossy_wan_twenty_connections_per_site_all_succeed() {
     assert_eq!(direct + assisted, 40, "{c:#}");
     assert_eq!(c["tcp_connections_failed"], 0);
 }
+
+/// A NAT with a short TCP timeout (established entries expire after 8 s idle): an idle direct
+/// RTSP connection survives 25 s of silence because the server's TCP keepalives (every
+/// keepalive_secs = 5 s, answered by the camera's own stack) refresh the NAT's entry.
+#[test]
+fn idle_direct_tcp_survives_a_short_nat_tcp_timeout() {
+    let mut lab = Lab::up("bk-t5", &["--rtsp"]);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("nat-a"), "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_timeout_established=8"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    start(&mut lab, true);
+    let answers = lab.in_ns("srv", || {
+        let mut s = TcpStream::connect(("127.0.0.1", 18080)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut ask = |cseq: u32| {
+            write!(s, "OPTIONS rtsp://127.0.0.1:18080/stream RTSP/1.0\r\nCSeq: {cseq}\r\n\r\n").unwrap();
+            let mut buf = [0u8; 2048];
+            let n = s.read(&mut buf).unwrap_or(0);
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        };
+        let first = ask(1);
+        std::thread::sleep(Duration::from_secs(25));
+        let second = ask(2);
+        (first, second)
+    });
+    assert!(answers.0.starts_with("RTSP/1.0 200 OK") && answers.0.contains("CSeq: 1"), "{}", answers.0);
+    assert!(answers.1.starts_with("RTSP/1.0 200 OK") && answers.1.contains("CSeq: 2"), "after 25 s idle: {:?}", answers.1);
+    let st = lab.status();
+    assert_eq!(st["counters"]["tcp_connections_direct"], 1, "one connection, direct, kept alive: {:#}", st["counters"]);
+}
