@@ -109,14 +109,6 @@ impl TcpRoutes {
             None => false,
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.map.lock().unwrap().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Live facts about one platform-client connection, shown in `beckon status`.

@@ -19,9 +19,6 @@ use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Bytes this trigger relayed for the assisted path (both directions).
-pub static RELAYED: AtomicU64 = AtomicU64::new(0);
-
 pub async fn run(
     cfg: Arc<TriggerConfig>,
     probe: Option<Probe>,
@@ -158,6 +155,5 @@ async fn serve_stream(cfg: Arc<TriggerConfig>, probe: Option<Probe>, stream: yam
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     crate::splice::relay(camera, s, leftover, &up, &down).await;
     let (u, d) = (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed));
-    RELAYED.fetch_add(u + d, Ordering::Relaxed);
     tracing::info!(camera = %format!("{camera_ip}:{port}"), to_camera = d, from_camera = u, "assisted connection closed");
 }
