@@ -1,6 +1,7 @@
 //! The server (public side): first connection module (`accept`), resource-record module
-//! (`record`), indication module (`indicate`), second connection module (`stack`: TUN +
-//! smoltcp, with the `udp_mapping` table), keepalive module (`keepalive`), plus the platform-facing
+//! (`record`), indication module (`indicate`), second connection module (`stack`: TUN reader,
+//! UDP flows with the `udp_mapping` table; `tcp_conn`: one smoltcp shard per direct TCP connection,
+//! fed through `port_routes`), keepalive module (`keepalive`), plus the platform-facing
 //! exposures (`expose`) and the admin endpoint (`admin`).
 
 pub mod accept;
@@ -9,7 +10,9 @@ pub mod assist;
 pub mod expose;
 pub mod indicate;
 pub mod keepalive;
+pub mod port_routes;
 pub mod profile;
+pub mod queue_device;
 pub mod record;
 pub mod stack;
 pub mod tcp_conn;
@@ -66,7 +69,7 @@ pub struct Shared {
     pub next_id: AtomicU64,
     /// The server's TUN, shared by the UDP stack and the TCP shards (set once at start).
     pub tun: std::sync::OnceLock<Arc<tun_rs::AsyncDevice>>,
-    pub tcp_routes: Arc<tcp_conn::TcpRoutes>,
+    pub port_routes: Arc<port_routes::PortRoutes>,
     pub assist: Mutex<HashMap<String, assist::AssistHandle>>,
     pub profiles: Mutex<HashMap<String, crate::status::ProfileStatus>>,
     pub conns: Mutex<HashMap<u64, Arc<tcp_conn::ConnRecord>>>,
@@ -87,7 +90,7 @@ impl Shared {
             started: Instant::now(),
             next_id: AtomicU64::new(1),
             tun: std::sync::OnceLock::new(),
-            tcp_routes: Arc::new(tcp_conn::TcpRoutes::default()),
+            port_routes: Arc::new(port_routes::PortRoutes::default()),
             assist: Mutex::new(HashMap::new()),
             profiles: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),

@@ -90,7 +90,7 @@ async fn udp_mapping_from(
 /// UDP behaviour of the site's NAT: port preservation, mapping and filtering (RFC 4787 terms).
 async fn udp_profile(shared: &Arc<Shared>, site: &str, responder: SocketAddrV4) -> UdpProfile {
     let unknown = |why: &str| UdpProfile { mapping: why.into(), filtering: why.into(), ..Default::default() };
-    let r = &shared.tcp_routes;
+    let r = &shared.port_routes;
     let (Some((c1, mut rx1)), Some((c2, mut rx2)), Some((c3, mut rx3))) = (r.claim_udp(), r.claim_udp(), r.claim_udp()) else {
         return unknown("unknown (no free probe port)");
     };

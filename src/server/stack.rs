@@ -1,75 +1,35 @@
-//! Second connection module: the camera-facing `public_ip`, served by beckon's own TUN +
-//! smoltcp stack (never by host-kernel sockets: a kernel would answer unexpected packets with
-//! RST or ICMP and kill mappings). This file is the thin async shell: it moves packets between
-//! the TUN and smoltcp, and carries out the [`UdpMappings`] state machine's actions.
+//! Second connection module: the camera-facing `public_ip`, served by beckon's own TUN and
+//! userspace stack (never by host-kernel sockets: a kernel would answer unexpected packets with
+//! RST or ICMP and kill mappings). This file is the thin async shell: one task reads the TUN,
+//! hands TCP packets to their connection's shard (each with its own smoltcp interface, see
+//! `tcp_conn`), serves the UDP flows itself and carries out the [`UdpMappings`] state machine's
+//! actions.
+//!
+//! UDP needs no stack: a flow is a server port, so a datagram is parsed and built with
+//! smoltcp's wire types and found in a hash map, O(1) per datagram whatever the number of
+//! flows (one smoltcp UDP socket per flow made every packet walk all of them).
 
 use super::expose::{Exposure, StackEvent};
 use super::keepalive::KeepaliveKind;
 use super::udp_mapping::{Action, FlowState, TableCounters, Target, UdpMappings};
 use super::Shared;
 use crate::status::MappingStatus;
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{Device, DeviceCapabilities, Medium};
-use smoltcp::socket::udp;
-use smoltcp::wire::{HardwareAddress, Icmpv4Message, Icmpv4Packet, IpAddress, IpCidr, IpEndpoint, IpProtocol, Ipv4Packet, UdpPacket};
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddrV4;
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{Icmpv4Message, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr};
+use std::collections::{HashSet, VecDeque};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
-/// Packets queued between TUN and smoltcp in either direction.
-const DEVICE_QUEUE: usize = 4096;
-const MTU: usize = 1500;
+/// Packets waiting to be written to the TUN. The queue is drained after every event, and one
+/// event (a keepalive tick) emits at most one packet per flow, so this bound drops nothing in
+/// normal operation.
+const TX_QUEUE: usize = 2 * MAX_FLOWS;
 /// Flows without a client datagram for this long are freed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 const MAX_FLOWS: usize = 10_000;
-/// Per-flow smoltcp UDP buffers: a burst of datagrams, not a stream.
-const UDP_SLOTS: usize = 32;
-const UDP_BYTES: usize = 32 * 1024;
-
-/// A `phy::Device` over two packet queues; the async loop fills/drains them against the TUN.
-#[derive(Default)]
-pub struct QueueDevice {
-    pub rx: VecDeque<Vec<u8>>,
-    pub tx: VecDeque<Vec<u8>>,
-}
-
-pub struct RxTok(Vec<u8>);
-pub struct TxTok<'a>(&'a mut VecDeque<Vec<u8>>);
-
-impl smoltcp::phy::RxToken for RxTok {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
-
-impl smoltcp::phy::TxToken for TxTok<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buf = vec![0u8; len];
-        let r = f(&mut buf);
-        self.0.push_back(buf);
-        r
-    }
-}
-
-impl Device for QueueDevice {
-    type RxToken<'a> = RxTok;
-    type TxToken<'a> = TxTok<'a>;
-    fn receive(&mut self, _t: smoltcp::time::Instant) -> Option<(RxTok, TxTok<'_>)> {
-        let p = self.rx.pop_front()?;
-        Some((RxTok(p), TxTok(&mut self.tx)))
-    }
-    fn transmit(&mut self, _t: smoltcp::time::Instant) -> Option<TxTok<'_>> {
-        (self.tx.len() < DEVICE_QUEUE).then(|| TxTok(&mut self.tx))
-    }
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut c = DeviceCapabilities::default();
-        c.medium = Medium::Ip;
-        c.max_transmission_unit = MTU;
-        c
-    }
-}
+const TTL: u8 = 64;
 
 /// What the admin endpoint gets from the stack.
 pub struct StackSnapshot {
@@ -83,13 +43,12 @@ pub struct StackSnapshot {
 pub struct Stack {
     shared: Arc<Shared>,
     tun: Arc<tun_rs::AsyncDevice>,
+    public_ip: Ipv4Addr,
     exposes: Vec<Exposure>,
-    device: QueueDevice,
-    iface: Interface,
-    sockets: SocketSet<'static>,
-    ports: HashMap<u16, SocketHandle>,
+    /// Server ports of the live UDP flows.
+    ports: HashSet<u16>,
     table: UdpMappings,
-    epoch: Instant,
+    tx: VecDeque<Vec<u8>>,
     bytes_to_cameras: u64,
     bytes_from_cameras: u64,
     client_queue_drops: u64,
@@ -97,37 +56,19 @@ pub struct Stack {
 
 impl Stack {
     pub fn new(shared: Arc<Shared>, tun: Arc<tun_rs::AsyncDevice>, exposes: Vec<Exposure>) -> Self {
-        let mut device = QueueDevice::default();
-        let mut config = Config::new(HardwareAddress::Ip);
-        // smoltcp's default seed is 0: every ISN and port would be predictable.
-        config.random_seed = rand::random();
-        let epoch = Instant::now();
-        let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::from_millis(0));
-        let public = shared.cfg.public_ip;
-        iface.update_ip_addrs(|a| {
-            a.push(IpCidr::new(IpAddress::Ipv4(public.into()), 32)).expect("one address fits");
-        });
-        // Everything leaves through the TUN; the host kernel routes it on.
-        iface.routes_mut().add_default_ipv4_route(public.into()).expect("one route fits");
         let table = UdpMappings::new(shared.cfg.keepalive(), IDLE_TIMEOUT, MAX_FLOWS, rand::random());
         Stack {
+            public_ip: shared.cfg.public_ip,
             shared,
             tun,
             exposes,
-            device,
-            iface,
-            sockets: SocketSet::new(Vec::new()),
-            ports: HashMap::new(),
+            ports: HashSet::new(),
             table,
-            epoch,
+            tx: VecDeque::new(),
             bytes_to_cameras: 0,
             bytes_from_cameras: 0,
             client_queue_drops: 0,
         }
-    }
-
-    fn smol_now(&self) -> smoltcp::time::Instant {
-        smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
     }
 
     pub async fn run(mut self, mut events: mpsc::Receiver<StackEvent>, mut shutdown: watch::Receiver<bool>) {
@@ -137,8 +78,7 @@ impl Stack {
         loop {
             tokio::select! {
                 r = self.tun.recv(&mut buf) => match r {
-                    // Packets for TCP shards or probes are handed off: nothing for the UDP stack to do.
-                    Ok(n) => if !self.ingress(&buf[..n]) { continue },
+                    Ok(n) => self.ingress(&buf[..n]),
                     Err(e) => { tracing::error!("TUN read failed: {e}; stack stops"); return; }
                 },
                 ev = events.recv() => match ev {
@@ -151,38 +91,65 @@ impl Stack {
                 }
                 _ = shutdown.changed() => return,
             }
-            self.pump().await;
+            while let Some(p) = self.tx.pop_front() {
+                if let Err(e) = self.tun.send(&p).await {
+                    tracing::debug!("TUN write: {e}");
+                }
+            }
         }
     }
 
-    /// A packet from the TUN: watch for ICMP errors about our mappings, then hand it to smoltcp.
-    /// Returns false when the packet was handed to a TCP shard or a probe (or dropped), true when
-    /// the UDP stack got it.
-    fn ingress(&mut self, pkt: &[u8]) -> bool {
+    /// A packet from the TUN: TCP to its shard, UDP to its flow or probe, ICMP errors about our
+    /// mappings to the table, echo requests answered; everything else is dropped silently (no
+    /// RST, no port unreachable: silence never kills a NAT mapping).
+    fn ingress(&mut self, pkt: &[u8]) {
         let Ok(ip) = Ipv4Packet::new_checked(pkt) else {
-            return false; // IPv6 or garbage
+            return; // IPv6 or garbage
         };
-        let dst = crate::wire::rewrite::endpoint(pkt, crate::wire::rewrite::End::Dst);
-        match (ip.next_header(), dst) {
-            // Camera-facing TCP belongs to the connection shard that owns the server port.
-            (IpProtocol::Tcp, Ok(dst)) if self.shared.tcp_routes.dispatch(dst.port(), pkt) => return false,
-            (IpProtocol::Udp, Ok(dst))
-                if crate::server::tcp_conn::UDP_PROBE_PORTS.contains(&dst.port())
-                    && self.shared.tcp_routes.dispatch_udp(dst.port(), pkt) =>
-            {
-                return false
+        if Ipv4Addr::from(ip.dst_addr()) != self.public_ip || !ip.verify_checksum() {
+            return;
+        }
+        if ip.more_frags() || ip.frag_offset() != 0 {
+            return; // no reassembly: cameras' answers and TCP segments fit the MTU
+        }
+        match ip.next_header() {
+            IpProtocol::Tcp => {
+                if let Ok(dst) = crate::wire::rewrite::endpoint(pkt, crate::wire::rewrite::End::Dst) {
+                    self.shared.port_routes.dispatch_tcp(dst.port(), pkt);
+                }
             }
-            (IpProtocol::Icmp, _) => {
-                if let Some((port, to)) = unreachable_for(&ip, self.shared.cfg.public_ip) {
+            IpProtocol::Udp => {
+                let Ok(udp) = UdpPacket::new_checked(ip.payload()) else { return };
+                let port = udp.dst_port();
+                if self.shared.port_routes.dispatch_udp(port, pkt) || !self.ports.contains(&port) {
+                    return;
+                }
+                if !udp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()) {
+                    return;
+                }
+                let from = SocketAddrV4::new(ip.src_addr(), udp.src_port());
+                let payload = udp.payload().to_vec();
+                self.bytes_from_cameras += payload.len() as u64;
+                let acts = self.table.camera_datagram(Instant::now(), port, from, payload);
+                self.apply(acts);
+            }
+            IpProtocol::Icmp => {
+                if let Some((port, to)) = unreachable_for(&ip, self.public_ip) {
                     self.table.unreachable(Instant::now(), port, to);
+                } else if let Some(reply) = echo_reply(&ip) {
+                    self.queue(reply);
                 }
             }
             _ => {}
         }
-        if self.device.rx.len() < DEVICE_QUEUE {
-            self.device.rx.push_back(pkt.to_vec());
+    }
+
+    fn queue(&mut self, pkt: Vec<u8>) {
+        if self.tx.len() < TX_QUEUE {
+            self.tx.push_back(pkt);
+        } else {
+            tracing::debug!("TUN transmit queue full; packet dropped");
         }
-        true
     }
 
     fn event(&mut self, ev: StackEvent) {
@@ -226,28 +193,21 @@ impl Stack {
         for a in actions {
             match a {
                 Action::OpenPort(port) => {
-                    let rx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; UDP_SLOTS], vec![0; UDP_BYTES]);
-                    let tx = udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; UDP_SLOTS], vec![0; UDP_BYTES]);
-                    let mut s = udp::Socket::new(rx, tx);
-                    if let Err(e) = s.bind(IpEndpoint::new(IpAddress::Ipv4(self.shared.cfg.public_ip.into()), port)) {
-                        tracing::error!(port, "binding server port: {e}");
-                        continue;
-                    }
-                    self.ports.insert(port, self.sockets.add(s));
+                    self.ports.insert(port);
                 }
                 Action::ClosePort(port) => {
-                    if let Some(h) = self.ports.remove(&port) {
-                        self.sockets.remove(h);
-                    }
+                    self.ports.remove(&port);
                 }
                 Action::ToCamera { server_port, to, payload } => {
-                    let Some(h) = self.ports.get(&server_port) else {
+                    if !self.ports.contains(&server_port) {
                         continue;
-                    };
-                    let ep = IpEndpoint::new(IpAddress::Ipv4((*to.ip()).into()), to.port());
-                    match self.sockets.get_mut::<udp::Socket>(*h).send_slice(&payload, ep) {
-                        Ok(()) => self.bytes_to_cameras += payload.len() as u64,
-                        Err(e) => tracing::debug!(server_port, "send to camera: {e}"),
+                    }
+                    match udp_datagram(SocketAddrV4::new(self.public_ip, server_port), to, &payload) {
+                        Some(p) => {
+                            self.bytes_to_cameras += payload.len() as u64;
+                            self.queue(p);
+                        }
+                        None => tracing::debug!(server_port, len = payload.len(), "datagram too large for IPv4; dropped"),
                     }
                 }
                 Action::ToClient { expose, client, payload } => {
@@ -263,37 +223,6 @@ impl Stack {
                         tracing::warn!("cannot reach {site}/{camera_ip}:{camera_port}: {e}");
                     }
                 }
-            }
-        }
-    }
-
-    /// Run smoltcp, deliver what its sockets received, and write its output to the TUN.
-    async fn pump(&mut self) {
-        for _ in 0..4 {
-            let now = self.smol_now();
-            self.iface.poll(now, &mut self.device, &mut self.sockets);
-            let mut received = Vec::new();
-            for (&port, &h) in &self.ports {
-                let s = self.sockets.get_mut::<udp::Socket>(h);
-                while let Ok((data, meta)) = s.recv() {
-                    let IpAddress::Ipv4(ip) = meta.endpoint.addr;
-                    received.push((port, SocketAddrV4::new(ip, meta.endpoint.port), data.to_vec()));
-                }
-            }
-            if received.is_empty() && self.device.rx.is_empty() {
-                break;
-            }
-            for (port, from, data) in received {
-                self.bytes_from_cameras += data.len() as u64;
-                let acts = self.table.camera_datagram(Instant::now(), port, from, data);
-                self.apply(acts);
-            }
-        }
-        let now = self.smol_now();
-        self.iface.poll(now, &mut self.device, &mut self.sockets);
-        while let Some(p) = self.device.tx.pop_front() {
-            if let Err(e) = self.tun.send(&p).await {
-                tracing::debug!("TUN write: {e}");
             }
         }
     }
@@ -361,4 +290,99 @@ pub fn unreachable_for(ip: &Ipv4Packet<&[u8]>, public_ip: std::net::Ipv4Addr) ->
     let quoted = icmp.data().get(hl..hl + 8)?;
     let udp = UdpPacket::new_unchecked(quoted);
     Some((udp.src_port(), SocketAddrV4::new(inner.dst_addr().into(), udp.dst_port())))
+}
+
+/// An IPv4/UDP packet from `from` to `to` carrying `payload`, checksums filled; `None` if it
+/// does not fit an IPv4 packet. DF stays clear: the kernel fragments what exceeds a link's MTU,
+/// as it would for a host's own socket.
+pub fn udp_datagram(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> Option<Vec<u8>> {
+    let udp = UdpRepr { src_port: from.port(), dst_port: to.port() };
+    let udp_len = udp.header_len() + payload.len();
+    let ip = Ipv4Repr { src_addr: *from.ip(), dst_addr: *to.ip(), next_header: IpProtocol::Udp, payload_len: udp_len, hop_limit: TTL };
+    let total = ip.buffer_len() + udp_len;
+    if total > u16::MAX as usize {
+        return None;
+    }
+    let mut buf = vec![0u8; total];
+    let caps = ChecksumCapabilities::default();
+    let mut pkt = Ipv4Packet::new_unchecked(&mut buf[..]);
+    ip.emit(&mut pkt, &caps);
+    pkt.set_dont_frag(false);
+    pkt.fill_checksum();
+    let (src, dst): (Ipv4Address, Ipv4Address) = (*from.ip(), *to.ip());
+    let mut u = UdpPacket::new_unchecked(pkt.payload_mut());
+    udp.emit(&mut u, &src.into(), &dst.into(), payload.len(), |b| b.copy_from_slice(payload), &caps);
+    Some(buf)
+}
+
+/// The answer to an ICMP echo request (operators ping `public_ip` to see the stack is up).
+fn echo_reply(ip: &Ipv4Packet<&[u8]>) -> Option<Vec<u8>> {
+    let caps = ChecksumCapabilities::default();
+    let icmp = Icmpv4Packet::new_checked(ip.payload()).ok()?;
+    let Icmpv4Repr::EchoRequest { ident, seq_no, data } = Icmpv4Repr::parse(&icmp, &caps).ok()? else {
+        return None;
+    };
+    let reply = Icmpv4Repr::EchoReply { ident, seq_no, data };
+    let ipr = Ipv4Repr {
+        src_addr: ip.dst_addr(),
+        dst_addr: ip.src_addr(),
+        next_header: IpProtocol::Icmp,
+        payload_len: reply.buffer_len(),
+        hop_limit: TTL,
+    };
+    let mut buf = vec![0u8; ipr.buffer_len() + reply.buffer_len()];
+    let mut pkt = Ipv4Packet::new_unchecked(&mut buf[..]);
+    ipr.emit(&mut pkt, &caps);
+    reply.emit(&mut Icmpv4Packet::new_unchecked(pkt.payload_mut()), &caps);
+    Some(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn udp_datagram_parses_back_with_valid_checksums() {
+        let (from, to) = (ep("203.0.113.100:40000"), ep("203.0.113.2:5060"));
+        let p = udp_datagram(from, to, b"OPTIONS").unwrap();
+        let ip = Ipv4Packet::new_checked(&p[..]).unwrap();
+        assert!(ip.verify_checksum());
+        assert!(!ip.dont_frag());
+        assert_eq!((Ipv4Addr::from(ip.src_addr()), Ipv4Addr::from(ip.dst_addr())), (*from.ip(), *to.ip()));
+        let u = UdpPacket::new_checked(ip.payload()).unwrap();
+        assert!(u.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()));
+        assert_eq!((u.src_port(), u.dst_port(), u.payload()), (40000, 5060, &b"OPTIONS"[..]));
+        // An empty payload is the generic keepalive.
+        assert_eq!(udp_datagram(from, to, b"").unwrap().len(), 28);
+        assert!(udp_datagram(from, to, &vec![0; 65_508]).is_none());
+        assert_eq!(udp_datagram(from, to, &vec![0; 65_507]).unwrap().len(), 65_535);
+    }
+
+    #[test]
+    fn echo_request_gets_a_reply_and_nothing_else_does() {
+        let caps = ChecksumCapabilities::default();
+        let req = Icmpv4Repr::EchoRequest { ident: 7, seq_no: 3, data: b"hello" };
+        let ipr = Ipv4Repr {
+            src_addr: Ipv4Addr::new(203, 0, 113, 1),
+            dst_addr: Ipv4Addr::new(203, 0, 113, 100),
+            next_header: IpProtocol::Icmp,
+            payload_len: req.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut buf = vec![0u8; ipr.buffer_len() + req.buffer_len()];
+        let mut pkt = Ipv4Packet::new_unchecked(&mut buf[..]);
+        ipr.emit(&mut pkt, &caps);
+        req.emit(&mut Icmpv4Packet::new_unchecked(pkt.payload_mut()), &caps);
+        let reply = echo_reply(&Ipv4Packet::new_checked(&buf[..]).unwrap()).unwrap();
+        let ip = Ipv4Packet::new_checked(&reply[..]).unwrap();
+        assert_eq!(Ipv4Addr::from(ip.dst_addr()), Ipv4Addr::new(203, 0, 113, 1));
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!(Icmpv4Repr::parse(&icmp, &caps).unwrap(), Icmpv4Repr::EchoReply { ident: 7, seq_no: 3, data: b"hello" });
+        // A reply is not answered (no ping-pong between two stacks).
+        assert!(echo_reply(&ip).is_none());
+    }
 }

@@ -1,17 +1,16 @@
 //! One direct TCP connection to a camera: its own smoltcp Interface + socket (a *shard*: one
 //! Interface per connection, because smoltcp scans every socket per packet and collapses with
 //! thousands on one Interface), a traversal [`Attempt`], and the splice to the platform client.
-//! Packets reach a shard from the TUN reader through [`TcpRoutes`], keyed by the server port.
+//! Packets reach a shard from the TUN reader through [`PortRoutes`](super::port_routes::PortRoutes),
+//! keyed by the server port.
 
 use super::tcp_strategy::{Attempt, Out, State, Strategy};
 use super::Shared;
 use crate::catalog::Proto;
 use crate::wire::control::Direction;
-use rand::Rng;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
-use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,97 +18,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::stack::QueueDevice;
-
-/// Packets queued from the TUN reader to one shard.
-const SHARD_QUEUE: usize = 1024;
-/// Server ports for TCP attempts (TCP and UDP port spaces are separate).
-const PORTS: std::ops::RangeInclusive<u16> = 20000..=60999;
-
-/// TUN reader → shard dispatch by server port (TCP), and UDP ports claimed by the site
-/// profile's probes (UDP flows are served by the stack's own smoltcp sockets).
-#[derive(Default)]
-pub struct TcpRoutes {
-    map: Mutex<HashMap<u16, mpsc::Sender<Vec<u8>>>>,
-    udp: Mutex<HashMap<u16, mpsc::Sender<Vec<u8>>>>,
-}
-
-/// UDP ports for profile probes: outside the UDP flows' range, so they never collide.
-pub const UDP_PROBE_PORTS: std::ops::RangeInclusive<u16> = 61000..=61999;
-
-pub struct UdpClaim {
-    routes: Arc<TcpRoutes>,
-    pub port: u16,
-}
-
-impl Drop for UdpClaim {
-    fn drop(&mut self) {
-        self.routes.udp.lock().unwrap().remove(&self.port);
-    }
-}
-
-pub struct RouteGuard {
-    routes: Arc<TcpRoutes>,
-    pub port: u16,
-}
-
-impl Drop for RouteGuard {
-    fn drop(&mut self) {
-        self.routes.map.lock().unwrap().remove(&self.port);
-    }
-}
-
-impl TcpRoutes {
-    /// A fresh, unpredictable server port and the queue its packets arrive on.
-    pub fn claim(self: &Arc<Self>) -> Option<(RouteGuard, mpsc::Receiver<Vec<u8>>)> {
-        let mut map = self.map.lock().unwrap();
-        let mut rng = rand::rng();
-        for _ in 0..64 {
-            let port = rng.random_range(PORTS);
-            if let std::collections::hash_map::Entry::Vacant(e) = map.entry(port) {
-                let (tx, rx) = mpsc::channel(SHARD_QUEUE);
-                e.insert(tx);
-                return Some((RouteGuard { routes: self.clone(), port }, rx));
-            }
-        }
-        None
-    }
-
-    pub fn claim_udp(self: &Arc<Self>) -> Option<(UdpClaim, mpsc::Receiver<Vec<u8>>)> {
-        let mut map = self.udp.lock().unwrap();
-        let mut rng = rand::rng();
-        for _ in 0..64 {
-            let port = rng.random_range(UDP_PROBE_PORTS);
-            if let std::collections::hash_map::Entry::Vacant(e) = map.entry(port) {
-                let (tx, rx) = mpsc::channel(64);
-                e.insert(tx);
-                return Some((UdpClaim { routes: self.clone(), port }, rx));
-            }
-        }
-        None
-    }
-
-    pub fn dispatch_udp(&self, port: u16, pkt: &[u8]) -> bool {
-        match self.udp.lock().unwrap().get(&port) {
-            Some(tx) => {
-                let _ = tx.try_send(pkt.to_vec());
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Hand a packet to the shard owning `port`; false if none does.
-    pub fn dispatch(&self, port: u16, pkt: &[u8]) -> bool {
-        match self.map.lock().unwrap().get(&port) {
-            Some(tx) => {
-                let _ = tx.try_send(pkt.to_vec()); // full: drop, TCP retransmits
-                true
-            }
-            None => false,
-        }
-    }
-}
+use super::port_routes::RouteGuard;
+use super::queue_device::QueueDevice;
 
 /// Live facts about one platform-client connection, shown in `beckon status`.
 pub struct ConnRecord {
@@ -203,7 +113,7 @@ impl Shard {
     /// Run the attempt until the connection is established (Ok) or the attempt failed (Err,
     /// with the reason). A failed shard is dropped: its port is released, nothing lingers.
     pub async fn connect(shared: Arc<Shared>, p: DirectParams, record: Arc<ConnRecord>) -> Result<Shard, String> {
-        let (route, rx) = shared.tcp_routes.claim().ok_or("no free server port")?;
+        let (route, rx) = shared.port_routes.claim_tcp().ok_or("no free server port")?;
         let public = shared.cfg.public_ip;
         let mut device = QueueDevice::default();
         let mut config = Config::new(HardwareAddress::Ip);
