@@ -69,14 +69,23 @@ impl Drop for SysctlGuard {
     }
 }
 
-/// Build the TUN device (no address: nothing on the host should use it as a source).
+/// A TUN builder with beckon's settings (no address: nothing on the host should use it as a
+/// source).
+pub fn tun_builder(name: &str) -> tun_rs::DeviceBuilder {
+    tun_rs::DeviceBuilder::new().name(name).mtu(1500)
+}
+
+/// Build the TUN device.
 pub fn create_tun(name: &str) -> Result<tun_rs::AsyncDevice> {
-    let dev = tun_rs::DeviceBuilder::new()
-        .name(name)
-        .mtu(1500)
+    let dev = tun_builder(name)
         .build_async()
         .with_context(|| format!("creating TUN device {name:?} (needs /dev/net/tun and CAP_NET_ADMIN; is the name in use?)"))?;
+    tun_created(name);
+    Ok(dev)
+}
+
+/// Settings for a freshly created TUN.
+pub fn tun_created(name: &str) {
     // The kernel would give the TUN an IPv6 link-local address and send router solicitations.
     let _ = sysctl_set(&format!("net.ipv6.conf.{name}.disable_ipv6"), "1");
-    Ok(dev)
 }

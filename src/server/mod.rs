@@ -18,6 +18,7 @@ pub mod stack;
 pub mod tcp_conn;
 pub mod tcp_expose;
 pub mod tcp_strategy;
+pub mod tun;
 pub mod udp_mapping;
 
 use crate::config::ServerConfig;
@@ -68,7 +69,7 @@ pub struct Shared {
     pub started: Instant,
     pub next_id: AtomicU64,
     /// The server's TUN, shared by the UDP stack and the TCP shards (set once at start).
-    pub tun: std::sync::OnceLock<Arc<tun_rs::AsyncDevice>>,
+    pub tun: std::sync::OnceLock<Arc<tun::ServerTun>>,
     pub port_routes: Arc<port_routes::PortRoutes>,
     pub assist: Mutex<HashMap<String, assist::AssistHandle>>,
     pub profiles: Mutex<HashMap<String, crate::status::ProfileStatus>>,
@@ -111,7 +112,7 @@ impl Shared {
         }
     }
 
-    pub fn tun(&self) -> &tun_rs::AsyncDevice {
+    pub fn tun(&self) -> &tun::ServerTun {
         self.tun.get().expect("TUN is set before any connection starts")
     }
 
@@ -213,7 +214,7 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     // Host side of public_ip: forwarding on, the route into our TUN, proxy ARP on the WAN.
     let mut sysctls = SysctlGuard::default();
     sysctls.ensure("net.ipv4.ip_forward", "1")?;
-    let tun = hostnet::create_tun(&cfg.tun_name)?;
+    let tun = tun::ServerTun::create(&cfg.tun_name)?;
     let public = format!("{}/32", cfg.public_ip);
     hostnet::ip(&["route", "replace", &public, "dev", &cfg.tun_name]).context("routing public_ip into the TUN")?;
     let _proxy = match &cfg.wan_interface {

@@ -1,7 +1,7 @@
 //! A smoltcp `phy::Device` over two packet queues. smoltcp stays sans-IO: the async shell
 //! (a TCP shard) fills `rx` with packets from the TUN and drains `tx` into it.
 
-use smoltcp::phy::{Device, DeviceCapabilities, Medium};
+use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium};
 use std::collections::VecDeque;
 
 /// Packets smoltcp may queue for transmission before the shell drains them.
@@ -47,6 +47,9 @@ impl Device for QueueDevice {
         let mut c = DeviceCapabilities::default();
         c.medium = Medium::Ip;
         c.max_transmission_unit = MTU;
+        // The TUN reader verified (or the kernel did) every TCP checksum before dispatch; a TCP
+        // super-packet's checksum field is only partial, so smoltcp must not check it again.
+        c.checksum.tcp = Checksum::Tx;
         c
     }
 }

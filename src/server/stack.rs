@@ -11,11 +11,14 @@
 
 use super::expose::{Exposure, StackEvent};
 use super::keepalive::KeepaliveKind;
+use super::tun::Checksum;
 use super::udp_mapping::{Action, FlowState, TableCounters, Target, UdpMappings};
 use super::Shared;
 use crate::status::MappingStatus;
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{Icmpv4Message, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr};
+use smoltcp::wire::{
+    Icmpv4Message, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpPacket, UdpPacket, UdpRepr,
+};
 use std::collections::{HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
@@ -42,7 +45,7 @@ pub struct StackSnapshot {
 
 pub struct Stack {
     shared: Arc<Shared>,
-    tun: Arc<tun_rs::AsyncDevice>,
+    tun: Arc<super::tun::ServerTun>,
     public_ip: Ipv4Addr,
     exposes: Vec<Exposure>,
     /// Server ports of the live UDP flows.
@@ -55,7 +58,7 @@ pub struct Stack {
 }
 
 impl Stack {
-    pub fn new(shared: Arc<Shared>, tun: Arc<tun_rs::AsyncDevice>, exposes: Vec<Exposure>) -> Self {
+    pub fn new(shared: Arc<Shared>, tun: Arc<super::tun::ServerTun>, exposes: Vec<Exposure>) -> Self {
         let table = UdpMappings::new(shared.cfg.keepalive(), IDLE_TIMEOUT, MAX_FLOWS, rand::random());
         Stack {
             public_ip: shared.cfg.public_ip,
@@ -72,13 +75,13 @@ impl Stack {
     }
 
     pub async fn run(mut self, mut events: mpsc::Receiver<StackEvent>, mut shutdown: watch::Receiver<bool>) {
-        let mut buf = vec![0u8; 65536];
+        let mut rx = super::tun::RxBuf::default();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                r = self.tun.recv(&mut buf) => match r {
-                    Ok(n) => self.ingress(&buf[..n]),
+                r = self.tun.recv(&mut rx) => match r {
+                    Ok(()) => for (pkt, csum) in rx.packets() { self.ingress(pkt, csum) },
                     Err(e) => { tracing::error!("TUN read failed: {e}; stack stops"); return; }
                 },
                 ev = events.recv() => match ev {
@@ -102,7 +105,7 @@ impl Stack {
     /// A packet from the TUN: TCP to its shard, UDP to its flow or probe, ICMP errors about our
     /// mappings to the table, echo requests answered; everything else is dropped silently (no
     /// RST, no port unreachable: silence never kills a NAT mapping).
-    fn ingress(&mut self, pkt: &[u8]) {
+    fn ingress(&mut self, pkt: &[u8], csum: Checksum) {
         let Ok(ip) = Ipv4Packet::new_checked(pkt) else {
             return; // IPv6 or garbage
         };
@@ -112,8 +115,12 @@ impl Stack {
         if ip.more_frags() || ip.frag_offset() != 0 {
             return; // no reassembly: cameras' answers and TCP segments fit the MTU
         }
+        if csum == Checksum::Unverified && !transport_checksum_ok(&ip) {
+            return;
+        }
         match ip.next_header() {
             IpProtocol::Tcp => {
+                // Shards do not verify checksums again (a super-packet's is partial).
                 if let Ok(dst) = crate::wire::rewrite::endpoint(pkt, crate::wire::rewrite::End::Dst) {
                     self.shared.port_routes.dispatch_tcp(dst.port(), pkt);
                 }
@@ -122,9 +129,6 @@ impl Stack {
                 let Ok(udp) = UdpPacket::new_checked(ip.payload()) else { return };
                 let port = udp.dst_port();
                 if self.shared.port_routes.dispatch_udp(port, pkt) || !self.ports.contains(&port) {
-                    return;
-                }
-                if !udp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()) {
                     return;
                 }
                 let from = SocketAddrV4::new(ip.src_addr(), udp.src_port());
@@ -313,6 +317,16 @@ pub fn udp_datagram(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> Opt
     let mut u = UdpPacket::new_unchecked(pkt.payload_mut());
     udp.emit(&mut u, &src.into(), &dst.into(), payload.len(), |b| b.copy_from_slice(payload), &caps);
     Some(buf)
+}
+
+/// The TCP or UDP checksum of `ip` (other protocols have their own checks where parsed).
+fn transport_checksum_ok(ip: &Ipv4Packet<&[u8]>) -> bool {
+    let (src, dst) = (ip.src_addr().into(), ip.dst_addr().into());
+    match ip.next_header() {
+        IpProtocol::Tcp => TcpPacket::new_checked(ip.payload()).is_ok_and(|t| t.verify_checksum(&src, &dst)),
+        IpProtocol::Udp => UdpPacket::new_checked(ip.payload()).is_ok_and(|u| u.verify_checksum(&src, &dst)),
+        _ => true,
+    }
 }
 
 /// The answer to an ICMP echo request (operators ping `public_ip` to see the stack is up).

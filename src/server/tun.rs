@@ -1,0 +1,246 @@
+//! The server's TUN device, with Linux TUN offload (`IFF_VNET_HDR`, TSO/USO).
+//!
+//! Why: without offload the kernel cuts every TCP super-packet (up to 64 KB, as the camera's
+//! stack or a NIC's GRO made it) into MTU-sized packets before the TUN, and beckon pays a `read`,
+//! a queue slot and a smoltcp pass per 1.5 KB; the TUN's queue overflows under load. With offload
+//! a direct connection's data arrives as one super-packet per read, and smoltcp takes it as one
+//! large segment (it accepts segments beyond the MTU as long as they fit the window).
+//!
+//! With offload, every read and write carries a 10-byte `virtio_net_hdr` first. Reads are
+//! classified by [`classify`] (sans-IO): ordinary packets get their transport checksum completed
+//! when the kernel left it partial; TCP super-packets are passed whole with their checksum
+//! marked as verified by the kernel (it checked every segment before merging, or made them
+//! itself); UDP super-packets (USO) are split into datagrams. Writes prepend an all-zero header:
+//! "ordinary packet, checksums complete".
+
+use anyhow::Result;
+use smoltcp::wire::checksum;
+use std::io::{self, IoSlice};
+use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_UDP_L4, VIRTIO_NET_HDR_LEN};
+
+const F_NEEDS_CSUM: u8 = 1;
+const F_DATA_VALID: u8 = 2;
+const GSO_NONE: u8 = 0;
+const GSO_ECN: u8 = 0x80;
+/// Kernel queue in front of the TUN, in packets (super-packets with offload). The default
+/// (500) overflowed under load without offload.
+const TX_QUEUE_LEN: u32 = 1000;
+/// Most datagrams a UDP super-packet is split into (64 KB / 512 B).
+const MAX_SEGMENTS: usize = 128;
+const MTU: usize = 1500;
+
+pub struct ServerTun {
+    dev: tun_rs::AsyncDevice,
+    offload: bool,
+}
+
+/// Whether a packet's transport checksum still needs checking by beckon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checksum {
+    /// The kernel verified it (or generated the packet); the field may even be partial.
+    Verified,
+    /// Complete but unchecked: whoever consumes the packet must verify it.
+    Unverified,
+}
+
+/// Reusable read buffers: one raw read, plus room for a split UDP super-packet.
+pub struct RxBuf {
+    raw: Vec<u8>,
+    segs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    held: Held,
+}
+
+enum Held {
+    Nothing,
+    Whole { start: usize, end: usize, csum: Checksum },
+    Split(usize),
+}
+
+impl Default for RxBuf {
+    fn default() -> Self {
+        RxBuf { raw: vec![0; VIRTIO_NET_HDR_LEN + 65535], segs: Vec::new(), sizes: Vec::new(), held: Held::Nothing }
+    }
+}
+
+impl RxBuf {
+    /// The packets of the last read, each with its checksum status.
+    pub fn packets(&self) -> impl Iterator<Item = (&[u8], Checksum)> {
+        let (whole, split) = match self.held {
+            Held::Nothing => (None, 0),
+            Held::Whole { start, end, csum } => (Some((&self.raw[start..end], csum)), 0),
+            Held::Split(n) => (None, n),
+        };
+        whole.into_iter().chain(self.segs.iter().zip(&self.sizes).take(split).map(|(b, &n)| (&b[..n], Checksum::Verified)))
+    }
+}
+
+/// What one offload read holds, decided from its virtio-net header.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Classified {
+    /// One packet at `raw[start..end]` (checksum completed if it was partial).
+    Packet { start: usize, end: usize, csum: Checksum },
+    /// A UDP super-packet: split it.
+    SplitUdp,
+    /// Nothing usable (IPv6 super-packets, unknown GSO types, short reads).
+    Drop,
+}
+
+/// Classify the `n` bytes of one offload read (header + packet); completes a partial checksum
+/// of an ordinary packet in place.
+pub fn classify(raw: &mut [u8], n: usize) -> Classified {
+    if n <= VIRTIO_NET_HDR_LEN || n > raw.len() {
+        return Classified::Drop;
+    }
+    let Ok(hdr) = VirtioNetHdr::decode(&raw[..VIRTIO_NET_HDR_LEN]) else {
+        return Classified::Drop;
+    };
+    let (start, end) = (VIRTIO_NET_HDR_LEN, n);
+    match hdr.gso_type & !GSO_ECN {
+        GSO_NONE if hdr.flags & F_NEEDS_CSUM != 0 => {
+            let pkt = &mut raw[start..end];
+            let (cs, co) = (hdr.csum_start as usize, hdr.csum_offset as usize);
+            let at = cs + co;
+            if cs >= pkt.len() || at + 2 > pkt.len() {
+                return Classified::Drop;
+            }
+            let initial = u16::from_be_bytes([pkt[at], pkt[at + 1]]);
+            pkt[at..at + 2].fill(0);
+            let sum = checksum::combine(&[initial, checksum::data(&pkt[cs..])]);
+            pkt[at..at + 2].copy_from_slice(&(!sum).to_be_bytes());
+            Classified::Packet { start, end, csum: Checksum::Verified }
+        }
+        GSO_NONE if hdr.flags & F_DATA_VALID != 0 => Classified::Packet { start, end, csum: Checksum::Verified },
+        GSO_NONE => Classified::Packet { start, end, csum: Checksum::Unverified },
+        VIRTIO_NET_HDR_GSO_TCPV4 => Classified::Packet { start, end, csum: Checksum::Verified },
+        VIRTIO_NET_HDR_GSO_UDP_L4 if raw[start] >> 4 == 4 => Classified::SplitUdp,
+        _ => Classified::Drop,
+    }
+}
+
+impl ServerTun {
+    /// Create the TUN with offload, or without it (with a warning) where the kernel refuses.
+    pub fn create(name: &str) -> Result<ServerTun> {
+        let offloaded = crate::hostnet::tun_builder(name).offload(true).tx_queue_len(TX_QUEUE_LEN).build_async();
+        let (dev, offload) = match offloaded {
+            Ok(dev) => (dev, true),
+            Err(e) => {
+                tracing::warn!("TUN offload unavailable ({e}); one packet per read, slower direct TCP");
+                (crate::hostnet::create_tun(name)?, false)
+            }
+        };
+        crate::hostnet::tun_created(name);
+        tracing::info!(tun = name, offload, "TUN device created");
+        Ok(ServerTun { dev, offload })
+    }
+
+    /// Read what the kernel has for the TUN: one packet, one TCP super-packet or a split UDP
+    /// super-packet. Bad reads leave `rx` empty.
+    pub async fn recv(&self, rx: &mut RxBuf) -> io::Result<()> {
+        rx.held = Held::Nothing;
+        let n = self.dev.recv(&mut rx.raw).await?;
+        if !self.offload {
+            rx.held = Held::Whole { start: 0, end: n, csum: Checksum::Unverified };
+            return Ok(());
+        }
+        match classify(&mut rx.raw, n) {
+            Classified::Packet { start, end, csum } => rx.held = Held::Whole { start, end, csum },
+            Classified::SplitUdp => {
+                if rx.segs.is_empty() {
+                    rx.segs = vec![vec![0; MTU]; MAX_SEGMENTS];
+                    rx.sizes = vec![0; MAX_SEGMENTS];
+                }
+                let Ok(hdr) = VirtioNetHdr::decode(&rx.raw[..VIRTIO_NET_HDR_LEN]) else { return Ok(()) };
+                match tun_rs::gso_split(&mut rx.raw[VIRTIO_NET_HDR_LEN..n], hdr, &mut rx.segs, &mut rx.sizes, 0, false) {
+                    Ok(k) => rx.held = Held::Split(k),
+                    Err(e) => tracing::debug!("UDP super-packet dropped: {e}"),
+                }
+            }
+            Classified::Drop => tracing::debug!(len = n, "TUN read dropped: not an IPv4 packet beckon serves"),
+        }
+        Ok(())
+    }
+
+    /// Write one complete IPv4 packet (checksums filled).
+    pub async fn send(&self, pkt: &[u8]) -> io::Result<()> {
+        if self.offload {
+            let hdr = [0u8; VIRTIO_NET_HDR_LEN];
+            self.dev.send_vectored(&[IoSlice::new(&hdr), IoSlice::new(pkt)]).await?;
+        } else {
+            self.dev.send(pkt).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_hdr(flags: u8, gso_type: u8, csum_start: u16, csum_offset: u16, pkt: &[u8]) -> Vec<u8> {
+        let mut v = vec![flags, gso_type];
+        v.extend_from_slice(&0u16.to_ne_bytes()); // hdr_len
+        v.extend_from_slice(&1448u16.to_ne_bytes()); // gso_size
+        v.extend_from_slice(&csum_start.to_ne_bytes());
+        v.extend_from_slice(&csum_offset.to_ne_bytes());
+        v.extend_from_slice(pkt);
+        v
+    }
+
+    fn datagram() -> Vec<u8> {
+        let from = "203.0.113.2:5060".parse().unwrap();
+        let to = "203.0.113.100:40000".parse().unwrap();
+        crate::server::stack::udp_datagram(from, to, b"SIP/2.0 200 OK").unwrap()
+    }
+
+    #[test]
+    fn partial_checksum_is_completed() {
+        let good = datagram();
+        // What the kernel hands over for CHECKSUM_PARTIAL: the pseudo-header sum, not inverted.
+        let mut partial = good.clone();
+        let udp_len = (good.len() - 20) as u16;
+        let pseudo = checksum::combine(&[checksum::data(&good[12..20]), 17, udp_len]);
+        partial[26..28].copy_from_slice(&pseudo.to_be_bytes());
+        let mut raw = with_hdr(F_NEEDS_CSUM, GSO_NONE, 20, 6, &partial);
+        let n = raw.len();
+        assert_eq!(classify(&mut raw, n), Classified::Packet { start: 10, end: n, csum: Checksum::Verified });
+        assert_eq!(&raw[10..], &good[..]);
+    }
+
+    #[test]
+    fn headers_decide_what_needs_checking() {
+        let pkt = datagram();
+        for (flags, gso, want) in [
+            (0, GSO_NONE, Classified::Packet { start: 10, end: 10 + pkt.len(), csum: Checksum::Unverified }),
+            (F_DATA_VALID, GSO_NONE, Classified::Packet { start: 10, end: 10 + pkt.len(), csum: Checksum::Verified }),
+            (F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, Classified::Packet { start: 10, end: 10 + pkt.len(), csum: Checksum::Verified }),
+            (
+                F_NEEDS_CSUM,
+                VIRTIO_NET_HDR_GSO_TCPV4 | GSO_ECN,
+                Classified::Packet { start: 10, end: 10 + pkt.len(), csum: Checksum::Verified },
+            ),
+            (F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_UDP_L4, Classified::SplitUdp),
+            (F_NEEDS_CSUM, 4 /* TCPV6 */, Classified::Drop),
+        ] {
+            let mut raw = with_hdr(flags, gso, 20, 16, &pkt);
+            let n = raw.len();
+            assert_eq!(classify(&mut raw, n), want, "flags {flags} gso {gso}");
+        }
+    }
+
+    #[test]
+    fn bad_reads_are_dropped_not_panicking() {
+        let pkt = datagram();
+        // A checksum offset beyond the packet, a header-only read, a length beyond the buffer.
+        let mut raw = with_hdr(F_NEEDS_CSUM, GSO_NONE, 20, 60_000, &pkt);
+        let n = raw.len();
+        assert_eq!(classify(&mut raw, n), Classified::Drop);
+        let mut raw = with_hdr(F_NEEDS_CSUM, GSO_NONE, 20, 6, &[]);
+        assert_eq!(classify(&mut raw, 10), Classified::Drop);
+        assert_eq!(classify(&mut raw, 11), Classified::Drop);
+        assert_eq!(classify(&mut raw, 5000), Classified::Drop);
+        let mut raw = with_hdr(F_NEEDS_CSUM, GSO_NONE, u16::MAX, u16::MAX, &pkt);
+        let n = raw.len();
+        assert_eq!(classify(&mut raw, n), Classified::Drop);
+    }
+}
