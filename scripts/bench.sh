@@ -221,6 +221,12 @@ proto = "tcp"
 listen = "127.0.0.1:18091"
 [[expose]]
 camera = "site-a/cam1"
+port = 80
+proto = "tcp"
+listen = "127.0.0.1:18092"
+warm = 1
+[[expose]]
+camera = "site-a/cam1"
 port = 8554
 proto = "tcp"
 listen = "127.0.0.1:18554"
@@ -308,7 +314,7 @@ setup_phase() { # DELAY_MS
   in_ns "$SRV_NS" $((120 + SETUP_N * 8)) "$PY" "$BDIR/setup.py" --beckon "$BECKON" \
     --out "$RUN/setup-$d.json" --n "$SETUP_N" --delay-ms "$d" --ping 203.0.113.2 \
     --server-log "$RUN/server.log" \
-    direct=http://127.0.0.1:18090/ dnat-a=http://203.0.113.2:8080/ \
+    direct=http://127.0.0.1:18090/ dnat-a=http://203.0.113.2:8080/ direct-warm=http://127.0.0.1:18092/ \
     assisted=http://127.0.0.1:18091/ dnat-b=http://203.0.113.3:8080/ \
     || die "setup measurement ($d ms) failed"
   check_procs

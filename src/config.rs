@@ -92,6 +92,9 @@ pub struct SiteConfig {
     pub direct_tcp: bool,
 }
 
+/// Most pre-opened direct connections per exposure.
+pub const MAX_WARM: usize = 8;
+
 fn default_true() -> bool {
     true
 }
@@ -104,6 +107,11 @@ pub struct ExposeConfig {
     pub port: u16,
     pub proto: Proto,
     pub listen: SocketAddr,
+    /// TCP only: direct camera connections kept pre-opened (0-8), so a client's first byte
+    /// needs no traversal round trips. Each costs the camera an idle connection, renewed
+    /// every 15 s.
+    #[serde(default)]
+    pub warm: usize,
 }
 
 impl ExposeConfig {
@@ -160,6 +168,9 @@ impl ServerConfig {
             }
             if e.port == 0 {
                 return Err(err(path, format!("key `expose[{i}].port`: must be the camera's port, 1-65535")));
+            }
+            if e.warm > MAX_WARM || (e.warm > 0 && e.proto != Proto::Tcp) {
+                return Err(err(path, format!("key `expose[{i}].warm`: pre-opened connections are for tcp exposures, 0-{MAX_WARM}")));
             }
             if !listens.insert((e.proto, e.listen)) {
                 return Err(err(path, format!("key `expose[{i}].listen`: {} {} is used by another exposure", e.proto, e.listen)));

@@ -95,6 +95,9 @@ pub struct ConnectionStatus {
     /// WAN round trips the setup waited for.
     #[serde(default)]
     pub round_trips: u32,
+    /// A pre-opened direct connection (`warm` exposure) served this client.
+    #[serde(default)]
+    pub warm: bool,
     /// Why the direct path was not used (when it was not).
     pub note: Option<String>,
     pub age_secs: u64,
@@ -159,6 +162,9 @@ pub struct Counters {
     /// TCP connections by path, and their payload bytes (closed and open ones).
     #[serde(default)]
     pub tcp_connections_direct: u64,
+    /// Of those, served by a pre-opened connection.
+    #[serde(default)]
+    pub tcp_connections_warm: u64,
     #[serde(default)]
     pub tcp_connections_assisted: u64,
     #[serde(default)]
@@ -237,7 +243,7 @@ impl StatusDoc {
                     (Some(st), Some(sg)) => format!("{st}/{sg}"),
                     (Some(st), None) => st.clone(),
                     _ => "-".into(),
-                },
+                } + if c.warm { " (warm)" } else { "" },
                 c.public_endpoint.as_deref().unwrap_or("-"),
                 c.setup_ms.unwrap_or(0),
                 c.trigger_packets,
@@ -288,8 +294,9 @@ impl StatusDoc {
         );
         let _ = writeln!(
             s,
-            "tcp: direct {} ({} bytes), assisted {} ({} bytes carried by triggers), failed {}, direct fallbacks {}",
+            "tcp: direct {} ({} pre-opened; {} bytes), assisted {} ({} bytes carried by triggers), failed {}, direct fallbacks {}",
             c.tcp_connections_direct,
+            c.tcp_connections_warm,
             c.tcp_bytes_direct,
             c.tcp_connections_assisted,
             c.tcp_bytes_assisted,

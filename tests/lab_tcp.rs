@@ -10,8 +10,9 @@ use std::process::Command;
 use std::time::Duration;
 
 /// server.toml: exposures of both cameras' RTSP (127.0.0.1:18080 → a, :18081 → b) and HTTP
-/// (:18090 → a, :18091 → b); `direct_a = false` sends site a's TCP over the assisted path.
-fn tcp_server_config(lab: &Lab, direct_a: bool) -> String {
+/// (:18090 → a, :18091 → b); `direct_a = false` sends site a's TCP over the assisted path;
+/// `extra` is appended (more exposures).
+fn tcp_server_config(lab: &Lab, direct_a: bool, extra: &str) -> String {
     lab.write(
         "server-tcp.toml",
         &format!(
@@ -47,14 +48,18 @@ camera = "site-b/cam1"
 port = 80
 proto = "tcp"
 listen = "127.0.0.1:18091"
-"#,
+{extra}"#,
             lab.state_dir()
         ),
     )
 }
 
 fn start(lab: &mut Lab, direct_a: bool) {
-    let cfg = tcp_server_config(lab, direct_a);
+    start_with(lab, direct_a, "")
+}
+
+fn start_with(lab: &mut Lab, direct_a: bool, extra: &str) {
+    let cfg = tcp_server_config(lab, direct_a, extra);
     lab.spawn("server", "srv", &["server", "--config", &cfg]);
     wait_for(Duration::from_secs(10), "server admin endpoint", || lab.try_status().is_some());
     for site in ["a", "b"] {
@@ -335,4 +340,64 @@ fn idle_direct_tcp_survives_a_short_nat_tcp_timeout() {
     assert!(answers.1.starts_with("RTSP/1.0 200 OK") && answers.1.contains("CSeq: 2"), "after 25 s idle: {:?}", answers.1);
     let st = lab.status();
     assert_eq!(st["counters"]["tcp_connections_direct"], 1, "one connection, direct, kept alive: {:#}", st["counters"]);
+}
+
+/// Server ports of the direct connections to site a's camera web server that site a's NAT holds
+/// open (conntrack's original direction is the steered sequence's first packet, camera:80 →
+/// public_ip:port; a connection stays SYN_RECV until the camera sends its first segment).
+fn established_web_connections(lab: &Lab) -> std::collections::BTreeSet<u16> {
+    let out = Command::new("ip").args(["netns", "exec", &lab.ns("nat-a"), "conntrack", "-L", "-p", "tcp"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            (l.contains(" ESTABLISHED ") || l.contains(" SYN_RECV "))
+                && l.contains(&format!("src={CAMERA_IP} "))
+                && l.contains(" sport=80 ")
+        })
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("dport=")).and_then(|p| p.parse().ok()))
+        .collect()
+}
+
+/// `warm = 2`: two direct connections to the camera are kept pre-opened; a client gets one at
+/// once (no traversal round trips), the pool refills, and unused connections are renewed every
+/// 15 s with the old ones closed (the camera does not pile up idle connections).
+#[test]
+fn warm_connections_serve_clients_at_once_and_are_renewed() {
+    let mut lab = Lab::up("bk-t6", &[]);
+    let warm = "[[expose]]\ncamera = \"site-a/cam1\"\nport = 80\nproto = \"tcp\"\nlisten = \"127.0.0.1:18092\"\nwarm = 2\n";
+    start_with(&mut lab, true, warm);
+    wait_for(Duration::from_secs(20), "two pre-opened connections at site a's NAT", || established_web_connections(&lab).len() == 2);
+    let pooled = established_web_connections(&lab);
+
+    // A client connects and waits before asking: its connection is one of the pool's.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let client = lab.spawn_in_ns("srv", move || {
+        let mut s = TcpStream::connect(("127.0.0.1", 18092)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        write!(s, "GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    let mut conn = serde_json::Value::Null;
+    wait_for(Duration::from_secs(10), "the client's connection in status", || {
+        conn = lab.status()["connections"].as_array().unwrap().iter().find(|c| c["warm"] == true).cloned().unwrap_or_default();
+        !conn.is_null()
+    });
+    assert_eq!((conn["path"].as_str(), conn["round_trips"].as_u64()), (Some("direct"), Some(0)), "{conn:#}");
+    tx.send(()).unwrap();
+    let page = client.join().unwrap();
+    assert!(page.contains("<h1>camera cam-a</h1>") && page.contains("you are 203.0.113.100:"), "{page}");
+    let st = lab.status();
+    assert_eq!(counter(&st, "tcp_connections_warm"), 1, "{:#}", st["counters"]);
+
+    // The pool refills to two, and after the renewal age none of the first pool is left open.
+    std::thread::sleep(Duration::from_secs(16));
+    wait_for(Duration::from_secs(20), "a renewed pool of two", || {
+        let now = established_web_connections(&lab);
+        now.len() == 2 && now.is_disjoint(&pooled)
+    });
+    assert_eq!(counter(&lab.status(), "tcp_connections_failed"), 0);
+    assert_eq!(counter(&lab.status(), "tcp_direct_fallbacks"), 0);
 }

@@ -82,7 +82,11 @@ out(f"* **Setup**: `curl -w %{{time_starttransfer}}` (from the start of the clie
     "trigger (server log `direct TCP connection up … setup_ms … round_trips=3`), during which "
     "the camera's TCP handshake completes, then the request needs 1 more RTT (4 RTT). The assisted "
     "path needs 1 RTT to open the camera connection over the trigger's assist link (the trigger "
-    "connects on its LAN), then the request (2 RTT).")
+    "connects on its LAN), then the request (2 RTT). `direct, pre-opened`: the same camera "
+    "through a second exposure with `warm = 1`: beckon keeps one direct connection to the camera "
+    "open before any client comes (renewed every 15 s, refilled in the background after a client "
+    "took it), so the client's first byte needs only the request's round trip (1 RTT); a client "
+    "arriving while the refill is still under way gets a fresh steered connection (4 RTT).")
 out(f"* **Throughput**: `curl /bulk?bytes=N` from the camera's `cam_http.py` (Python, 64 KiB "
     f"writes), N = {t1['bytes_per_stream'] // 1_000_000 if t1 else '?'} MB (1 stream, median of "
     f"{len([r for r in t1['runs'] if r['target'] == 'direct']) if t1 else '?'}) and 8 parallel "
@@ -137,14 +141,16 @@ def setup_rows(s):
         out("| setup | not measured | | | | |")
         return
     m, rtt, d = s["median_ms"], s["rtt_ms"], s["delay_ms"]
-    for path, ref in (("direct", "dnat-a"), ("assisted", "dnat-b")):
+    for path, ref in (("direct", "dnat-a"), ("direct-warm", "dnat-a"), ("assisted", "dnat-b")):
         b, r = m.get(path), m.get(ref)
         if b is None or r is None:
             out(f"| setup {path}, {d} ms delay | failed ({s['errors']}) | | | | |")
             continue
         extra = (b - r) / rtt if rtt else None
-        label = ("direct (steered-resync)" if path == "direct" else "assisted")
+        label = {"direct": "direct (steered-resync)", "direct-warm": "direct, pre-opened (`warm = 1`)"}.get(path, "assisted")
         detail = ""
+        if path == "direct-warm":
+            detail = f"; {s.get('warm_connections', '?')} of {s['ok'].get(path, 0)} served by a pre-opened connection"
         if path == "direct":
             detail = (f"; server: setup {f1(s.get('server_setup_ms_median'))} ms, "
                       f"round_trips {','.join(map(str, s.get('server_round_trips') or [])) or '?'}")
@@ -169,7 +175,7 @@ def tput_rows(t, k, only=("direct", "assisted"), tag=""):
         out(f"| throughput, {k} stream(s){tag} | not measured | | | | |")
         return
     sm = t.get("summary", {})
-    for path, ref in (("direct", "dnat-a"), ("assisted", "dnat-b")):
+    for path, ref in (("direct", "dnat-a"), ("direct-warm", "dnat-a"), ("assisted", "dnat-b")):
         if path not in only:
             continue
         b, r = sm.get(f"{path}/{k}"), sm.get(f"{ref}/{k}")

@@ -63,9 +63,12 @@ def main():
     with open(a.server_log, errors="replace") as f:
         f.seek(log_off)
         log = f.read()
-    setup_ms, rts, strategies = [], [], {}
+    setup_ms, rts, strategies, warm = [], [], {}, 0
     for line in log.splitlines():
         if "direct TCP connection up" not in line:
+            continue
+        if "warm=true" in line:
+            warm += 1
             continue
         m = re.search(r"setup_ms=(\d+)", line)
         r = re.search(r"round_trips=(\d+)", line)
@@ -87,6 +90,7 @@ def main():
         "server_setup_ms_median": bl.median(setup_ms),
         "server_round_trips": sorted(set(rts)),
         "strategies": strategies,
+        "warm_connections": warm,
     }
     bl.write_json(a.out, res)
     print(f"setup delay {a.delay_ms} ms: RTT {rtt:.2f} ms; median ms "

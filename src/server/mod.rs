@@ -53,6 +53,7 @@ pub struct ControlStats {
     pub auth_failures: AtomicU64,
     pub bad_frames: AtomicU64,
     pub tcp_connections_direct: AtomicU64,
+    pub tcp_connections_warm: AtomicU64,
     pub tcp_connections_assisted: AtomicU64,
     pub tcp_connections_failed: AtomicU64,
     pub tcp_direct_fallbacks: AtomicU64,
@@ -175,6 +176,7 @@ impl Shared {
             connections,
             counters: Counters {
                 tcp_connections_direct: st.tcp_connections_direct.load(Ordering::Relaxed),
+                tcp_connections_warm: st.tcp_connections_warm.load(Ordering::Relaxed),
                 tcp_connections_assisted: st.tcp_connections_assisted.load(Ordering::Relaxed),
                 tcp_connections_failed: st.tcp_connections_failed.load(Ordering::Relaxed),
                 tcp_direct_fallbacks: st.tcp_direct_fallbacks.load(Ordering::Relaxed),

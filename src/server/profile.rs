@@ -160,7 +160,8 @@ async fn attempt_once(shared: &Arc<Shared>, site: &str, target: SocketAddrV4, st
         camera: target,
         virt: shared.virt_addr(site, "(probe)"),
         timeout: ATTEMPT_TIMEOUT,
-        buffer: 4096,
+        rx_buffer: 4096,
+        tx_buffer: 4096,
         keepalive: None,
     };
     let mut steer_ttl = None;

@@ -62,6 +62,7 @@ impl ConnRecord {
             public_endpoint: i.public,
             setup_ms: i.setup_ms,
             round_trips: i.round_trips,
+            warm: i.warm,
             note: i.note,
             age_secs: self.started.elapsed().as_secs(),
             trigger_packets: self.trigger_packets.load(Ordering::Relaxed),
@@ -79,6 +80,8 @@ pub struct ConnInfo {
     pub public: Option<String>,
     pub setup_ms: Option<u64>,
     pub round_trips: u32,
+    /// The connection was pre-opened (`warm`) before the client came.
+    pub warm: bool,
     /// Why the direct path was not used, if it was not.
     pub note: Option<String>,
 }
@@ -91,7 +94,8 @@ pub struct DirectParams {
     /// The camera's address inside the userspace stack.
     pub virt: Ipv4Addr,
     pub timeout: Duration,
-    pub buffer: usize,
+    pub rx_buffer: usize,
+    pub tx_buffer: usize,
     pub keepalive: Option<Duration>,
 }
 
@@ -124,7 +128,7 @@ impl Shard {
             a.push(IpCidr::new(IpAddress::Ipv4(public.into()), 32)).unwrap();
         });
         iface.routes_mut().add_default_ipv4_route(public.into()).unwrap();
-        let mut sock = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; p.buffer]), tcp::SocketBuffer::new(vec![0; p.buffer]));
+        let mut sock = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; p.rx_buffer]), tcp::SocketBuffer::new(vec![0; p.tx_buffer]));
         sock.set_nagle_enabled(false);
         sock.set_ack_delay(None);
         if let Some(k) = p.keepalive {
@@ -245,6 +249,44 @@ impl Shard {
         }
     }
 
+    /// Hand a pre-opened connection to a client's record (keeping the trigger packets it cost).
+    pub fn adopt(&mut self, record: Arc<ConnRecord>) {
+        record.trigger_packets.store(self.record.trigger_packets.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.record = record;
+    }
+
+    /// Catch up on what arrived while the connection sat idle; true if it is still open both
+    /// ways (the camera may have closed an idle connection).
+    pub async fn still_open(&mut self) -> bool {
+        while let Ok(p) = self.rx.try_recv() {
+            self.wire_batch(p).await;
+        }
+        self.pump().await;
+        self.sockets.get::<tcp::Socket>(self.handle).state() == tcp::State::Established
+    }
+
+    /// Close an unused pre-opened connection politely (FIN, at most `limit` for the camera's
+    /// answer), so the camera frees it; then everything is dropped.
+    pub async fn close_unused(mut self, limit: Duration) {
+        self.sockets.get_mut::<tcp::Socket>(self.handle).close();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            self.pump().await;
+            if matches!(self.sockets.get::<tcp::Socket>(self.handle).state(), tcp::State::Closed | tcp::State::TimeWait) {
+                return;
+            }
+            let wake = self.wake_at().min(deadline);
+            tokio::select! {
+                p = self.rx.recv() => if let Some(p) = p {
+                    self.wire_batch(p).await;
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+        self.sockets.get_mut::<tcp::Socket>(self.handle).abort();
+        self.pump().await;
+    }
+
     /// The profile probe: the trigger's listener sends a banner first; seeing it proves data
     /// flows from the "camera" side through the NAT, not just the handshake.
     pub async fn read_banner(mut self, want: &[u8], limit: Duration) -> Result<(), String> {
@@ -278,31 +320,45 @@ impl Shard {
     }
 
     /// Splice bytes between the platform client and the camera until both sides are done.
+    /// Camera bytes go from smoltcp's receive buffer straight into the client socket
+    /// (`try_write`; when the client's socket is full, smoltcp's buffer fills and its window
+    /// closes: that is the backpressure towards the camera).
     pub async fn splice(mut self, client: tokio::net::TcpStream) {
         let (mut cr, mut cw) = client.into_split();
         let mut cbuf = vec![0u8; 16 * 1024];
-        let mut pending: Vec<u8> = Vec::new();
-        let mut off = 0usize;
+        let mut client_full = false;
         let mut client_eof = false;
         let mut camera_eof = false;
-        loop {
+        'splice: loop {
             self.pump().await;
             let s = self.sockets.get_mut::<tcp::Socket>(self.handle);
-            if off >= pending.len() && s.can_recv() {
-                pending.clear();
-                off = 0;
-                let _ = s.recv(|b| {
-                    pending.extend_from_slice(b);
-                    (b.len(), ())
-                });
+            let mut delivered = 0;
+            while !client_full && s.can_recv() {
+                match s.recv(|b| match cw.try_write(b) {
+                    Ok(n) => (n, Ok(n)),
+                    Err(e) => (0, Err(e)),
+                }) {
+                    Ok(Ok(n)) => delivered += n,
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => client_full = true,
+                    Ok(Err(e)) => {
+                        tracing::debug!("client write error: {e}");
+                        s.abort(); // the client is gone: reset the camera side
+                        self.pump().await;
+                        break 'splice;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if delivered > 0 {
+                self.record.from_camera.fetch_add(delivered as u64, Ordering::Relaxed);
                 continue; // the window opened: let smoltcp announce it
             }
-            if off >= pending.len() && !s.may_recv() && !camera_eof {
+            if !s.can_recv() && !s.may_recv() && !camera_eof {
                 camera_eof = true;
                 let _ = cw.shutdown().await; // half-close towards the client
             }
             let state = s.state();
-            if matches!(state, tcp::State::Closed | tcp::State::TimeWait) && off >= pending.len() {
+            if matches!(state, tcp::State::Closed | tcp::State::TimeWait) && !s.can_recv() {
                 if state == tcp::State::Closed && !(client_eof && camera_eof) {
                     // The camera reset (or the connection timed out): reset the client too.
                     tracing::info!(camera = %self.record.camera, client_eof, camera_eof, "camera connection closed abruptly; resetting the client");
@@ -327,11 +383,8 @@ impl Shard {
                         Err(e) => { tracing::debug!("client read error: {e}"); s.abort(); self.pump().await; break; } // client reset: reset the camera side
                     }
                 },
-                w = cw.write(&pending[off..]), if off < pending.len() => match w {
-                    Ok(n) => {
-                        off += n;
-                        self.record.from_camera.fetch_add(n as u64, Ordering::Relaxed);
-                    }
+                w = cw.writable(), if client_full => match w {
+                    Ok(()) => client_full = false,
                     Err(e) => {
                         tracing::debug!("client write error: {e}");
                         self.sockets.get_mut::<tcp::Socket>(self.handle).abort();

@@ -18,9 +18,11 @@ use tokio::sync::watch;
 
 /// Direct attempt budget before falling back to the assisted path.
 pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// smoltcp socket buffers per direct connection (bounds the window: 256 KiB at 20 ms RTT is
+/// smoltcp receive buffer per direct connection (bounds the window: 256 KiB at 20 ms RTT is
 /// ~100 Mbit/s, far above a camera stream).
 pub const DIRECT_BUFFER: usize = 256 * 1024;
+/// smoltcp send buffer (towards the camera: requests and RTSP control, rarely bulk).
+pub const DIRECT_TX_BUFFER: usize = 64 * 1024;
 /// Platform-client connections per exposure at once.
 pub const MAX_CLIENTS: usize = 4096;
 
@@ -30,13 +32,17 @@ pub async fn bind_all(shared: &Arc<Shared>, shutdown: watch::Receiver<bool>) -> 
             continue;
         }
         let l = TcpListener::bind(e.listen).await.with_context(|| format!("expose[{i}] ({}): binding tcp {}", e.camera, e.listen))?;
-        tracing::info!(camera = %e.camera, service = %e.service(), listen = %e.listen, "exposure ready");
-        tokio::spawn(accept_loop(shared.clone(), e.clone(), l, shutdown.clone()));
+        tracing::info!(camera = %e.camera, service = %e.service(), listen = %e.listen, warm = e.warm, "exposure ready");
+        let pool = Arc::new(WarmPool::default());
+        if e.warm > 0 {
+            tokio::spawn(warm_loop(shared.clone(), e.clone(), pool.clone(), shutdown.clone()));
+        }
+        tokio::spawn(accept_loop(shared.clone(), e.clone(), l, pool, shutdown.clone()));
     }
     Ok(())
 }
 
-async fn accept_loop(shared: Arc<Shared>, e: ExposeConfig, l: TcpListener, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(shared: Arc<Shared>, e: ExposeConfig, l: TcpListener, pool: Arc<WarmPool>, mut shutdown: watch::Receiver<bool>) {
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         let (client, peer) = tokio::select! {
@@ -52,84 +58,112 @@ async fn accept_loop(shared: Arc<Shared>, e: ExposeConfig, l: TcpListener, mut s
         };
         let shared = shared.clone();
         let e = e.clone();
+        let pool = pool.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            handle(shared, e, client, peer).await;
+            handle(shared, e, pool, client, peer).await;
         });
     }
 }
 
-async fn handle(shared: Arc<Shared>, e: ExposeConfig, client: TcpStream, peer: SocketAddr) {
-    let _ = client.set_nodelay(true);
-    let cam = {
-        let reg = shared.registry.lock().unwrap();
-        reg.registry.camera(e.site(), e.camera_name()).cloned()
-    };
-    let Some(cam) = cam else {
-        tracing::warn!(camera = %e.camera, client = %peer, "connection closed: camera not reported by its trigger (yet)");
-        return;
-    };
+/// The camera a client of `e` reaches, if its trigger reported it with this service.
+fn camera_of(shared: &Shared, e: &ExposeConfig) -> Result<SocketAddrV4, &'static str> {
+    let reg = shared.registry.lock().unwrap();
+    let cam = reg.registry.camera(e.site(), e.camera_name()).ok_or("camera not reported by its trigger (yet)")?;
     if !cam.services.contains(&e.service()) {
-        tracing::warn!(camera = %e.camera, service = %e.service(), "connection closed: the camera's report does not list this service");
-        return;
+        return Err("the camera's report does not list this service");
     }
-    let camera = SocketAddrV4::new(cam.ip, e.port);
+    Ok(SocketAddrV4::new(cam.ip, e.port))
+}
+
+/// Open a direct connection with the site profile's working strategies, cheapest first; each
+/// failure moves on to the next (e.g. the other steering method). `Err` carries why each
+/// failed, or why none was tried.
+async fn connect_direct(
+    shared: &Arc<Shared>,
+    e: &ExposeConfig,
+    camera: SocketAddrV4,
+    record: &Arc<ConnRecord>,
+) -> Result<(Shard, Strategy, Vec<String>), Vec<String>> {
+    let site = e.site();
+    let profile = shared.profiles.lock().unwrap().get(site).map(|p| (p.direct_order.clone(), p.summary.clone()));
+    let order = match profile {
+        None => return Err(vec!["no site profile yet".to_string()]),
+        Some((order, summary)) if order.is_empty() => return Err(vec![summary]),
+        Some((order, _)) => order,
+    };
+    let mut failures = Vec::new();
+    for strategy in order.iter().filter_map(|l| Strategy::from_label(l)) {
+        let params = DirectParams {
+            strategy,
+            site: site.to_string(),
+            camera,
+            virt: shared.virt_addr(site, e.camera_name()),
+            timeout: DIRECT_TIMEOUT,
+            rx_buffer: DIRECT_BUFFER,
+            tx_buffer: DIRECT_TX_BUFFER,
+            keepalive: shared.cfg.keepalive(),
+        };
+        match Shard::connect(shared.clone(), params, record.clone()).await {
+            Ok(shard) => return Ok((shard, strategy, failures)),
+            Err(why) => {
+                shared.stats.tcp_direct_fallbacks.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(camera = %e.camera, client = %record.client, strategy = %strategy.label(), "direct attempt failed: {why}");
+                failures.push(format!("{} failed: {why}", strategy.label()));
+            }
+        }
+    }
+    Err(failures)
+}
+
+async fn handle(shared: Arc<Shared>, e: ExposeConfig, pool: Arc<WarmPool>, client: TcpStream, peer: SocketAddr) {
+    let _ = client.set_nodelay(true);
+    let camera = match camera_of(&shared, &e) {
+        Ok(c) => c,
+        Err(why) => {
+            tracing::warn!(camera = %e.camera, client = %peer, "connection closed: {why}");
+            return;
+        }
+    };
     let record = Arc::new(ConnRecord::new(shared.next_id(), e.camera.clone(), e.service().to_string(), peer.to_string()));
     shared.conns.lock().unwrap().insert(record.id, record.clone());
     let t0 = Instant::now();
     let site = e.site().to_string();
 
-    let profile = shared.profiles.lock().unwrap().get(&site).map(|p| (p.direct_order.clone(), p.summary.clone()));
-    let (order, mut note) = match profile {
-        None => (Vec::new(), Some("no site profile yet".to_string())),
-        Some((order, summary)) => {
-            let note = order.is_empty().then_some(summary);
-            (order, note)
+    let (direct, note) = match pool.take(camera).await {
+        Some((mut shard, strategy)) => {
+            pool.refill.notify_one();
+            shard.adopt(record.clone());
+            (Some((shard, strategy, Vec::new(), true)), None)
         }
+        None => match connect_direct(&shared, &e, camera, &record).await {
+            Ok((shard, strategy, failures)) => (Some((shard, strategy, failures, false)), None),
+            Err(why) => (None, Some(why.join("; "))),
+        },
     };
-    // The profile's working strategies, cheapest first; each failure moves on to the next
-    // (e.g. the other steering method), then to the assisted path.
-    let mut failures = Vec::new();
-    for strategy in order.iter().filter_map(|l| Strategy::from_label(l)) {
-        let params = DirectParams {
-            strategy,
-            site: site.clone(),
-            camera,
-            virt: shared.virt_addr(&site, e.camera_name()),
-            timeout: DIRECT_TIMEOUT,
-            buffer: DIRECT_BUFFER,
-            keepalive: shared.cfg.keepalive(),
-        };
-        match Shard::connect(shared.clone(), params, record.clone()).await {
-            Ok(shard) => {
-                let setup = t0.elapsed().as_millis() as u64;
-                let public = shard.attempt.public.map(|p| p.to_string());
-                {
-                    let mut i = record.info.lock().unwrap();
-                    i.path = "direct".into();
-                    i.strategy = Some(strategy);
-                    i.public = public.clone();
-                    i.setup_ms = Some(setup);
-                    i.round_trips = shard.attempt.round_trips;
-                    i.note = (!failures.is_empty()).then(|| failures.join("; "));
-                }
-                shared.stats.tcp_connections_direct.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(camera = %e.camera, client = %peer, strategy = %strategy.label(), public = public.as_deref().unwrap_or("-"),
-                    setup_ms = setup, round_trips = shard.attempt.round_trips,
-                    trigger_packets = record.trigger_packets.load(Ordering::Relaxed), "direct TCP connection up");
-                shard.splice(client).await;
-                finish(&shared, &record, true);
-                return;
-            }
-            Err(why) => {
-                shared.stats.tcp_direct_fallbacks.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(camera = %e.camera, client = %peer, strategy = %strategy.label(), "direct attempt failed: {why}");
-                failures.push(format!("{} failed: {why}", strategy.label()));
-            }
+    if let Some((shard, strategy, failures, warm)) = direct {
+        let setup = t0.elapsed().as_millis() as u64;
+        let public = shard.attempt.public.map(|p| p.to_string());
+        let round_trips = if warm { 0 } else { shard.attempt.round_trips };
+        {
+            let mut i = record.info.lock().unwrap();
+            i.path = "direct".into();
+            i.strategy = Some(strategy);
+            i.public = public.clone();
+            i.setup_ms = Some(setup);
+            i.round_trips = round_trips;
+            i.warm = warm;
+            i.note = (!failures.is_empty()).then(|| failures.join("; "));
         }
-    }
-    if !failures.is_empty() {
-        note = Some(failures.join("; "));
+        shared.stats.tcp_connections_direct.fetch_add(1, Ordering::Relaxed);
+        if warm {
+            shared.stats.tcp_connections_warm.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(camera = %e.camera, client = %peer, strategy = %strategy.label(), public = public.as_deref().unwrap_or("-"),
+            setup_ms = setup, round_trips, warm, trigger_packets = record.trigger_packets.load(Ordering::Relaxed), "direct TCP connection up");
+        shard.splice(client).await;
+        finish(&shared, &record, true);
+        return;
     }
 
     // Right after a (re)registration the assist link may still be on its way: wait briefly.
@@ -175,4 +209,92 @@ fn finish(shared: &Shared, record: &ConnRecord, direct: bool) {
     shared.conns.lock().unwrap().remove(&record.id);
     tracing::info!(camera = %record.camera, client = %record.client, to_camera = record.to_camera.load(Ordering::Relaxed),
         from_camera = record.from_camera.load(Ordering::Relaxed), secs = record.started.elapsed().as_secs(), "TCP connection closed");
+}
+
+/// How long a pre-opened connection may wait for a client before it is renewed: shorter than
+/// the idle limits servers put on a connection that has not sent its request yet (Apache's
+/// `mod_reqtimeout` allows 20 s).
+const WARM_MAX_AGE: Duration = Duration::from_secs(15);
+
+/// Pre-opened direct connections of one exposure (`warm = N`), freshest last.
+#[derive(Default)]
+pub struct WarmPool {
+    idle: std::sync::Mutex<std::collections::VecDeque<Warm>>,
+    refill: tokio::sync::Notify,
+}
+
+struct Warm {
+    shard: Shard,
+    strategy: Strategy,
+    camera: SocketAddrV4,
+    opened: Instant,
+}
+
+impl WarmPool {
+    /// The freshest pre-opened connection to `camera` that is still open, if any.
+    async fn take(&self, camera: SocketAddrV4) -> Option<(Shard, Strategy)> {
+        loop {
+            let w = self.idle.lock().unwrap().pop_back()?;
+            if w.camera != camera || w.opened.elapsed() >= WARM_MAX_AGE {
+                tokio::spawn(w.shard.close_unused(Duration::from_secs(2)));
+                continue;
+            }
+            let mut shard = w.shard;
+            if shard.still_open().await {
+                return Some((shard, w.strategy));
+            }
+            tracing::info!(camera = %camera, "pre-opened connection was closed by the camera; discarded");
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.idle.lock().unwrap().len()
+    }
+
+    /// Remove the connections that waited too long.
+    fn expired(&self) -> Vec<Shard> {
+        let mut idle = self.idle.lock().unwrap();
+        let (old, fresh): (Vec<Warm>, Vec<Warm>) = idle.drain(..).partition(|w| w.opened.elapsed() >= WARM_MAX_AGE);
+        idle.extend(fresh);
+        old.into_iter().map(|w| w.shard).collect()
+    }
+}
+
+/// Keep `e.warm` direct connections pre-opened: renew them before they get old, refill after a
+/// client took one, and back off while the direct path does not work (no profile yet, camera
+/// not reported, attempts failing).
+async fn warm_loop(shared: Arc<Shared>, e: ExposeConfig, pool: Arc<WarmPool>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        for shard in pool.expired() {
+            tokio::spawn(shard.close_unused(Duration::from_secs(2)));
+        }
+        let wait = if pool.len() >= e.warm || backoff > Duration::ZERO {
+            backoff.max(Duration::from_secs(1))
+        } else {
+            match camera_of(&shared, &e) {
+                Err(_) => backoff = Duration::from_secs(2),
+                Ok(camera) => {
+                    let record = Arc::new(ConnRecord::new(0, e.camera.clone(), e.service().to_string(), "(pre-opened)".into()));
+                    match connect_direct(&shared, &e, camera, &record).await {
+                        Ok((shard, strategy, _)) => {
+                            tracing::debug!(camera = %e.camera, "direct connection pre-opened");
+                            pool.idle.lock().unwrap().push_back(Warm { shard, strategy, camera, opened: Instant::now() });
+                        }
+                        Err(why) => {
+                            tracing::debug!(camera = %e.camera, "pre-opening a direct connection: {}", why.join("; "));
+                            backoff = Duration::from_secs(5);
+                        }
+                    }
+                }
+            }
+            continue;
+        };
+        tokio::select! {
+            _ = pool.refill.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = Duration::ZERO;
+    }
 }
