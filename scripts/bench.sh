@@ -405,7 +405,7 @@ if phase diag; then
   streams_phase direct-liberal 18554 $((STREAM_BUDGET / 2)) "$STREAM_LEVELS"
   log "diagnosis: perf profile of the server during a direct transfer (window tracking still off)"
   timeout -k 5 200 "$PY" "$BDIR/profile.py" --pid "$SERVER_PID" --url http://127.0.0.1:18090 \
-    --bytes 1000000000 --secs 4 --perf-data "$RUN/perf-direct.data" --out "$RUN/profile-direct.json" \
+    --bytes 8000000000 --secs 4 --perf-data "$RUN/perf-direct.data" --out "$RUN/profile-direct.json" \
     || log "profile failed (reported without it)"
   check_procs
   "$LAB" liberal "$PREFIX" a 0 >>"$RUN/lab-up.log" 2>&1 || die "lab.sh liberal 0 failed"

@@ -308,6 +308,38 @@ listen = "127.0.0.1:15060"
         assert_eq!(c.exposes[0].camera_name(), "cam1");
     }
 
+    /// The shipped examples are valid as they are, and so are their commented-out options
+    /// (uncommented: `# key = value` lines inside the commented `[[expose]]` blocks).
+    #[test]
+    fn appliance_examples_are_valid() {
+        let p = Path::new("appliance/server.toml");
+        let text = include_str!("../appliance/server.toml");
+        let c: ServerConfig = parse(p, text).unwrap();
+        c.validate(p).unwrap();
+        let mut in_block = false;
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                let r = l.strip_prefix("# ").unwrap_or("");
+                // Inside a commented block: `# key = value` lines and their `#   # …` comment
+                // continuations (which stay comments once uncommented).
+                let option = r.split_once('=').is_some_and(|(k, _)| !k.trim().contains(' '));
+                in_block = r.starts_with("[[expose]]") || (in_block && (option || r.trim_start().starts_with('#')));
+                if in_block {
+                    r
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c: ServerConfig = parse(p, &uncommented).unwrap();
+        c.validate(p).unwrap();
+        assert!(c.exposes.iter().any(|e| e.proto == Proto::Tcp && e.warm == 1), "the warm example is uncommented");
+        let t: TriggerConfig = parse(Path::new("appliance/trigger.toml"), include_str!("../appliance/trigger.toml")).unwrap();
+        assert!(!t.cameras.is_empty());
+    }
+
     #[test]
     fn errors_name_file_line_and_key() {
         let p = Path::new("server.toml");

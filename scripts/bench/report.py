@@ -292,7 +292,8 @@ if udp:
     cpu1 = udp["cpu_round1"]
     out(f"| UDP mappings: {udp['flows']} flows (emulated cameras) to one exposure: mapped in round 1 "
         f"(p50 {f1(udp['round1_ms_p50'])} ms, p99 {f1(udp['round1_ms_p99'])} ms per flow), answered directly in round 2 "
-        f"(p50 {f1(udp['round2_ms_p50'])} ms); server RSS {f1(udp['cpu_round2'].get('server_rss_mb'))} MB, "
+        f"(p50 {f1(udp['round2_ms_p50'])} ms); server RSS {f1(udp['cpu_round2'].get('server_rss_mb'))} MB "
+        f"(the process's, incl. what earlier phases left allocated), "
         f"CPU {f1(cpu1.get('server_cpu_s'))} s for round 1, {f1(udp['cpu_round2'].get('server_cpu_s'))} s for round 2; "
         f"keepalives only ({udp.get('keepalives_idle', '?')} in {f1(udp.get('cpu_idle', {}).get('wall_s'))} s): server "
         f"{f1(udp.get('cpu_idle', {}).get('server_cpu_pct'))} % of a core; "
@@ -410,8 +411,8 @@ if udp and udp.get("perf_round2", {}).get("top_self"):
         f"UDP with {udp['flows']} mappings: {slower}"
         f"cost the server ≈ {f1(per)} µs CPU per datagram; {own:.0f} % of the server's samples during round 2 were "
         f"in its own code, top: " + "; ".join(f"{x[1].split('] ', 1)[-1]} {x[0]:.0f} %" for x in top)
-        + ". One smoltcp interface holds a UDP socket per flow, and every packet and poll walks all of them "
-        "(O(flows) per packet); keepalives alone (one per mapping every keepalive_secs = 20 s) kept "
+        + ". A flow is its server port, looked up in a hash map (O(1) per datagram, whatever the number "
+        "of flows); keepalives alone (one per mapping every keepalive_secs = 20 s) kept "
         f"{f1(udp.get('cpu_idle', {}).get('server_cpu_pct'))} % of a core busy.")
 if udp and udp["counters_round1"].get("indication_errors"):
     import re
@@ -436,9 +437,10 @@ if udp and udp["counters_round1"].get("indication_errors"):
         + ".")
 if nd.get("server_tun_tx_dropped", 0):
     notes.append(
-        "TUN drops: the server kernel queues packets for `public_ip` on the TUN `beckon0` (qdisc, 500 "
-        "packets); one task reads them, one `read` syscall per packet, and hands them to the shards. "
-        "When it falls behind, the kernel drops and TCP retransmits.")
+        "TUN drops: the server kernel queues packets for `public_ip` on the TUN `beckon0` (qdisc, 1000 "
+        "packets; with TUN offload a TCP packet may be a super-packet of up to 64 KB); one task reads them "
+        "and hands them to the shards. When it or the shards fall behind (CPU), the kernel drops and TCP "
+        "retransmits.")
 for t, k in ((t1, 1), (t8, 8)):
     b = (t or {}).get("summary", {}).get(f"direct/{k}")
     if b:

@@ -19,8 +19,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const OUT_QUEUE: usize = 256;
 /// Frames a trigger may send per second (sustained / burst): pings, reports and one result per
 /// indication the server sent stay far below; a flood closes the link.
-pub const FRAMES_PER_SEC: u32 = 500;
-pub const FRAME_BURST: u32 = 2000;
+pub const FRAMES_PER_SEC: u32 = 2500;
+pub const FRAME_BURST: u32 = 5000;
 
 pub async fn run(
     shared: Arc<Shared>,

@@ -19,7 +19,7 @@ use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     Icmpv4Message, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpPacket, UdpPacket, UdpRepr,
 };
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,8 +48,6 @@ pub struct Stack {
     tun: Arc<super::tun::ServerTun>,
     public_ip: Ipv4Addr,
     exposes: Vec<Exposure>,
-    /// Server ports of the live UDP flows.
-    ports: HashSet<u16>,
     table: UdpMappings,
     tx: VecDeque<Vec<u8>>,
     bytes_to_cameras: u64,
@@ -65,7 +63,6 @@ impl Stack {
             shared,
             tun,
             exposes,
-            ports: HashSet::new(),
             table,
             tx: VecDeque::new(),
             bytes_to_cameras: 0,
@@ -128,12 +125,14 @@ impl Stack {
             IpProtocol::Udp => {
                 let Ok(udp) = UdpPacket::new_checked(ip.payload()) else { return };
                 let port = udp.dst_port();
-                if self.shared.port_routes.dispatch_udp(port, pkt) || !self.ports.contains(&port) {
+                if self.shared.port_routes.dispatch_udp(port, pkt) {
                     return;
                 }
                 let from = SocketAddrV4::new(ip.src_addr(), udp.src_port());
                 let payload = udp.payload().to_vec();
-                self.bytes_from_cameras += payload.len() as u64;
+                if self.table.flow(port).is_some() {
+                    self.bytes_from_cameras += payload.len() as u64;
+                }
                 let acts = self.table.camera_datagram(Instant::now(), port, from, payload);
                 self.apply(acts);
             }
@@ -196,16 +195,10 @@ impl Stack {
     fn apply(&mut self, actions: Vec<Action>) {
         for a in actions {
             match a {
-                Action::OpenPort(port) => {
-                    self.ports.insert(port);
-                }
-                Action::ClosePort(port) => {
-                    self.ports.remove(&port);
-                }
+                // A flow's port is its key in the table: datagrams are looked up there, nothing
+                // to bind or unbind.
+                Action::OpenPort(_) | Action::ClosePort(_) => {}
                 Action::ToCamera { server_port, to, payload } => {
-                    if !self.ports.contains(&server_port) {
-                        continue;
-                    }
                     match udp_datagram(SocketAddrV4::new(self.public_ip, server_port), to, &payload) {
                         Some(p) => {
                             self.bytes_to_cameras += payload.len() as u64;

@@ -19,8 +19,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PING_EVERY: Duration = Duration::from_secs(5);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Trigger packets per second (sustained / burst) a trigger injects at most.
-pub const INDICATIONS_PER_SEC: u32 = 200;
-pub const INDICATION_BURST: u32 = 400;
+pub const INDICATIONS_PER_SEC: u32 = 1000;
+pub const INDICATION_BURST: u32 = 2000;
 
 /// Capped exponential backoff with jitter (each delay drawn from [d/2, d]).
 #[derive(Debug, Clone)]
