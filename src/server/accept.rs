@@ -297,7 +297,7 @@ async fn assist_link<R, W>(
     let (rd, leftover) = reader.into_parts();
     let rd = tokio::io::AsyncReadExt::chain(std::io::Cursor::new(leftover), rd);
     let id = shared.next_id();
-    let (handle, driver) = super::assist::serve(tokio::io::join(rd, wr), id);
+    let (handle, driver) = super::assist::serve(tokio::io::join(rd, super::assist::frame_writer(wr)), id);
     shared.assist.lock().unwrap().insert(site.clone(), handle);
     tracing::info!(site = %site, trigger_public = %peer, "assist link up");
     tokio::select! {

@@ -26,10 +26,24 @@ pub struct AssistHandle {
     open: mpsc::Sender<OpenReq>,
 }
 
+/// yamux frame header size.
+const YAMUX_HEADER: usize = 12;
+/// Largest TLS record payload.
+const TLS_RECORD: usize = 16 * 1024;
+
 pub fn yamux_config() -> yamux::Config {
     let mut c = yamux::Config::default();
     c.set_max_num_streams(MAX_STREAMS);
+    // A full data frame (header + body) fills exactly one TLS record.
+    c.set_split_send_size(TLS_RECORD - YAMUX_HEADER);
     c
+}
+
+/// The assist link's TLS writer as yamux should see it: yamux writes a frame's header and body
+/// separately and flushes after each frame; buffered, they become one TLS record and one
+/// `write` instead of two of each.
+pub fn frame_writer<W: tokio::io::AsyncWrite>(w: W) -> tokio::io::BufWriter<W> {
+    tokio::io::BufWriter::with_capacity(4 * TLS_RECORD, w)
 }
 
 /// Drive the yamux connection over an authenticated TLS stream; returns when the link ends.

@@ -94,7 +94,7 @@ async fn link(
     // yamux frames may have arrived together with `registered`: replay them first.
     let (tls, leftover) = reader.into_parts();
     let (rd, wr) = tokio::io::split(tls);
-    let io = tokio::io::join(tokio::io::AsyncReadExt::chain(std::io::Cursor::new(leftover), rd), wr);
+    let io = tokio::io::join(tokio::io::AsyncReadExt::chain(std::io::Cursor::new(leftover), rd), crate::server::assist::frame_writer(wr));
     tracing::info!("assist link up");
     let started = std::time::Instant::now();
     let mut conn = yamux::Connection::new(io.compat(), crate::server::assist::yamux_config(), yamux::Mode::Server);
