@@ -157,13 +157,7 @@ impl Shard {
             if shard.attempt.state == State::Established && st == tcp::State::Closed {
                 return Err("the camera's answer did not complete the handshake".into());
             }
-            let wake = shard.wake_at();
-            tokio::select! {
-                p = shard.rx.recv() => if let Some(p) = p {
-                    shard.wire_batch(p).await;
-                },
-                _ = tokio::time::sleep_until(wake.into()) => {}
-            }
+            shard.wait_input(Instant::now() + Duration::from_secs(1)).await;
             let outs = shard.attempt.tick(Instant::now());
             shard.process(outs).await;
         }
@@ -221,6 +215,18 @@ impl Shard {
         }
     }
 
+    /// Process the packets that arrive, or wait for the stack's next timer, at most until
+    /// `deadline`.
+    async fn wait_input(&mut self, deadline: Instant) {
+        let wake = self.wake_at().min(deadline);
+        tokio::select! {
+            p = self.rx.recv() => if let Some(p) = p {
+                self.wire_batch(p).await;
+            },
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+
     /// Take `first` and every packet already queued for this shard, so smoltcp processes them in
     /// one poll (one ACK for the batch instead of one per segment, fewer wakeups).
     async fn wire_batch(&mut self, first: Vec<u8>) {
@@ -275,13 +281,7 @@ impl Shard {
             if matches!(self.sockets.get::<tcp::Socket>(self.handle).state(), tcp::State::Closed | tcp::State::TimeWait) {
                 return;
             }
-            let wake = self.wake_at().min(deadline);
-            tokio::select! {
-                p = self.rx.recv() => if let Some(p) = p {
-                    self.wire_batch(p).await;
-                },
-                _ = tokio::time::sleep_until(wake.into()) => {}
-            }
+            self.wait_input(deadline).await;
         }
         self.sockets.get_mut::<tcp::Socket>(self.handle).abort();
         self.pump().await;
@@ -306,13 +306,7 @@ impl Shard {
                     return if got.starts_with(want) { Ok(()) } else { Err("unexpected banner".into()) };
                 }
             }
-            let wake = self.wake_at().min(deadline);
-            tokio::select! {
-                p = self.rx.recv() => if let Some(p) = p {
-                    self.wire_batch(p).await;
-                },
-                _ = tokio::time::sleep_until(wake.into()) => {}
-            }
+            self.wait_input(deadline).await;
         }
         self.sockets.get_mut::<tcp::Socket>(self.handle).abort();
         self.pump().await;
