@@ -21,47 +21,9 @@ const K: u64 = 2;
 const RECOVERY: Duration = Duration::from_secs(12);
 
 /// server.toml: sites a and b; UDP exposures of both cameras' port 5060 (127.0.0.1:15060 → a,
-/// :15061 → b) and TCP exposures of their web servers (:18090 → a, :18091 → b); `extra` is
-/// appended verbatim.
-fn server_toml(lab: &Lab, file: &str, keepalive: u64, extra: &str) -> String {
-    lab.write(
-        file,
-        &format!(
-            r#"control_listen = "203.0.113.1:7443"
-public_ip = "203.0.113.100"
-wan_interface = "eth0"
-state_dir = "{}"
-keepalive_secs = {keepalive}
-[[site]]
-name = "site-a"
-token = "token-a-0123456789"
-[[site]]
-name = "site-b"
-token = "token-b-0123456789"
-[[expose]]
-camera = "site-a/cam1"
-port = 5060
-proto = "udp"
-listen = "127.0.0.1:15060"
-[[expose]]
-camera = "site-b/cam1"
-port = 5060
-proto = "udp"
-listen = "127.0.0.1:15061"
-[[expose]]
-camera = "site-a/cam1"
-port = 80
-proto = "tcp"
-listen = "127.0.0.1:18090"
-[[expose]]
-camera = "site-b/cam1"
-port = 80
-proto = "tcp"
-listen = "127.0.0.1:18091"
-{extra}"#,
-            lab.state_dir()
-        ),
-    )
+/// :15061 → b) and TCP exposures of their web servers (:18090 → a, :18091 → b).
+fn server_toml(keepalive: u64) -> ServerToml {
+    Lab::udp_server_toml(keepalive).expose("site-a/cam1", 80, "tcp", "127.0.0.1:18090").expose("site-b/cam1", 80, "tcp", "127.0.0.1:18091")
 }
 
 /// trigger.toml for `site` (its camera cam1 = 198.18.1.10 with udp/5060 and tcp/80).
@@ -336,7 +298,7 @@ fn mapping_of(st: &serde_json::Value, client: &str) -> Option<serde_json::Value>
 #[test]
 fn trigger_killed_and_restarted() {
     let mut lab = Lab::up("bk-f1", &[]);
-    let cfg = server_toml(&lab, "server.toml", K, "");
+    let cfg = server_toml(K).write(&lab, "server.toml");
     start_server(&mut lab, "server", &cfg);
     start_trigger(&mut lab, "trigger-a", "a");
     wait_profiled(&lab, "site-a", 0);
@@ -465,7 +427,7 @@ fn sites_summary(st: &serde_json::Value) -> Vec<(String, bool, Vec<String>, Stri
 #[test]
 fn server_killed_and_restarted() {
     let mut lab = Lab::up("bk-f2", &["--mode-b", "random-invdrop"]);
-    let cfg = server_toml(&lab, "server.toml", K, "");
+    let cfg = server_toml(K).write(&lab, "server.toml");
     start_server(&mut lab, "server", &cfg);
     start_trigger(&mut lab, "trigger-a", "a");
     start_trigger(&mut lab, "trigger-b", "b");
@@ -619,7 +581,7 @@ struct Running {
 }
 
 fn setup_running(lab: &mut Lab) -> Running {
-    let cfg = server_toml(lab, "server.toml", K, "");
+    let cfg = server_toml(K).write(lab, "server.toml");
     start_server(lab, "server", &cfg);
     start_trigger(lab, "trigger-a", "a");
     wait_profiled(lab, "site-a", 0);
@@ -870,15 +832,15 @@ fn silent_nat_loss_noticed_within_two_keepalive_intervals() {
 fn fifty_sites_register_and_reconnect_together() {
     const N: usize = 50;
     let mut lab = Lab::up("bk-f5", &[]);
-    let mut extra = String::new();
+    let mut toml = server_toml(20);
     for i in 0..N {
-        extra += &format!("[[site]]\nname = \"m{i:02}\"\ntoken = \"token-m{i:02}-0123456789\"\ndirect_tcp = false\n");
+        toml = toml.site(&format!("m{i:02}"), &format!("token-m{i:02}-0123456789"), Some(false));
     }
     // UDP exposures of the first and the last site's camera (both are cam-a's 198.18.1.10).
     for i in [0, N - 1] {
-        extra += &format!("[[expose]]\ncamera = \"m{i:02}/cam1\"\nport = 5060\nproto = \"udp\"\nlisten = \"127.0.0.1:{}\"\n", 16000 + i);
+        toml = toml.expose(&format!("m{i:02}/cam1"), 5060, "udp", &format!("127.0.0.1:{}", 16000 + i));
     }
-    let cfg = server_toml(&lab, "server.toml", 20, &extra);
+    let cfg = toml.write(&lab, "server.toml");
     start_server(&mut lab, "server", &cfg);
     let names: Vec<String> = (0..N).map(|i| format!("m{i:02}")).collect();
     let t0 = Instant::now();

@@ -6,60 +6,29 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
+use std::process::{Child, Command};
 use std::time::Duration;
 
 /// server.toml: exposures of both cameras' RTSP (127.0.0.1:18080 → a, :18081 → b) and HTTP
-/// (:18090 → a, :18091 → b); `direct_a = false` sends site a's TCP over the assisted path;
-/// `extra` is appended (more exposures).
-fn tcp_server_config(lab: &Lab, direct_a: bool, extra: &str) -> String {
-    lab.write(
-        "server-tcp.toml",
-        &format!(
-            r#"control_listen = "203.0.113.1:7443"
-public_ip = "203.0.113.100"
-wan_interface = "eth0"
-state_dir = "{}"
-keepalive_secs = 5
-[[site]]
-name = "site-a"
-token = "token-a-0123456789"
-direct_tcp = {direct_a}
-[[site]]
-name = "site-b"
-token = "token-b-0123456789"
-[[expose]]
-camera = "site-a/cam1"
-port = 554
-proto = "tcp"
-listen = "127.0.0.1:18080"
-[[expose]]
-camera = "site-b/cam1"
-port = 554
-proto = "tcp"
-listen = "127.0.0.1:18081"
-[[expose]]
-camera = "site-a/cam1"
-port = 80
-proto = "tcp"
-listen = "127.0.0.1:18090"
-[[expose]]
-camera = "site-b/cam1"
-port = 80
-proto = "tcp"
-listen = "127.0.0.1:18091"
-{extra}"#,
-            lab.state_dir()
-        ),
-    )
+/// (:18090 → a, :18091 → b), keepalive 5 s; `direct_a = false` sends site a's TCP over the
+/// assisted path.
+fn tcp_server_toml(direct_a: bool) -> ServerToml {
+    ServerToml::new(5)
+        .site("site-a", "token-a-0123456789", Some(direct_a))
+        .site("site-b", "token-b-0123456789", None)
+        .expose("site-a/cam1", 554, "tcp", "127.0.0.1:18080")
+        .expose("site-b/cam1", 554, "tcp", "127.0.0.1:18081")
+        .expose("site-a/cam1", 80, "tcp", "127.0.0.1:18090")
+        .expose("site-b/cam1", 80, "tcp", "127.0.0.1:18091")
 }
 
 fn start(lab: &mut Lab, direct_a: bool) {
-    start_with(lab, direct_a, "")
+    start_with(lab, tcp_server_toml(direct_a))
 }
 
-fn start_with(lab: &mut Lab, direct_a: bool, extra: &str) {
-    let cfg = tcp_server_config(lab, direct_a, extra);
+/// Server with config `server`, both sites' triggers, and both sites profiled.
+fn start_with(lab: &mut Lab, server: ServerToml) {
+    let cfg = server.write(lab, "server-tcp.toml");
     lab.spawn("server", "srv", &["server", "--config", &cfg]);
     wait_for(Duration::from_secs(10), "server admin endpoint", || lab.try_status().is_some());
     for site in ["a", "b"] {
@@ -201,12 +170,7 @@ fn assisted_and_direct_rtsp_while_the_direct_sites_trigger_dies() {
     let payload = body.windows(4).position(|w| w == b"\r\n\r\n").map(|i| body.len() - i - 4).unwrap_or(0);
     assert_eq!(payload, 20_000_000);
 
-    let mut fa = ffmpeg(&lab, 18080, 14);
-    let mut fb = ffmpeg(&lab, 18081, 14);
-    wait_for(Duration::from_secs(10), "both streams flowing", || {
-        lab.status()["connections"].as_array().unwrap().iter().filter(|c| c["bytes_from_camera"].as_u64().unwrap_or(0) > 10_000).count()
-            == 2
-    });
+    let streams = start_both_streams(&lab, Duration::from_secs(10));
     let st = lab.status();
     let conns = st["connections"].as_array().unwrap();
     let ca = conns.iter().find(|c| c["camera"] == "site-a/cam1").unwrap();
@@ -218,17 +182,34 @@ fn assisted_and_direct_rtsp_while_the_direct_sites_trigger_dies() {
     assert!(cb["public_endpoint"].as_str().unwrap().starts_with("203.0.113.3:"));
 
     lab.kill("trigger-b");
-    let (sa, sb) = (fa.wait().unwrap(), fb.wait().unwrap());
-    assert!(sa.success() && sb.success(), "ffmpeg failed: {sa:?} {sb:?}");
-    let (na, nb) = (frames(&lab, 18080), frames(&lab, 18081));
-    assert!(na >= 300 && nb >= 300, "decoded frames: site-a {na}, site-b {nb}");
+    both_streams_completed(&lab, streams);
     let st = lab.status();
     assert!(!site(&st, "site-b")["connected"].as_bool().unwrap());
     assert!(cb["trigger_packets"].as_u64().unwrap() <= 3);
     assert!(st["counters"]["tcp_bytes_assisted"].as_u64().unwrap() > 20_000_000);
 }
 
-fn ffmpeg(lab: &Lab, port: u16, secs: u32) -> std::process::Child {
+/// Starts a 14 s RTSP stream from each camera at once (ffmpeg through :18080 → a and
+/// :18081 → b) and returns once both are flowing (over 10 kB from each camera) within `limit`.
+fn start_both_streams(lab: &Lab, limit: Duration) -> (Child, Child) {
+    let streams = (ffmpeg(lab, 18080, 14), ffmpeg(lab, 18081, 14));
+    wait_for(limit, "both streams flowing", || {
+        lab.status()["connections"].as_array().unwrap().iter().filter(|c| c["bytes_from_camera"].as_u64().unwrap_or(0) > 10_000).count()
+            == 2
+    });
+    streams
+}
+
+/// Waits for the streams of `start_both_streams` to end: both ffmpeg runs succeeded and each
+/// decoded at least 300 frames (so neither stream stalled when the tests killed triggers).
+fn both_streams_completed(lab: &Lab, (mut fa, mut fb): (Child, Child)) {
+    let (sa, sb) = (fa.wait().unwrap(), fb.wait().unwrap());
+    assert!(sa.success() && sb.success(), "ffmpeg failed: {sa:?} {sb:?}");
+    let (na, nb) = (frames(lab, 18080), frames(lab, 18081));
+    assert!(na >= 300 && nb >= 300, "decoded frames: site-a {na}, site-b {nb}");
+}
+
+fn ffmpeg(lab: &Lab, port: u16, secs: u32) -> Child {
     let log = std::fs::File::create(lab.dir.join(format!("ffmpeg-{port}.log"))).unwrap();
     Command::new("ip")
         .args(["netns", "exec", &lab.ns("srv"), "timeout", "60", "ffmpeg", "-nostdin", "-loglevel", "info", "-rtsp_transport", "tcp"])
@@ -254,12 +235,7 @@ fn rtsp_direct_through_two_strict_nats_while_both_triggers_die() {
     let ub = &site(&lab.status(), "site-b")["profile"]["udp"].clone();
     assert_eq!(ub["port_preserved"], false, "{ub:#}");
     assert_eq!(ub["mapping"], "endpoint-dependent", "{ub:#}");
-    let mut fa = ffmpeg(&lab, 18080, 14);
-    let mut fb = ffmpeg(&lab, 18081, 14);
-    wait_for(Duration::from_secs(15), "both streams flowing", || {
-        lab.status()["connections"].as_array().unwrap().iter().filter(|c| c["bytes_from_camera"].as_u64().unwrap_or(0) > 10_000).count()
-            == 2
-    });
+    let streams = start_both_streams(&lab, Duration::from_secs(15));
     let st = lab.status();
     for c in st["connections"].as_array().unwrap() {
         assert_eq!(c["path"], "direct", "{c:#}");
@@ -270,10 +246,7 @@ fn rtsp_direct_through_two_strict_nats_while_both_triggers_die() {
     }
     lab.kill("trigger-a");
     lab.kill("trigger-b");
-    let (sa, sb) = (fa.wait().unwrap(), fb.wait().unwrap());
-    assert!(sa.success() && sb.success(), "ffmpeg failed: {sa:?} {sb:?}");
-    let (na, nb) = (frames(&lab, 18080), frames(&lab, 18081));
-    assert!(na >= 300 && nb >= 300, "decoded frames: site-a {na}, site-b {nb}");
+    both_streams_completed(&lab, streams);
     let st = lab.status();
     assert!(st["sites"].as_array().unwrap().iter().all(|s| s["connected"] == false));
     assert_eq!(st["counters"]["tcp_bytes_assisted"], 0);
@@ -364,8 +337,7 @@ fn established_web_connections(lab: &Lab) -> std::collections::BTreeSet<u16> {
 #[test]
 fn warm_connections_serve_clients_at_once_and_are_renewed() {
     let mut lab = Lab::up("bk-t6", &[]);
-    let warm = "[[expose]]\ncamera = \"site-a/cam1\"\nport = 80\nproto = \"tcp\"\nlisten = \"127.0.0.1:18092\"\nwarm = 2\n";
-    start_with(&mut lab, true, warm);
+    start_with(&mut lab, tcp_server_toml(true).expose("site-a/cam1", 80, "tcp", "127.0.0.1:18092").warm(2));
     wait_for(Duration::from_secs(20), "two pre-opened connections at site a's NAT", || established_web_connections(&lab).len() == 2);
     let pooled = established_web_connections(&lab);
 

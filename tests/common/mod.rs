@@ -88,37 +88,20 @@ impl Lab {
         self.dir.join("state").display().to_string()
     }
 
-    /// server.toml with both sites and one UDP exposure per site's camera port 5060
-    /// (127.0.0.1:15060 → site-a, :15061 → site-b), keepalive as given.
+    /// The lab's two sites with one UDP exposure per site's camera port 5060 (127.0.0.1:15060 →
+    /// site-a, :15061 → site-b), keepalive as given: the server of the UDP and control tests, and
+    /// the base the fault tests add their exposures to.
+    pub fn udp_server_toml(keepalive_secs: u64) -> ServerToml {
+        ServerToml::new(keepalive_secs)
+            .site("site-a", "token-a-0123456789", None)
+            .site("site-b", "token-b-0123456789", None)
+            .expose("site-a/cam1", 5060, "udp", "127.0.0.1:15060")
+            .expose("site-b/cam1", 5060, "udp", "127.0.0.1:15061")
+    }
+
+    /// `udp_server_toml` written to server.toml; returns its path.
     pub fn server_config(&self, keepalive_secs: u64) -> String {
-        self.write(
-            "server.toml",
-            &format!(
-                r#"control_listen = "203.0.113.1:7443"
-public_ip = "203.0.113.100"
-wan_interface = "eth0"
-state_dir = "{}"
-keepalive_secs = {keepalive_secs}
-[[site]]
-name = "site-a"
-token = "token-a-0123456789"
-[[site]]
-name = "site-b"
-token = "token-b-0123456789"
-[[expose]]
-camera = "site-a/cam1"
-port = 5060
-proto = "udp"
-listen = "127.0.0.1:15060"
-[[expose]]
-camera = "site-b/cam1"
-port = 5060
-proto = "udp"
-listen = "127.0.0.1:15061"
-"#,
-                self.state_dir()
-            ),
-        )
+        Lab::udp_server_toml(keepalive_secs).write(self, "server.toml")
     }
 
     pub fn trigger_config(&self, site: &str, token: &str, ca: &str) -> String {
@@ -180,8 +163,14 @@ ports = ["udp/5060"]
         self.try_status().expect("beckon status --json failed")
     }
 
-    /// Run `f` on a thread inside namespace `ns` (sockets it creates live there).
+    /// Run `f` on a thread inside namespace `ns` (sockets it creates live there) and wait for it.
     pub fn in_ns<T: Send + 'static>(&self, ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn_in_ns(ns, f).join().unwrap()
+    }
+
+    /// Run `f` on a background thread inside namespace `ns`; the caller joins it. (A thread of
+    /// its own because setns switches the calling thread's namespace for good.)
+    pub fn spawn_in_ns<T: Send + 'static>(&self, ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
         let path = format!("/var/run/netns/{}", self.ns(ns));
         std::thread::spawn(move || {
             let file = std::fs::File::open(&path).unwrap();
@@ -189,8 +178,6 @@ ports = ["udp/5060"]
             assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
             f()
         })
-        .join()
-        .unwrap()
     }
 
     /// Packets the trigger host's kernel received from its TUN = trigger packets injected.
@@ -206,6 +193,101 @@ ports = ["udp/5060"]
         let out = Command::new(repo().join("scripts/lab/lab.sh")).args(args).output().unwrap();
         assert!(out.status.success(), "lab.sh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// A server.toml for the lab's server namespace: the lab's fixed addresses (control link on
+/// 203.0.113.1:7443, public IP 203.0.113.100 on eth0, state in the lab's dir) plus the sites
+/// and exposures a test lists. The one place the file's layout is written out, so the tests'
+/// configurations differ only where they say so.
+pub struct ServerToml {
+    keepalive_secs: u64,
+    sites: Vec<SiteToml>,
+    exposes: Vec<ExposeToml>,
+}
+
+struct SiteToml {
+    name: String,
+    token: String,
+    /// None leaves the key out (the server's default).
+    direct_tcp: Option<bool>,
+}
+
+struct ExposeToml {
+    camera: String,
+    port: u16,
+    proto: String,
+    listen: String,
+    /// None leaves the key out (no pre-opened connections).
+    warm: Option<usize>,
+}
+
+impl ServerToml {
+    pub fn new(keepalive_secs: u64) -> ServerToml {
+        ServerToml { keepalive_secs, sites: Vec::new(), exposes: Vec::new() }
+    }
+
+    /// A `[[site]]`; `direct_tcp` None omits the key.
+    pub fn site(mut self, name: &str, token: &str, direct_tcp: Option<bool>) -> ServerToml {
+        self.sites.push(SiteToml { name: name.into(), token: token.into(), direct_tcp });
+        self
+    }
+
+    /// An `[[expose]]` of `camera` ("site/cam") `proto`/`port` on `listen`.
+    pub fn expose(mut self, camera: &str, port: u16, proto: &str, listen: &str) -> ServerToml {
+        self.exposes.push(ExposeToml { camera: camera.into(), port, proto: proto.into(), listen: listen.into(), warm: None });
+        self
+    }
+
+    /// `warm = n` on the exposure added last.
+    pub fn warm(mut self, n: usize) -> ServerToml {
+        self.exposes.last_mut().expect("warm() follows an expose()").warm = Some(n);
+        self
+    }
+
+    /// The file's text, with `state_dir` as the server's state directory.
+    pub fn render(&self, state_dir: &str) -> String {
+        let mut t = format!(
+            r#"control_listen = "203.0.113.1:7443"
+public_ip = "203.0.113.100"
+wan_interface = "eth0"
+state_dir = "{state_dir}"
+keepalive_secs = {}
+"#,
+            self.keepalive_secs
+        );
+        for s in &self.sites {
+            t += &format!(
+                r#"[[site]]
+name = "{}"
+token = "{}"
+"#,
+                s.name, s.token
+            );
+            if let Some(direct) = s.direct_tcp {
+                t += &format!("direct_tcp = {direct}\n");
+            }
+        }
+        for e in &self.exposes {
+            t += &format!(
+                r#"[[expose]]
+camera = "{}"
+port = {}
+proto = "{}"
+listen = "{}"
+"#,
+                e.camera, e.port, e.proto, e.listen
+            );
+            if let Some(n) = e.warm {
+                t += &format!("warm = {n}\n");
+            }
+        }
+        t
+    }
+
+    /// Write it to `file` in the lab's dir (state in the lab's state dir); returns the path.
+    pub fn write(&self, lab: &Lab, file: &str) -> String {
+        lab.write(file, &self.render(&lab.state_dir()))
     }
 }
 
@@ -292,17 +374,6 @@ impl Lab {
     /// Is the process started as `name` still running? (false once it exited or was stopped)
     pub fn running(&mut self, name: &str) -> bool {
         self.procs.iter_mut().find(|(n, _)| n == name).is_some_and(|(_, c)| matches!(c.try_wait(), Ok(None)))
-    }
-
-    /// Run `f` on a background thread inside namespace `ns`; the caller joins it.
-    pub fn spawn_in_ns<T: Send + 'static>(&self, ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
-        let path = format!("/var/run/netns/{}", self.ns(ns));
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
     }
 
     /// `ip -n PREFIX-NS ARGS`; panics on failure.
