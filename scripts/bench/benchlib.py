@@ -183,7 +183,7 @@ def perf_summary(path: str, top: int = 8) -> dict:
         out["dso"][parts[1]] = pct
     for pct, parts in _perf_lines(path, "--no-children", "--sort", "dso,sym")[:top]:
         out["top_self"].append([pct, " ".join(parts[1:])])
-    want = {"ksys_write": "write (TUN, control)", "ksys_read": "read (TUN)",
+    want = {"ksys_write": "write (TUN, control)", "do_writev": "writev (TUN with offload header)", "ksys_read": "read (TUN)",
             "__sys_sendto": "send (to client socket)", "__sys_recvfrom": "recv (client socket)",
             "tun_get_user": "TUN write path", "tun_do_read": "TUN read path"}
     for pct, parts in _perf_lines(path, "--children", "--sort", "sym"):

@@ -389,15 +389,14 @@ if prof and prof.get("perf", {}).get("dso"):
     notes.append(
         f"Where the direct path's CPU goes (`perf record -g` of the server for 4 s during a direct transfer, "
         f"{prof.get('MBps')} MB/s, window tracking off): {kern:.0f} % of its samples in the kernel, {own:.0f} % in "
-        f"beckon's own code (smoltcp, rewrite, tokio); inclusive: `write` {inc.get('ksys_write', 0):.0f} % "
-        f"(TUN write path {inc.get('tun_get_user', 0):.0f} %), `sendto` to the client socket "
-        f"{inc.get('__sys_sendto', 0):.0f} %, `read` {inc.get('ksys_read', 0):.0f} %. During the {mb:.0f} MB transfer "
-        f"beckon read {rd} packets from its TUN ({(mb * 1e6 / rd if rd else 0):.0f} B each) and wrote {wr} into it"
-        + (" (an ACK for every data segment)" if rd and wr / rd > 0.8 else
-           f" (one ACK per {rd / wr:.0f} data segments)" if wr else "")
-        + ": a syscall per MTU-sized packet, where the port-forward path moves up to 64 KB GSO/GRO "
-        f"super-packets kernel to kernel (the TUN has no offloads, so the kernel segments them before the "
-        f"TUN). In this lab the packets written into the TUN are forwarded through "
+        f"beckon's own code (smoltcp, rewrite, tokio); inclusive: `write`/`writev` "
+        f"{inc.get('ksys_write', 0) + inc.get('do_writev', 0):.0f} % (TUN write path {inc.get('tun_get_user', 0):.0f} %), "
+        f"`sendto` to the client socket {inc.get('__sys_sendto', 0):.0f} %, `read` {inc.get('ksys_read', 0):.0f} %. "
+        f"During the {mb:.0f} MB transfer beckon read {rd} packets from its TUN ({(mb * 1e6 / rd if rd else 0):.0f} B "
+        f"each: with TUN offload the kernel hands over TCP super-packets, up to 64 KB) and wrote {wr} into it"
+        + (" (an ACK for every data packet)" if rd and wr / rd > 0.8 else
+           f" (one ACK per {rd / wr:.1f} data packets)" if wr else "")
+        + ". In this lab the packets written into the TUN are forwarded through "
         f"the veth, bridge, router NAT and into the camera's TCP stack inside that `write` call (softirq in "
         f"the writer's context), so part of the server's kernel time is the emulated network's.")
 if udp and udp.get("perf_round2", {}).get("top_self"):

@@ -103,47 +103,23 @@ impl Stack {
     /// mappings to the table, echo requests answered; everything else is dropped silently (no
     /// RST, no port unreachable: silence never kills a NAT mapping).
     fn ingress(&mut self, pkt: &[u8], csum: Checksum) {
-        let Ok(ip) = Ipv4Packet::new_checked(pkt) else {
-            return; // IPv6 or garbage
-        };
-        if Ipv4Addr::from(ip.dst_addr()) != self.public_ip || !ip.verify_checksum() {
-            return;
-        }
-        if ip.more_frags() || ip.frag_offset() != 0 {
-            return; // no reassembly: cameras' answers and TCP segments fit the MTU
-        }
-        if csum == Checksum::Unverified && !transport_checksum_ok(&ip) {
-            return;
-        }
-        match ip.next_header() {
-            IpProtocol::Tcp => {
-                // Shards do not verify checksums again (a super-packet's is partial).
-                if let Ok(dst) = crate::wire::rewrite::endpoint(pkt, crate::wire::rewrite::End::Dst) {
-                    self.shared.port_routes.dispatch_tcp(dst.port(), pkt);
-                }
+        match parse_ingress(pkt, csum, self.public_ip) {
+            Ingress::Tcp { dst_port } => {
+                self.shared.port_routes.dispatch_tcp(dst_port, pkt);
             }
-            IpProtocol::Udp => {
-                let Ok(udp) = UdpPacket::new_checked(ip.payload()) else { return };
-                let port = udp.dst_port();
-                if self.shared.port_routes.dispatch_udp(port, pkt) {
+            Ingress::Udp { dst_port, from, payload } => {
+                if self.shared.port_routes.dispatch_udp(dst_port, pkt) {
                     return;
                 }
-                let from = SocketAddrV4::new(ip.src_addr(), udp.src_port());
-                let payload = udp.payload().to_vec();
-                if self.table.flow(port).is_some() {
+                if self.table.flow(dst_port).is_some() {
                     self.bytes_from_cameras += payload.len() as u64;
                 }
-                let acts = self.table.camera_datagram(Instant::now(), port, from, payload);
+                let acts = self.table.camera_datagram(Instant::now(), dst_port, from, payload.to_vec());
                 self.apply(acts);
             }
-            IpProtocol::Icmp => {
-                if let Some((port, to)) = unreachable_for(&ip, self.public_ip) {
-                    self.table.unreachable(Instant::now(), port, to);
-                } else if let Some(reply) = echo_reply(&ip) {
-                    self.queue(reply);
-                }
-            }
-            _ => {}
+            Ingress::Unreachable { server_port, to } => self.table.unreachable(Instant::now(), server_port, to),
+            Ingress::EchoReply(reply) => self.queue(reply),
+            Ingress::Ignore => {}
         }
     }
 
@@ -289,6 +265,60 @@ pub fn unreachable_for(ip: &Ipv4Packet<&[u8]>, public_ip: std::net::Ipv4Addr) ->
     Some((udp.src_port(), SocketAddrV4::new(inner.dst_addr().into(), udp.dst_port())))
 }
 
+/// What a packet from the TUN is for the stack (sans-IO: parsing only, no state).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ingress<'a> {
+    /// A TCP segment for a server port (its shard's, if any); checksum verified.
+    Tcp { dst_port: u16 },
+    /// A UDP datagram for a server port; checksum verified.
+    Udp { dst_port: u16, from: SocketAddrV4, payload: &'a [u8] },
+    /// ICMP destination-unreachable about a datagram we sent from `server_port` to `to`.
+    Unreachable { server_port: u16, to: SocketAddrV4 },
+    /// An echo request to `public_ip`: this is the reply.
+    EchoReply(Vec<u8>),
+    /// Not for beckon, malformed, a fragment, or a bad checksum.
+    Ignore,
+}
+
+/// Classify a packet read from the TUN. `csum` says whether the kernel already verified the
+/// transport checksum (a TCP super-packet's is only partial and must not be checked again).
+pub fn parse_ingress(pkt: &[u8], csum: Checksum, public_ip: Ipv4Addr) -> Ingress<'_> {
+    let Ok(ip) = Ipv4Packet::new_checked(pkt) else {
+        return Ingress::Ignore; // IPv6 or garbage
+    };
+    if Ipv4Addr::from(ip.dst_addr()) != public_ip || !ip.verify_checksum() {
+        return Ingress::Ignore;
+    }
+    if ip.more_frags() || ip.frag_offset() != 0 {
+        return Ingress::Ignore; // no reassembly: cameras' answers and TCP segments fit the MTU
+    }
+    if csum == Checksum::Unverified && !transport_checksum_ok(&ip) {
+        return Ingress::Ignore;
+    }
+    let body = &pkt[ip.header_len() as usize..ip.total_len() as usize];
+    match ip.next_header() {
+        IpProtocol::Tcp => match TcpPacket::new_checked(body) {
+            Ok(t) => Ingress::Tcp { dst_port: t.dst_port() },
+            Err(_) => Ingress::Ignore,
+        },
+        IpProtocol::Udp => match UdpPacket::new_checked(body) {
+            Ok(u) => {
+                let payload = &body[8..u.len() as usize];
+                Ingress::Udp { dst_port: u.dst_port(), from: SocketAddrV4::new(ip.src_addr(), u.src_port()), payload }
+            }
+            Err(_) => Ingress::Ignore,
+        },
+        IpProtocol::Icmp => {
+            if let Some((server_port, to)) = unreachable_for(&ip, public_ip) {
+                Ingress::Unreachable { server_port, to }
+            } else {
+                echo_reply(&ip).map_or(Ingress::Ignore, Ingress::EchoReply)
+            }
+        }
+        _ => Ingress::Ignore,
+    }
+}
+
 /// An IPv4/UDP packet from `from` to `to` carrying `payload`, checksums filled; `None` if it
 /// does not fit an IPv4 packet. DF stays clear: the kernel fragments what exceeds a link's MTU,
 /// as it would for a host's own socket.
@@ -367,6 +397,31 @@ mod tests {
         assert_eq!(udp_datagram(from, to, b"").unwrap().len(), 28);
         assert!(udp_datagram(from, to, &vec![0; 65_508]).is_none());
         assert_eq!(udp_datagram(from, to, &vec![0; 65_507]).unwrap().len(), 65_535);
+    }
+
+    #[test]
+    fn ingress_classifies_and_checks() {
+        let public = Ipv4Addr::new(203, 0, 113, 100);
+        let (cam, srv) = (ep("203.0.113.2:5060"), ep("203.0.113.100:40000"));
+        let good = udp_datagram(cam, srv, b"SIP/2.0 200 OK").unwrap();
+        let want = Ingress::Udp { dst_port: 40000, from: cam, payload: &b"SIP/2.0 200 OK"[..] };
+        assert_eq!(parse_ingress(&good, Checksum::Unverified, public), want);
+        // Not for public_ip.
+        assert_eq!(parse_ingress(&good, Checksum::Unverified, Ipv4Addr::new(203, 0, 113, 99)), Ingress::Ignore);
+        // A corrupted payload: dropped unless the kernel vouched for the checksum.
+        let mut bad = good.clone();
+        *bad.last_mut().unwrap() ^= 0xff;
+        assert_eq!(parse_ingress(&bad, Checksum::Unverified, public), Ingress::Ignore);
+        assert!(matches!(parse_ingress(&bad, Checksum::Verified, public), Ingress::Udp { dst_port: 40000, .. }));
+        // A fragment is not reassembled.
+        let mut frag = good.clone();
+        let mut ip = Ipv4Packet::new_unchecked(&mut frag[..]);
+        ip.set_more_frags(true);
+        ip.fill_checksum();
+        assert_eq!(parse_ingress(&frag, Checksum::Unverified, public), Ingress::Ignore);
+        // Truncated and empty input.
+        assert_eq!(parse_ingress(&good[..25], Checksum::Unverified, public), Ingress::Ignore);
+        assert_eq!(parse_ingress(&[], Checksum::Verified, public), Ingress::Ignore);
     }
 
     #[test]
