@@ -172,6 +172,15 @@ impl ServerConfig {
             if e.warm > MAX_WARM || (e.warm > 0 && e.proto != Proto::Tcp) {
                 return Err(err(path, format!("key `expose[{i}].warm`: pre-opened connections are for tcp exposures, 0-{MAX_WARM}")));
             }
+            if e.warm > 0 && self.sites.iter().any(|s| s.name == e.site() && !s.direct_tcp) {
+                return Err(err(
+                    path,
+                    format!(
+                        "key `expose[{i}].warm`: site {:?} has direct_tcp = false, and pre-opened connections are direct ones",
+                        e.site()
+                    ),
+                ));
+            }
             if !listens.insert((e.proto, e.listen)) {
                 return Err(err(path, format!("key `expose[{i}].listen`: {} {} is used by another exposure", e.proto, e.listen)));
             }
@@ -338,6 +347,21 @@ listen = "127.0.0.1:15060"
         assert!(c.exposes.iter().any(|e| e.proto == Proto::Tcp && e.warm == 1), "the warm example is uncommented");
         let t: TriggerConfig = parse(Path::new("appliance/trigger.toml"), include_str!("../appliance/trigger.toml")).unwrap();
         assert!(!t.cameras.is_empty());
+    }
+
+    #[test]
+    fn warm_needs_tcp_and_direct_tcp() {
+        let p = Path::new("server.toml");
+        let with = |extra: &str, direct: bool| {
+            let text = SERVER.replace("token = \"0123456789abcdef\"", &format!("token = \"0123456789abcdef\"\ndirect_tcp = {direct}"))
+                + &format!("[[expose]]\ncamera = \"site-a/cam1\"\nport = 80\nlisten = \"127.0.0.1:18080\"\n{extra}\n");
+            parse::<ServerConfig>(p, &text).unwrap().validate(p).map_err(|e| e.to_string())
+        };
+        assert!(with("proto = \"tcp\"\nwarm = 2", true).is_ok());
+        assert!(with("proto = \"tcp\"\nwarm = 9", true).unwrap_err().contains("expose[1].warm"));
+        assert!(with("proto = \"udp\"\nwarm = 1", true).unwrap_err().contains("for tcp exposures"));
+        assert!(with("proto = \"tcp\"\nwarm = 1", false).unwrap_err().contains("direct_tcp = false"));
+        assert!(with("proto = \"tcp\"\nwarm = 0", false).is_ok());
     }
 
     #[test]
