@@ -68,6 +68,18 @@ fn get_raw(lab: &Lab, port: u16, path: &str) -> Vec<u8> {
     })
 }
 
+/// GET `path` and read until the end: Ok(bytes) at a clean end (FIN), the error kind otherwise.
+fn get_until_end(lab: &Lab, port: u16, path: &str) -> Result<Vec<u8>, std::io::ErrorKind> {
+    let path = path.to_string();
+    lab.in_ns("srv", move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).map(|_| out).map_err(|e| e.kind())
+    })
+}
+
 fn get(lab: &Lab, port: u16, path: &str) -> String {
     String::from_utf8_lossy(&get_raw(lab, port, path)).into_owned()
 }
@@ -108,6 +120,12 @@ fn http_direct_through_strict_and_lenient_nats() {
     assert!(a.contains("<h1>camera cam-a</h1>") && a.contains("you are 203.0.113.100:"), "{a}");
     assert!(b.contains("<h1>camera cam-b</h1>") && b.contains("you are 203.0.113.100:"), "{b}");
 
+    // A camera that aborts its connection: the client sees a reset, not a clean end (which
+    // would pass a truncated answer off as complete).
+    for port in [18090, 18091] {
+        assert_eq!(get_until_end(&lab, port, "/reset"), Err(std::io::ErrorKind::ConnectionReset), "port {port}");
+    }
+
     // Many clients at once on both exposures.
     let handles: Vec<_> = (0..40)
         .map(|i| {
@@ -143,7 +161,7 @@ fn http_direct_through_strict_and_lenient_nats() {
 
     let st = lab.status();
     let c = &st["counters"];
-    assert_eq!(c["tcp_connections_direct"], 49, "{c:#}");
+    assert_eq!(c["tcp_connections_direct"], 51, "{c:#}");
     assert_eq!(c["tcp_connections_assisted"], 0, "{c:#}");
     assert_eq!(c["tcp_connections_failed"], 0);
     assert!(c["tcp_bytes_direct"].as_u64().unwrap() > 40_000_000);
@@ -151,9 +169,9 @@ fn http_direct_through_strict_and_lenient_nats() {
     // Trigger packets: 3 per steered connection (site a), 1 per reverse-syn one (site b), plus
     // the profile's probes (at most 3 per strategy and try).
     let (ta, tb) = (lab.tun_injected_packets("a"), lab.tun_injected_packets("b"));
-    eprintln!("trigger packets injected: site a {ta} (27 connections), site b {tb} (22 connections)");
-    assert!(ta <= 27 * 3 + 40, "site a injected {ta}");
-    assert!(tb <= 22 + 40, "site b injected {tb}");
+    eprintln!("trigger packets injected: site a {ta} (28 connections), site b {tb} (23 connections)");
+    assert!(ta <= 28 * 3 + 40, "site a injected {ta}");
+    assert!(tb <= 23 + 40, "site b injected {tb}");
 }
 
 /// With direct TCP disabled for site a, its connections are trigger-assisted: page, bulk and an

@@ -4,11 +4,15 @@
 GET /                -> 200 text/html, body contains `<h1>camera <name></h1>`
 GET /bulk?bytes=N    -> 200 application/octet-stream, exactly N bytes (N <= 1 GiB),
                         streamed in 64 KiB chunks (throughput tests)
+GET /reset           -> the start of a response, then the connection is reset (RST, no FIN):
+                        a camera that aborts (reset propagation tests)
 Every response closes the connection (HTTP/1.0 style). One log line per request
 on stdout (epoch time, peer, request line, status). SIGTERM/SIGINT: exit 0.
 """
 import argparse
 import signal
+import socket
+import struct
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,6 +67,11 @@ def make_handler(name: str):
                         left -= k
                 except (ConnectionError, TimeoutError):
                     pass
+            elif url.path == "/reset":
+                self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\npartial")
+                # Linger 0: close() sends RST instead of FIN.
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
             else:
                 self._send(404, "text/plain", b"not found\n", head_only)
 

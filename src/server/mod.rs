@@ -236,7 +236,7 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     let (engine_tx, engine_rx) = mpsc::channel(4096);
 
     let exposes = expose::bind_all(&cfg, engine_tx.clone(), shutdown_rx.clone()).await?;
-    tcp_expose::bind_all(&shared, shutdown_rx.clone()).await?;
+    let warm_tasks = tcp_expose::bind_all(&shared, shutdown_rx.clone()).await?;
     let control = tokio::net::TcpListener::bind(cfg.control_listen)
         .await
         .with_context(|| format!("binding control_listen {} (is the address on this host?)", cfg.control_listen))?;
@@ -257,6 +257,9 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
         let _ = stack_task.await;
         let _ = accept_task.await;
         let _ = admin_task.await;
+        for t in warm_tasks {
+            let _ = t.await;
+        }
     })
     .await;
     // Dropping the TUN (inside the stack) removes its route; guards undo the rest.

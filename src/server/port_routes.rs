@@ -8,8 +8,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
-/// Packets queued from the TUN reader to one TCP shard (full: dropped, TCP retransmits).
-const SHARD_QUEUE: usize = 1024;
+/// Packets queued from the TUN reader to one TCP shard (full: dropped, TCP retransmits). A full
+/// receive window (256 KiB) is ≈ 180 MSS-sized segments; with TUN offload a packet may be a
+/// 64 KB super-packet, so this also bounds a shard's queue to ≈ 16 MB.
+const SHARD_QUEUE: usize = 256;
 /// Packets queued to one UDP probe.
 const PROBE_QUEUE: usize = 64;
 /// Server ports for direct TCP connections (TCP and UDP port spaces are separate).

@@ -284,9 +284,9 @@ pub enum Ingress<'a> {
 /// transport checksum (a TCP super-packet's is only partial and must not be checked again).
 pub fn parse_ingress(pkt: &[u8], csum: Checksum, public_ip: Ipv4Addr) -> Ingress<'_> {
     let Ok(ip) = Ipv4Packet::new_checked(pkt) else {
-        return Ingress::Ignore; // IPv6 or garbage
+        return Ingress::Ignore; // garbage
     };
-    if Ipv4Addr::from(ip.dst_addr()) != public_ip || !ip.verify_checksum() {
+    if ip.version() != 4 || Ipv4Addr::from(ip.dst_addr()) != public_ip || !ip.verify_checksum() {
         return Ingress::Ignore;
     }
     if ip.more_frags() || ip.frag_offset() != 0 {
@@ -335,6 +335,8 @@ pub fn udp_datagram(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> Opt
     let mut pkt = Ipv4Packet::new_unchecked(&mut buf[..]);
     ip.emit(&mut pkt, &caps);
     pkt.set_dont_frag(false);
+    // smoltcp writes ident 0; fragments of different datagrams must not share one.
+    pkt.set_ident(rand::random());
     pkt.fill_checksum();
     let (src, dst): (Ipv4Address, Ipv4Address) = (*from.ip(), *to.ip());
     let mut u = UdpPacket::new_unchecked(pkt.payload_mut());

@@ -271,6 +271,12 @@ impl Shard {
         self.sockets.get::<tcp::Socket>(self.handle).state() == tcp::State::Established
     }
 
+    /// Reset the connection (one RST to the camera) and free everything.
+    pub async fn reset(mut self) {
+        self.sockets.get_mut::<tcp::Socket>(self.handle).abort();
+        self.pump().await;
+    }
+
     /// Close an unused pre-opened connection politely (FIN, at most `limit` for the camera's
     /// answer), so the camera frees it; then everything is dropped.
     pub async fn close_unused(mut self, limit: Duration) {
@@ -347,16 +353,22 @@ impl Shard {
                 self.record.from_camera.fetch_add(delivered as u64, Ordering::Relaxed);
                 continue; // the window opened: let smoltcp announce it
             }
-            if !s.can_recv() && !s.may_recv() && !camera_eof {
+            let state = s.state();
+            // Only the camera's FIN is a half-close; a reset or a timeout (Closed without it) is
+            // passed on as a reset below.
+            let camera_fin = matches!(state, tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing | tcp::State::TimeWait);
+            if !s.can_recv() && camera_fin && !camera_eof {
                 camera_eof = true;
                 let _ = cw.shutdown().await; // half-close towards the client
             }
-            let state = s.state();
             if matches!(state, tcp::State::Closed | tcp::State::TimeWait) && !s.can_recv() {
                 if state == tcp::State::Closed && !(client_eof && camera_eof) {
-                    // The camera reset (or the connection timed out): reset the client too.
+                    // The camera reset (or the connection timed out): reset the client too. The
+                    // write half must not send a FIN when it is dropped (the client would read a
+                    // clean end first): forget it, the stream closes with linger 0 (RST).
                     tracing::info!(camera = %self.record.camera, client_eof, camera_eof, "camera connection closed abruptly; resetting the client");
                     crate::splice::reset_on_drop(cw.as_ref());
+                    cw.forget();
                 }
                 break;
             }

@@ -26,7 +26,10 @@ pub const DIRECT_TX_BUFFER: usize = 64 * 1024;
 /// Platform-client connections per exposure at once.
 pub const MAX_CLIENTS: usize = 4096;
 
-pub async fn bind_all(shared: &Arc<Shared>, shutdown: watch::Receiver<bool>) -> Result<()> {
+/// Bind every TCP exposure; returns the tasks keeping pre-opened connections (awaited at
+/// shutdown: they reset their connections).
+pub async fn bind_all(shared: &Arc<Shared>, shutdown: watch::Receiver<bool>) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut warm_tasks = Vec::new();
     for (i, e) in shared.cfg.exposes.iter().enumerate() {
         if e.proto != Proto::Tcp {
             continue;
@@ -35,11 +38,11 @@ pub async fn bind_all(shared: &Arc<Shared>, shutdown: watch::Receiver<bool>) -> 
         tracing::info!(camera = %e.camera, service = %e.service(), listen = %e.listen, warm = e.warm, "exposure ready");
         let pool = Arc::new(WarmPool::default());
         if e.warm > 0 {
-            tokio::spawn(warm_loop(shared.clone(), e.clone(), pool.clone(), shutdown.clone()));
+            warm_tasks.push(tokio::spawn(warm_loop(shared.clone(), e.clone(), pool.clone(), shutdown.clone())));
         }
         tokio::spawn(accept_loop(shared.clone(), e.clone(), l, pool, shutdown.clone()));
     }
-    Ok(())
+    Ok(warm_tasks)
 }
 
 async fn accept_loop(shared: Arc<Shared>, e: ExposeConfig, l: TcpListener, pool: Arc<WarmPool>, mut shutdown: watch::Receiver<bool>) {
@@ -84,6 +87,7 @@ async fn connect_direct(
     e: &ExposeConfig,
     camera: SocketAddrV4,
     record: &Arc<ConnRecord>,
+    pre_opening: bool,
 ) -> Result<(Shard, Strategy, Vec<String>), Vec<String>> {
     let site = e.site();
     let profile = shared.profiles.lock().unwrap().get(site).map(|p| (p.direct_order.clone(), p.summary.clone()));
@@ -106,6 +110,11 @@ async fn connect_direct(
         };
         match Shard::connect(shared.clone(), params, record.clone()).await {
             Ok(shard) => return Ok((shard, strategy, failures)),
+            Err(why) if pre_opening => {
+                // No client is waiting: not a fallback, and the pool retries on its own.
+                tracing::debug!(camera = %e.camera, strategy = %strategy.label(), "pre-opening attempt failed: {why}");
+                failures.push(format!("{} failed: {why}", strategy.label()));
+            }
             Err(why) => {
                 shared.stats.tcp_direct_fallbacks.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(camera = %e.camera, client = %record.client, strategy = %strategy.label(), "direct attempt failed: {why}");
@@ -136,7 +145,7 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, pool: Arc<WarmPool>, clien
             shard.adopt(record.clone());
             (Some((shard, strategy, Vec::new(), true)), None)
         }
-        None => match connect_direct(&shared, &e, camera, &record).await {
+        None => match connect_direct(&shared, &e, camera, &record, false).await {
             Ok((shard, strategy, failures)) => (Some((shard, strategy, failures, false)), None),
             Err(why) => (None, Some(why.join("; "))),
         },
@@ -211,10 +220,13 @@ fn finish(shared: &Shared, record: &ConnRecord, direct: bool) {
         from_camera = record.from_camera.load(Ordering::Relaxed), secs = record.started.elapsed().as_secs(), "TCP connection closed");
 }
 
-/// How long a pre-opened connection may wait for a client before it is renewed: shorter than
-/// the idle limits servers put on a connection that has not sent its request yet (Apache's
-/// `mod_reqtimeout` allows 20 s).
+/// How long a pre-opened connection may wait for a client: shorter than the idle limits servers
+/// put on a connection that has not sent its request yet (Apache's `mod_reqtimeout` allows
+/// 20 s). Its replacement is opened from `WARM_RENEW_AT` on, so the pool does not run empty.
 const WARM_MAX_AGE: Duration = Duration::from_secs(15);
+const WARM_RENEW_AT: Duration = Duration::from_secs(12);
+/// How long a camera gets to answer the FIN of an unused connection before it is reset.
+const WARM_CLOSE: Duration = Duration::from_secs(2);
 
 /// Pre-opened direct connections of one exposure (`warm = N`), freshest last.
 #[derive(Default)]
@@ -236,7 +248,7 @@ impl WarmPool {
         loop {
             let w = self.idle.lock().unwrap().pop_back()?;
             if w.camera != camera || w.opened.elapsed() >= WARM_MAX_AGE {
-                tokio::spawn(w.shard.close_unused(Duration::from_secs(2)));
+                tokio::spawn(w.shard.close_unused(WARM_CLOSE));
                 continue;
             }
             let mut shard = w.shard;
@@ -244,11 +256,13 @@ impl WarmPool {
                 return Some((shard, w.strategy));
             }
             tracing::info!(camera = %camera, "pre-opened connection was closed by the camera; discarded");
+            tokio::spawn(shard.close_unused(WARM_CLOSE)); // answer its FIN: the camera frees it now
         }
     }
 
-    fn len(&self) -> usize {
-        self.idle.lock().unwrap().len()
+    /// Connections that need no replacement yet.
+    fn fresh(&self) -> usize {
+        self.idle.lock().unwrap().iter().filter(|w| w.opened.elapsed() < WARM_RENEW_AT).count()
     }
 
     /// Remove the connections that waited too long.
@@ -258,25 +272,34 @@ impl WarmPool {
         idle.extend(fresh);
         old.into_iter().map(|w| w.shard).collect()
     }
+
+    fn drain(&self) -> Vec<Shard> {
+        self.idle.lock().unwrap().drain(..).map(|w| w.shard).collect()
+    }
 }
 
-/// Keep `e.warm` direct connections pre-opened: renew them before they get old, refill after a
-/// client took one, and back off while the direct path does not work (no profile yet, camera
-/// not reported, attempts failing).
+/// Keep `e.warm` direct connections pre-opened: open replacements before the old ones expire,
+/// refill after a client took one, and back off while the direct path cannot work (no profile
+/// yet, camera not reported, trigger offline, attempts failing). On shutdown the pooled
+/// connections are reset, so cameras do not keep them.
 async fn warm_loop(shared: Arc<Shared>, e: ExposeConfig, pool: Arc<WarmPool>, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = Duration::ZERO;
     loop {
         for shard in pool.expired() {
-            tokio::spawn(shard.close_unused(Duration::from_secs(2)));
+            tokio::spawn(shard.close_unused(WARM_CLOSE));
         }
-        let wait = if pool.len() >= e.warm || backoff > Duration::ZERO {
+        let wait = if pool.fresh() >= e.warm || backoff > Duration::ZERO {
             backoff.max(Duration::from_secs(1))
         } else {
+            let trigger_online = shared.sessions.lock().unwrap().contains_key(e.site());
             match camera_of(&shared, &e) {
-                Err(_) => backoff = Duration::from_secs(2),
-                Ok(camera) => {
+                Ok(camera) if trigger_online => {
                     let record = Arc::new(ConnRecord::new(0, e.camera.clone(), e.service().to_string(), "(pre-opened)".into()));
-                    match connect_direct(&shared, &e, camera, &record).await {
+                    let opened = tokio::select! {
+                        r = connect_direct(&shared, &e, camera, &record, true) => r,
+                        _ = shutdown.changed() => break,
+                    };
+                    match opened {
                         Ok((shard, strategy, _)) => {
                             tracing::debug!(camera = %e.camera, "direct connection pre-opened");
                             pool.idle.lock().unwrap().push_back(Warm { shard, strategy, camera, opened: Instant::now() });
@@ -287,14 +310,18 @@ async fn warm_loop(shared: Arc<Shared>, e: ExposeConfig, pool: Arc<WarmPool>, mu
                         }
                     }
                 }
+                _ => backoff = Duration::from_secs(2),
             }
             continue;
         };
         tokio::select! {
             _ = pool.refill.notified() => {}
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => break,
         }
         backoff = Duration::ZERO;
+    }
+    for shard in pool.drain() {
+        shard.reset().await;
     }
 }

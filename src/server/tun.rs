@@ -106,8 +106,10 @@ pub fn classify(raw: &mut [u8], n: usize) -> Classified {
             }
             let initial = u16::from_be_bytes([pkt[at], pkt[at + 1]]);
             pkt[at..at + 2].fill(0);
-            let sum = checksum::combine(&[initial, checksum::data(&pkt[cs..])]);
-            pkt[at..at + 2].copy_from_slice(&(!sum).to_be_bytes());
+            let sum = !checksum::combine(&[initial, checksum::data(&pkt[cs..])]);
+            // For UDP a computed 0 is sent as 0xffff (0 means "no checksum"), as the kernel does.
+            let sum = if sum == 0 { 0xffff } else { sum };
+            pkt[at..at + 2].copy_from_slice(&sum.to_be_bytes());
             Classified::Packet { start, end, csum: Checksum::Verified }
         }
         GSO_NONE if hdr.flags & F_DATA_VALID != 0 => Classified::Packet { start, end, csum: Checksum::Verified },
@@ -125,8 +127,11 @@ impl ServerTun {
         let (dev, offload) = match offloaded {
             Ok(dev) => (dev, true),
             Err(e) => {
+                // Creating it without offload tells whether offload was the problem: its error
+                // (name in use, no CAP_NET_ADMIN) is the one to report.
+                let dev = crate::hostnet::create_tun(name)?;
                 tracing::warn!("TUN offload unavailable ({e}); one packet per read, slower direct TCP");
-                (crate::hostnet::create_tun(name)?, false)
+                return Ok(ServerTun { dev, offload: false });
             }
         };
         crate::hostnet::tun_created(name);
@@ -150,7 +155,11 @@ impl ServerTun {
                     rx.segs = vec![vec![0; MTU]; MAX_SEGMENTS];
                     rx.sizes = vec![0; MAX_SEGMENTS];
                 }
-                let Ok(hdr) = VirtioNetHdr::decode(&rx.raw[..VIRTIO_NET_HDR_LEN]) else { return Ok(()) };
+                let Ok(mut hdr) = VirtioNetHdr::decode(&rx.raw[..VIRTIO_NET_HDR_LEN]) else { return Ok(()) };
+                // On the forward path the kernel's hdr_len is only a hint (the linear part of
+                // the buffer); the headers end 8 bytes after the UDP header starts. tun-rs's own
+                // reader does the same.
+                hdr.hdr_len = hdr.csum_start.saturating_add(8);
                 match tun_rs::gso_split(&mut rx.raw[VIRTIO_NET_HDR_LEN..n], hdr, &mut rx.segs, &mut rx.sizes, 0, false) {
                     Ok(k) => rx.held = Held::Split(k),
                     Err(e) => tracing::debug!("UDP super-packet dropped: {e}"),
