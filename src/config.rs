@@ -109,7 +109,7 @@ pub struct ExposeConfig {
     pub listen: SocketAddr,
     /// TCP only: direct camera connections kept pre-opened (0-8), so a client's first byte
     /// needs no traversal round trips. Each costs the camera an idle connection, renewed
-    /// every 15 s.
+    /// every 12-15 s.
     #[serde(default)]
     pub warm: usize,
 }

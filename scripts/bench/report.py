@@ -84,7 +84,7 @@ out(f"* **Setup**: `curl -w %{{time_starttransfer}}` (from the start of the clie
     "path needs 1 RTT to open the camera connection over the trigger's assist link (the trigger "
     "connects on its LAN), then the request (2 RTT). `direct, pre-opened`: the same camera "
     "through a second exposure with `warm = 1`: beckon keeps one direct connection to the camera "
-    "open before any client comes (renewed every 15 s, refilled in the background after a client "
+    "open before any client comes (renewed every 12-15 s, refilled in the background after a client "
     "took it), so the client's first byte needs only the request's round trip (1 RTT); a client "
     "arriving while the refill is still under way gets a fresh steered connection (4 RTT).")
 out(f"* **Throughput**: `curl /bulk?bytes=N` from the camera's `cam_http.py` (Python, 64 KiB "
