@@ -271,10 +271,15 @@ impl Shard {
         self.sockets.get::<tcp::Socket>(self.handle).state() == tcp::State::Established
     }
 
-    /// Reset the connection (one RST to the camera) and free everything.
-    pub async fn reset(mut self) {
+    /// Reset the camera connection now (smoltcp sends its RST at once).
+    async fn abort(&mut self) {
         self.sockets.get_mut::<tcp::Socket>(self.handle).abort();
         self.pump().await;
+    }
+
+    /// Reset the connection (one RST to the camera) and free everything.
+    pub async fn reset(mut self) {
+        self.abort().await;
     }
 
     /// Close an unused pre-opened connection politely (FIN, at most `limit` for the camera's
@@ -289,8 +294,7 @@ impl Shard {
             }
             self.wait_input(deadline).await;
         }
-        self.sockets.get_mut::<tcp::Socket>(self.handle).abort();
-        self.pump().await;
+        self.abort().await;
     }
 
     /// The profile probe: the trigger's listener sends a banner first; seeing it proves data
@@ -314,8 +318,7 @@ impl Shard {
             }
             self.wait_input(deadline).await;
         }
-        self.sockets.get_mut::<tcp::Socket>(self.handle).abort();
-        self.pump().await;
+        self.abort().await;
         Err("handshake completed but no data came through (the NAT drops the camera's segments)".into())
     }
 
@@ -342,8 +345,7 @@ impl Shard {
                     Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => client_full = true,
                     Ok(Err(e)) => {
                         tracing::debug!("client write error: {e}");
-                        s.abort(); // the client is gone: reset the camera side
-                        self.pump().await;
+                        self.abort().await; // the client is gone: reset the camera side
                         break 'splice;
                     }
                     Err(_) => break,
@@ -386,15 +388,14 @@ impl Shard {
                             let _ = s.send_slice(&cbuf[..n]);
                             self.record.to_camera.fetch_add(n as u64, Ordering::Relaxed);
                         }
-                        Err(e) => { tracing::debug!("client read error: {e}"); s.abort(); self.pump().await; break; } // client reset: reset the camera side
+                        Err(e) => { tracing::debug!("client read error: {e}"); self.abort().await; break; } // client reset: reset the camera side
                     }
                 },
                 w = cw.writable(), if client_full => match w {
                     Ok(()) => client_full = false,
                     Err(e) => {
                         tracing::debug!("client write error: {e}");
-                        self.sockets.get_mut::<tcp::Socket>(self.handle).abort();
-                        self.pump().await;
+                        self.abort().await;
                         break;
                     }
                 },

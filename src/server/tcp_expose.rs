@@ -110,14 +110,14 @@ async fn connect_direct(
         };
         match Shard::connect(shared.clone(), params, record.clone()).await {
             Ok(shard) => return Ok((shard, strategy, failures)),
-            Err(why) if pre_opening => {
-                // No client is waiting: not a fallback, and the pool retries on its own.
-                tracing::debug!(camera = %e.camera, strategy = %strategy.label(), "pre-opening attempt failed: {why}");
-                failures.push(format!("{} failed: {why}", strategy.label()));
-            }
             Err(why) => {
-                shared.stats.tcp_direct_fallbacks.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(camera = %e.camera, client = %record.client, strategy = %strategy.label(), "direct attempt failed: {why}");
+                if pre_opening {
+                    // No client is waiting: not a fallback, and the pool retries on its own.
+                    tracing::debug!(camera = %e.camera, strategy = %strategy.label(), "pre-opening attempt failed: {why}");
+                } else {
+                    shared.stats.tcp_direct_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(camera = %e.camera, client = %record.client, strategy = %strategy.label(), "direct attempt failed: {why}");
+                }
                 failures.push(format!("{} failed: {why}", strategy.label()));
             }
         }

@@ -80,8 +80,8 @@ impl RxBuf {
 pub enum Classified {
     /// One packet at `raw[start..end]` (checksum completed if it was partial).
     Packet { start: usize, end: usize, csum: Checksum },
-    /// A UDP super-packet: split it.
-    SplitUdp,
+    /// A UDP super-packet: split it, taking its headers to be `hdr_len` bytes long.
+    SplitUdp { hdr_len: u16 },
     /// Nothing usable (IPv6 super-packets, unknown GSO types, short reads).
     Drop,
 }
@@ -115,7 +115,12 @@ pub fn classify(raw: &mut [u8], n: usize) -> Classified {
         GSO_NONE if hdr.flags & F_DATA_VALID != 0 => Classified::Packet { start, end, csum: Checksum::Verified },
         GSO_NONE => Classified::Packet { start, end, csum: Checksum::Unverified },
         VIRTIO_NET_HDR_GSO_TCPV4 => Classified::Packet { start, end, csum: Checksum::Verified },
-        VIRTIO_NET_HDR_GSO_UDP_L4 if raw[start] >> 4 == 4 => Classified::SplitUdp,
+        // On the forward path the kernel's hdr_len is only a hint (the linear part of its
+        // buffer): the headers end 8 bytes after the UDP header starts (tun-rs's own reader
+        // does the same).
+        VIRTIO_NET_HDR_GSO_UDP_L4 if raw[start] >> 4 == 4 && (hdr.csum_start as usize) + 8 <= end - start => {
+            Classified::SplitUdp { hdr_len: hdr.csum_start + 8 }
+        }
         _ => Classified::Drop,
     }
 }
@@ -150,16 +155,13 @@ impl ServerTun {
         }
         match classify(&mut rx.raw, n) {
             Classified::Packet { start, end, csum } => rx.held = Held::Whole { start, end, csum },
-            Classified::SplitUdp => {
+            Classified::SplitUdp { hdr_len } => {
                 if rx.segs.is_empty() {
                     rx.segs = vec![vec![0; MTU]; MAX_SEGMENTS];
                     rx.sizes = vec![0; MAX_SEGMENTS];
                 }
                 let Ok(mut hdr) = VirtioNetHdr::decode(&rx.raw[..VIRTIO_NET_HDR_LEN]) else { return Ok(()) };
-                // On the forward path the kernel's hdr_len is only a hint (the linear part of
-                // the buffer); the headers end 8 bytes after the UDP header starts. tun-rs's own
-                // reader does the same.
-                hdr.hdr_len = hdr.csum_start.saturating_add(8);
+                hdr.hdr_len = hdr_len;
                 match tun_rs::gso_split(&mut rx.raw[VIRTIO_NET_HDR_LEN..n], hdr, &mut rx.segs, &mut rx.sizes, 0, false) {
                     Ok(k) => rx.held = Held::Split(k),
                     Err(e) => tracing::debug!("UDP super-packet dropped: {e}"),
@@ -228,7 +230,7 @@ mod tests {
                 VIRTIO_NET_HDR_GSO_TCPV4 | GSO_ECN,
                 Classified::Packet { start: 10, end: 10 + pkt.len(), csum: Checksum::Verified },
             ),
-            (F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_UDP_L4, Classified::SplitUdp),
+            (F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_UDP_L4, Classified::SplitUdp { hdr_len: 28 }),
             (F_NEEDS_CSUM, 4 /* TCPV6 */, Classified::Drop),
         ] {
             let mut raw = with_hdr(flags, gso, 20, 16, &pkt);
@@ -249,6 +251,10 @@ mod tests {
         assert_eq!(classify(&mut raw, 11), Classified::Drop);
         assert_eq!(classify(&mut raw, 5000), Classified::Drop);
         let mut raw = with_hdr(F_NEEDS_CSUM, GSO_NONE, u16::MAX, u16::MAX, &pkt);
+        let n = raw.len();
+        assert_eq!(classify(&mut raw, n), Classified::Drop);
+        // A UDP super-packet whose UDP header would start beyond the packet.
+        let mut raw = with_hdr(F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_UDP_L4, u16::MAX - 8, 6, &pkt);
         let n = raw.len();
         assert_eq!(classify(&mut raw, n), Classified::Drop);
     }
