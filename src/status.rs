@@ -95,6 +95,9 @@ pub struct ConnectionStatus {
     /// WAN round trips the setup waited for.
     #[serde(default)]
     pub round_trips: u32,
+    /// steered-resync steps sent on a timer instead of after a round trip.
+    #[serde(default)]
+    pub timed_steps: u32,
     /// A pre-opened direct connection (`warm` exposure) served this client.
     #[serde(default)]
     pub warm: bool,

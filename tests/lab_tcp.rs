@@ -391,3 +391,39 @@ fn warm_connections_serve_clients_at_once_and_are_renewed() {
     assert_eq!(counter(&lab.status(), "tcp_connections_failed"), 0);
     assert_eq!(counter(&lab.status(), "tcp_direct_fallbacks"), 0);
 }
+
+/// A 20 ms one-way WAN (a 40 ms round trip): on-demand direct connections time their steered
+/// packets instead of waiting for the trigger's packets to come back. Site a's NAT keeps ports
+/// (plain masquerade): steps 2+3 go out on the predicted mapping and step 4 on a timer, so the
+/// camera connection waits for a single round trip. Site b's NAT randomises ports: only step 4
+/// is timed (two round trips). Every connection is direct and carries a 4 MB answer complete
+/// through the strict NATs (conntrack's window tracking follows the timed resync).
+#[test]
+fn timed_steps_open_direct_connections_in_fewer_round_trips() {
+    let mut lab = Lab::up("bk-t7", &["--delay-ms", "20", "--mode-b", "random-invdrop"]);
+    start(&mut lab, true);
+    const N: usize = 4_000_000;
+    for i in 0..3 {
+        for port in [18090, 18091] {
+            let body =
+                get_until_end(&lab, port, &format!("/bulk?bytes={N}")).unwrap_or_else(|e| panic!("connection {i} to :{port}: {e:?}"));
+            let head_end = body.windows(4).position(|w| w == b"\r\n\r\n").expect("an HTTP answer") + 4;
+            assert_eq!(body.len() - head_end, N, "connection {i} to :{port}: incomplete answer");
+        }
+    }
+    let ups = |camera: &str| lab.log_lines("server", &["direct TCP connection up", camera]);
+    for (camera, round_trips, timed) in [("site-a/cam1", 1, 2), ("site-b/cam1", 2, 1)] {
+        let lines = ups(camera);
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        for l in &lines {
+            assert!(
+                l.contains(&format!("round_trips={round_trips}")) && l.contains(&format!("timed_steps={timed}")),
+                "{camera}: want {round_trips} round trips and {timed} timed steps: {l}"
+            );
+        }
+    }
+    let st = lab.status();
+    assert_eq!(counter(&st, "tcp_direct_fallbacks"), 0, "{:#}", st["counters"]);
+    assert_eq!(counter(&st, "tcp_connections_direct"), 6, "{:#}", st["counters"]);
+    assert!(lab.log_lines("server", &["timed steps failed"]).is_empty());
+}

@@ -75,6 +75,10 @@ pub struct Shared {
     pub assist: Mutex<HashMap<String, assist::AssistHandle>>,
     pub profiles: Mutex<HashMap<String, crate::status::ProfileStatus>>,
     pub conns: Mutex<HashMap<u64, Arc<tcp_conn::ConnRecord>>>,
+    /// Per site: what its last steered connection showed (predicts the next one's step 1), and
+    /// when timed steps last failed there (they are then left out for a while).
+    pub steer_hints: Mutex<HashMap<String, tcp_strategy::SteerHint>>,
+    pub timing_failed: Mutex<HashMap<String, Instant>>,
     /// Per-camera addresses inside the userspace stack (never on the wire).
     virt: Mutex<HashMap<(String, String), std::net::Ipv4Addr>>,
 }
@@ -96,6 +100,8 @@ impl Shared {
             assist: Mutex::new(HashMap::new()),
             profiles: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
+            steer_hints: Mutex::new(HashMap::new()),
+            timing_failed: Mutex::new(HashMap::new()),
             virt: Mutex::new(HashMap::new()),
             cfg,
         }

@@ -163,6 +163,7 @@ async fn attempt_once(shared: &Arc<Shared>, site: &str, target: SocketAddrV4, st
         rx_buffer: 4096,
         tx_buffer: 4096,
         keepalive: None,
+        pipelining: None, // the profile measures the step-by-step sequence (and learns its hints)
     };
     let mut steer_ttl = None;
     let mut round_trips = 0;
@@ -172,7 +173,7 @@ async fn attempt_once(shared: &Arc<Shared>, site: &str, target: SocketAddrV4, st
             round_trips = shard.attempt.round_trips;
             shard.read_banner(PROBE_BANNER, ATTEMPT_TIMEOUT).await
         }
-        Err(why) => Err(why),
+        Err(f) => Err(f.why),
     };
     let r = StrategyResult {
         strategy: strategy.label(),

@@ -4,7 +4,7 @@
 //! Packets reach a shard from the TUN reader through [`PortRoutes`](super::port_routes::PortRoutes),
 //! keyed by the server port.
 
-use super::tcp_strategy::{Attempt, Out, State, Strategy};
+use super::tcp_strategy::{Attempt, Out, Pipelining, State, Strategy};
 use super::Shared;
 use crate::catalog::Proto;
 use crate::wire::control::Direction;
@@ -62,6 +62,7 @@ impl ConnRecord {
             public_endpoint: i.public,
             setup_ms: i.setup_ms,
             round_trips: i.round_trips,
+            timed_steps: i.timed_steps,
             warm: i.warm,
             note: i.note,
             age_secs: self.started.elapsed().as_secs(),
@@ -80,6 +81,7 @@ pub struct ConnInfo {
     pub public: Option<String>,
     pub setup_ms: Option<u64>,
     pub round_trips: u32,
+    pub timed_steps: u32,
     /// The connection was pre-opened (`warm`) before the client came.
     pub warm: bool,
     /// Why the direct path was not used, if it was not.
@@ -97,6 +99,28 @@ pub struct DirectParams {
     pub rx_buffer: usize,
     pub tx_buffer: usize,
     pub keepalive: Option<Duration>,
+    /// Timed steered-resync steps (connections a client waits for).
+    pub pipelining: Option<Pipelining>,
+}
+
+/// Why a direct attempt failed, and whether timed steps were involved (then a step-by-step
+/// attempt may still work).
+#[derive(Debug)]
+pub struct ConnectFailure {
+    pub why: String,
+    pub timed: bool,
+}
+
+impl std::fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+impl From<&str> for ConnectFailure {
+    fn from(why: &str) -> Self {
+        ConnectFailure { why: why.into(), timed: false }
+    }
 }
 
 pub struct Shard {
@@ -116,7 +140,7 @@ pub struct Shard {
 impl Shard {
     /// Run the attempt until the connection is established (Ok) or the attempt failed (Err,
     /// with the reason). A failed shard is dropped: its port is released, nothing lingers.
-    pub async fn connect(shared: Arc<Shared>, p: DirectParams, record: Arc<ConnRecord>) -> Result<Shard, String> {
+    pub async fn connect(shared: Arc<Shared>, p: DirectParams, record: Arc<ConnRecord>) -> Result<Shard, ConnectFailure> {
         let (route, rx) = shared.port_routes.claim_tcp().ok_or("no free server port")?;
         let public = shared.cfg.public_ip;
         let mut device = QueueDevice::default();
@@ -141,21 +165,31 @@ impl Shard {
         let server = SocketAddrV4::new(public, route.port);
         let now = Instant::now();
         let mut attempt = Attempt::new(p.strategy, server, p.camera, SocketAddrV4::new(p.virt, p.camera.port()), now, p.timeout);
+        if let Some(pl) = p.pipelining {
+            attempt = attempt.with_pipelining(pl);
+        }
         attempt.nat_ip = shared.nat_ip(&p.site);
         let mut shard = Shard { shared, site: p.site, iface, device, sockets, handle, attempt, rx, _route: route, epoch, record };
         let outs = shard.attempt.start(now, &mut rand::rng());
         shard.process(outs).await;
         loop {
             shard.pump().await;
+            let timed = shard.attempt.used_timing();
             if let Some(why) = shard.attempt.failed() {
-                return Err(why.to_string());
+                return Err(ConnectFailure { why: why.to_string(), timed });
             }
             let st = shard.sockets.get::<tcp::Socket>(handle).state();
             if shard.attempt.state == State::Established && st == tcp::State::Established {
+                let mut hints = shard.shared.steer_hints.lock().unwrap();
+                let hint = hints.get(&shard.site).copied().unwrap_or_default();
+                if let Some(learned) = hint.learn(&shard.attempt) {
+                    hints.insert(shard.site.clone(), learned);
+                }
+                drop(hints);
                 return Ok(shard);
             }
             if shard.attempt.state == State::Established && st == tcp::State::Closed {
-                return Err("the camera's answer did not complete the handshake".into());
+                return Err(ConnectFailure { why: "the camera's answer did not complete the handshake".into(), timed });
             }
             shard.wait_input(Instant::now() + Duration::from_secs(1)).await;
             let outs = shard.attempt.tick(Instant::now());
@@ -241,6 +275,8 @@ impl Shard {
 
     /// Let smoltcp process input and emit output until it has nothing more to say.
     async fn pump(&mut self) {
+        let outs = self.attempt.tick(Instant::now());
+        self.process(outs).await;
         for _ in 0..64 {
             let now = self.smol_now();
             self.iface.poll(now, &mut self.device, &mut self.sockets);

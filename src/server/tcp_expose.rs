@@ -4,7 +4,7 @@
 //! half-close and reset are propagated; everything is freed on close.
 
 use super::tcp_conn::{ConnRecord, DirectParams, Shard};
-use super::tcp_strategy::Strategy;
+use super::tcp_strategy::{Pipelining, Strategy, STEER_LEAD};
 use super::Shared;
 use crate::catalog::Proto;
 use crate::config::ExposeConfig;
@@ -23,6 +23,8 @@ pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DIRECT_BUFFER: usize = 256 * 1024;
 /// smoltcp send buffer (towards the camera: requests and RTSP control, rarely bulk).
 pub const DIRECT_TX_BUFFER: usize = 64 * 1024;
+/// After timed steered-resync steps failed at a site, its connections go step by step for this long.
+pub const TIMING_BACKOFF: Duration = Duration::from_secs(600);
 /// Platform-client connections per exposure at once.
 pub const MAX_CLIENTS: usize = 4096;
 
@@ -97,28 +99,48 @@ async fn connect_direct(
         Some((order, _)) => order,
     };
     let mut failures = Vec::new();
+    // Timed steps only where a client waits (pre-opening has time), and not for a while after
+    // they failed at this site.
+    let timing_ok = !pre_opening && shared.timing_failed.lock().unwrap().get(site).is_none_or(|at| at.elapsed() >= TIMING_BACKOFF);
     for strategy in order.iter().filter_map(|l| Strategy::from_label(l)) {
-        let params = DirectParams {
-            strategy,
-            site: site.to_string(),
-            camera,
-            virt: shared.virt_addr(site, e.camera_name()),
-            timeout: DIRECT_TIMEOUT,
-            rx_buffer: DIRECT_BUFFER,
-            tx_buffer: DIRECT_TX_BUFFER,
-            keepalive: shared.cfg.keepalive(),
-        };
-        match Shard::connect(shared.clone(), params, record.clone()).await {
-            Ok(shard) => return Ok((shard, strategy, failures)),
-            Err(why) => {
-                if pre_opening {
-                    // No client is waiting: not a fallback, and the pool retries on its own.
-                    tracing::debug!(camera = %e.camera, strategy = %strategy.label(), "pre-opening attempt failed: {why}");
-                } else {
-                    shared.stats.tcp_direct_fallbacks.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(camera = %e.camera, client = %record.client, strategy = %strategy.label(), "direct attempt failed: {why}");
+        let mut pipelining = timing_ok.then(|| {
+            let hint = shared.steer_hints.lock().unwrap().get(site).copied();
+            let predicted = hint.zip(shared.nat_ip(site)).and_then(|(h, nat)| h.predict(strategy, nat, camera));
+            Pipelining { lead: STEER_LEAD, predicted }
+        });
+        loop {
+            let params = DirectParams {
+                strategy,
+                site: site.to_string(),
+                camera,
+                virt: shared.virt_addr(site, e.camera_name()),
+                timeout: DIRECT_TIMEOUT,
+                rx_buffer: DIRECT_BUFFER,
+                tx_buffer: DIRECT_TX_BUFFER,
+                keepalive: shared.cfg.keepalive(),
+                pipelining,
+            };
+            match Shard::connect(shared.clone(), params, record.clone()).await {
+                Ok(shard) => return Ok((shard, strategy, failures)),
+                Err(f) if f.timed => {
+                    // The timing or the prediction did not hold here: step by step at once, and
+                    // no timed steps at this site for a while.
+                    tracing::warn!(camera = %e.camera, strategy = %strategy.label(), "timed steps failed ({f}); retrying step by step");
+                    shared.timing_failed.lock().unwrap().insert(site.to_string(), Instant::now());
+                    failures.push(format!("{} with timed steps failed: {f}", strategy.label()));
+                    pipelining = None;
                 }
-                failures.push(format!("{} failed: {why}", strategy.label()));
+                Err(f) => {
+                    if pre_opening {
+                        // No client is waiting: not a fallback, and the pool retries on its own.
+                        tracing::debug!(camera = %e.camera, strategy = %strategy.label(), "pre-opening attempt failed: {f}");
+                    } else {
+                        shared.stats.tcp_direct_fallbacks.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(camera = %e.camera, client = %record.client, strategy = %strategy.label(), "direct attempt failed: {f}");
+                    }
+                    failures.push(format!("{} failed: {f}", strategy.label()));
+                    break;
+                }
             }
         }
     }
@@ -154,6 +176,7 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, pool: Arc<WarmPool>, clien
         let setup = t0.elapsed().as_millis() as u64;
         let public = shard.attempt.public.map(|p| p.to_string());
         let round_trips = if warm { 0 } else { shard.attempt.round_trips };
+        let timed_steps = if warm { 0 } else { shard.attempt.timed_steps };
         {
             let mut i = record.info.lock().unwrap();
             i.path = "direct".into();
@@ -161,6 +184,7 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, pool: Arc<WarmPool>, clien
             i.public = public.clone();
             i.setup_ms = Some(setup);
             i.round_trips = round_trips;
+            i.timed_steps = timed_steps;
             i.warm = warm;
             i.note = (!failures.is_empty()).then(|| failures.join("; "));
         }
@@ -169,7 +193,7 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, pool: Arc<WarmPool>, clien
             shared.stats.tcp_connections_warm.fetch_add(1, Ordering::Relaxed);
         }
         tracing::info!(camera = %e.camera, client = %peer, strategy = %strategy.label(), public = public.as_deref().unwrap_or("-"),
-            setup_ms = setup, round_trips, warm, trigger_packets = record.trigger_packets.load(Ordering::Relaxed), "direct TCP connection up");
+            setup_ms = setup, round_trips, timed_steps, warm, trigger_packets = record.trigger_packets.load(Ordering::Relaxed), "direct TCP connection up");
         shard.splice(client).await;
         finish(&shared, &record, true);
         return;

@@ -21,6 +21,17 @@
 //!   reverse SYN seq C, then a steered SYN-ACK acking C+1: conntrack resyncs to S and C; (5) the
 //!   held SYN-ACK goes to smoltcp, which completes the handshake; nothing of smoltcp's connection
 //!   leaves the server before that.
+//!
+//! **Timed steps** ([`Pipelining`], connections a client waits for): a steered packet only has to
+//! reach the NAT *after* the trigger's packet before it, and both leave the server over the same
+//! WAN path, the trigger's one a LAN hop and the trigger's processing longer. So instead of
+//! waiting a WAN round trip for the trigger's packet to come back, the server sends the steered
+//! packet `lead` after the indication: step 4 always (saves a round trip), steps 2+3 when the
+//! mapping can be predicted (the site's NAT kept the camera's port last time: saves another).
+//! Whichever comes first, the timer or the trigger's packet, drives the step, so on a path
+//! shorter than `lead` nothing changes. A late trigger packet still gets its steered answer
+//! (conntrack then resyncs late and smoltcp retransmits); a wrong prediction or a steered packet
+//! that overtook step 1 fails the attempt at once, and the caller retries step by step.
 
 use crate::wire::rewrite::{self, End};
 use rand::Rng;
@@ -98,9 +109,71 @@ impl Strategy {
     }
 }
 
+/// What a site's steered connections showed, for predicting the next one's step 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SteerHint {
+    /// The NAT mapped the camera's (or probe's) port to the same public port, last time.
+    pub port_preserved: bool,
+    /// The TTL steering strategy that last worked, and its TTL.
+    pub ttl: Option<(Strategy, u8)>,
+}
+
+impl SteerHint {
+    /// `self` updated with an established steered-resync attempt whose step 1 arrived (not
+    /// predicted); `None` if the attempt teaches nothing.
+    pub fn learn(self, a: &Attempt) -> Option<SteerHint> {
+        if !matches!(a.strategy, Strategy::SteeredResync(_)) || a.state != State::Established || a.predicted_early {
+            return None;
+        }
+        let public = a.public?;
+        let ttl = match (a.strategy, a.steer_ttl) {
+            (Strategy::SteeredResync(Steering::Ttl { .. }), Some(ttl)) => Some((a.strategy, ttl)),
+            _ => self.ttl,
+        };
+        Some(SteerHint { port_preserved: public.port() == a.camera.port(), ttl })
+    }
+
+    /// Step 1's expected mapping for `camera` behind `nat_ip` with `strategy`: only where the NAT
+    /// kept ports, and for TTL steering only with the TTL this same strategy used.
+    pub fn predict(&self, strategy: Strategy, nat_ip: Ipv4Addr, camera: SocketAddrV4) -> Option<Prediction> {
+        if !self.port_preserved {
+            return None;
+        }
+        let steer_ttl = match strategy {
+            Strategy::SteeredResync(Steering::Ttl { .. }) => Some(self.ttl.filter(|(s, _)| *s == strategy)?.1),
+            Strategy::SteeredResync(Steering::Md5) => None,
+            _ => return None,
+        };
+        Some(Prediction { public: SocketAddrV4::new(nat_ip, camera.port()), steer_ttl })
+    }
+}
+
 /// A trigger packet is re-sent at most this often, and at most `MAX_INDICATIONS` times.
 pub const REINDICATE_AFTER: Duration = Duration::from_secs(1);
 pub const MAX_INDICATIONS: u32 = 3;
+
+/// How long after an indication a timed steered packet leaves the server. The indicated packet
+/// travels the same WAN path plus the trigger's LAN hop and processing (≈ 1 ms on an idle
+/// trigger); the lead is the margin for that. Each timed step costs `lead` instead of a WAN round
+/// trip, so it pays wherever the round trip is longer than this.
+pub const STEER_LEAD: Duration = Duration::from_millis(8);
+
+/// Timed steered-resync steps (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pipelining {
+    pub lead: Duration,
+    /// Step 1's expected outcome: steps 2+3 go out `lead` after step 1's indication.
+    pub predicted: Option<Prediction>,
+}
+
+/// The mapping and steering TTL step 1 is expected to produce (the site's NAT kept the camera's
+/// port, and the path's hop count, at its last steered connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prediction {
+    pub public: SocketAddrV4,
+    /// Required for TTL steering, unused for MD5.
+    pub steer_ttl: Option<u8>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Out {
@@ -168,6 +241,21 @@ pub struct Attempt {
     last_steered: Option<Vec<u8>>,
     /// Sequential waits for a packet through the NAT (each one WAN round trip).
     pub round_trips: u32,
+    /// Steps sent on a timer instead of after a round trip (0, 1 or 2).
+    pub timed_steps: u32,
+    pipelining: Option<Pipelining>,
+    /// When the pending timed step is due (steps 2+3 in `AwaitReverseSyn`, step 4 in `AwaitResync`).
+    timed_at: Option<Instant>,
+    /// steered-resync: the reverse SYN's seq T (step 1).
+    reverse_seq: Option<u32>,
+    /// Steps 2+3 went out on the prediction, and whether step 1 has arrived since.
+    predicted_early: bool,
+    step1_seen: bool,
+    /// Step 4's steered SYN-ACK went out on the timer, and whether the resync SYN has arrived
+    /// since; whether camera data has arrived (which proves the resync worked).
+    resync_early: bool,
+    resync_seen: bool,
+    camera_data: bool,
     rng: rand::rngs::StdRng,
 }
 
@@ -262,8 +350,30 @@ impl Attempt {
             camera_isn: None,
             last_steered: None,
             round_trips: 0,
+            timed_steps: 0,
+            pipelining: None,
+            timed_at: None,
+            reverse_seq: None,
+            predicted_early: false,
+            step1_seen: false,
+            resync_early: false,
+            resync_seen: false,
+            camera_data: false,
             rng: rand::SeedableRng::from_os_rng(),
         }
+    }
+
+    /// Time steered-resync's steps instead of waiting for round trips (before `start`).
+    pub fn with_pipelining(mut self, p: Pipelining) -> Self {
+        if matches!(self.strategy, Strategy::SteeredResync(_)) {
+            self.pipelining = Some(p);
+        }
+        self
+    }
+
+    /// Whether a timed step went out (a failure may be the timing's: retry step by step).
+    pub fn used_timing(&self) -> bool {
+        self.timed_steps > 0
     }
 
     /// TTL the steered packets use (steered-resync/ttl, once step 1 arrived).
@@ -365,7 +475,12 @@ impl Attempt {
                 self.isn = Some(t.seq_number().0 as u32);
                 self.syn_pd1 = Some(pkt[hl..].to_vec());
                 self.state = State::AwaitReverseSyn;
-                let seg = syn_segment(self.camera.port(), self.server.port(), self.rng.random());
+                let t: u32 = self.rng.random();
+                self.reverse_seq = Some(t);
+                if let (Some(lead), Some(_)) = (self.pipelining.map(|p| p.lead), self.usable_prediction()) {
+                    self.timed_at = Some(now + lead);
+                }
+                let seg = syn_segment(self.camera.port(), self.server.port(), t);
                 vec![self.indicate(now, true, seg)]
             }
             (_, Strategy::SteeredResync(_)) if self.state != State::Established => vec![], // smoltcp's SYN retransmissions
@@ -405,6 +520,7 @@ impl Attempt {
         }
         let (syn, ack, rst) = (t.syn(), t.ack(), t.rst());
         let (seq, ackn) = (t.seq_number().0 as u32, t.ack_number().0 as u32);
+        let has_payload = !t.payload().is_empty();
         if let Strategy::SteeredResync(steering) = self.strategy {
             if self.state != State::Established {
                 let ttl = Ipv4Packet::new_unchecked(&pkt[..]).hop_limit();
@@ -460,6 +576,20 @@ impl Attempt {
                 if Some(src) != self.public {
                     return vec![]; // only the learned endpoint may talk on this connection
                 }
+                if self.resync_early && syn && !ack && Some(seq) == self.camera_isn {
+                    // The resync SYN, after the timed step 4. If it reached the NAT after the
+                    // timed steered SYN-ACK, conntrack resyncs only with another one (smoltcp's
+                    // retransmissions then pass); before camera data it does no harm.
+                    self.resync_seen = true;
+                    if self.camera_data {
+                        return vec![];
+                    }
+                    return match self.steered_synack(seq.wrapping_add(1)) {
+                        Some(st) => vec![Out::ToWire(st.clone()), Out::ToWire(st)],
+                        None => vec![],
+                    };
+                }
+                self.camera_data |= has_payload;
                 if rewrite::rewrite(&mut pkt, End::Src, self.virt).is_err() {
                     return vec![];
                 }
@@ -485,14 +615,26 @@ impl Attempt {
             self.leaked |= syn && ack;
             return vec![];
         }
+        if self.predicted_early && !self.step1_seen && syn && !ack && Some(seq) == self.reverse_seq {
+            // Step 1 after the predicted steps 2+3: it confirms the prediction or proves it wrong.
+            self.step1_seen = true;
+            if self.public != Some(src) {
+                let predicted = self.public.map(|p| p.to_string()).unwrap_or_default();
+                self.state = State::Failed(format!("the NAT mapped the camera to {src}, not to the predicted {predicted} (timed steps)"));
+            }
+            return vec![];
+        }
         if self.public.is_some_and(|p| p != src) {
             return vec![];
         }
         match self.state {
             State::AwaitReverseSyn if syn && !ack => {
-                // Step 1 arrived: the mapping and the hop count. Step 2 (steered), then step 3.
+                // Step 1 arrived (before any timer): the mapping and the hop count. Step 2
+                // (steered), then step 3.
                 self.public = Some(src);
                 self.round_trips += 1;
+                self.step1_seen = true;
+                self.timed_at = None;
                 if let Steering::Ttl { adjust } = steering {
                     let hops = 64i16 - ttl as i16 - 1 + adjust as i16;
                     if !(1..=64).contains(&hops) {
@@ -501,16 +643,13 @@ impl Attempt {
                     }
                     self.steer_ttl = Some(hops as u8);
                 }
-                let Some(isn) = self.isn else { return vec![] };
-                let Some(steered) = self.steered_synack(seq.wrapping_add(1)) else {
-                    return vec![];
-                };
-                let _ = isn;
-                self.state = State::AwaitSynAck;
-                let syn_pd1 = self.syn_pd1.clone().unwrap_or_default();
-                // Two copies: a lost steered packet costs a retry round trip (step 2) or a
-                // stalled connection (step 4, where nothing tells the server it was lost).
-                vec![Out::ToWire(steered.clone()), Out::ToWire(steered), self.indicate(now, false, syn_pd1)]
+                self.steps_2_and_3(now, seq)
+            }
+            State::AwaitSynAck if rst && self.predicted_early && !self.step1_seen => {
+                self.state = State::Failed(format!(
+                    "{src} answered the timed steered SYN-ACK with RST: it reached the NAT before step 1 made the mapping (timed steps)"
+                ));
+                vec![]
             }
             State::AwaitSynAck if rst => {
                 self.state = State::Failed(format!(
@@ -533,25 +672,19 @@ impl Attempt {
                 let options = tcp_options(&pkt[hl..]).to_vec();
                 self.held_synack = Some(pkt);
                 self.state = State::AwaitResync;
+                if let Some(p) = self.pipelining {
+                    self.timed_at = Some(now + p.lead);
+                }
                 let seg = syn_segment_with(self.camera.port(), self.server.port(), seq, &options);
                 vec![self.indicate(now, true, seg)]
             }
             State::AwaitResync if syn && !ack && Some(seq) == self.camera_isn => {
-                // Step 4 arrived: the steered SYN-ACK acking C+1 resyncs conntrack; then the held
-                // SYN-ACK completes smoltcp's handshake.
+                // Step 4 arrived (before any timer): the steered SYN-ACK acking C+1 resyncs
+                // conntrack; then the held SYN-ACK completes smoltcp's handshake.
                 self.round_trips += 1;
-                let Some(steered) = self.steered_synack(seq.wrapping_add(1)) else {
-                    return vec![];
-                };
-                let Some(mut held) = self.held_synack.take() else {
-                    return vec![];
-                };
-                if rewrite::rewrite(&mut held, End::Src, self.virt).is_err() {
-                    return vec![];
-                }
-                self.state = State::Established;
-                self.established_at = Some(now);
-                vec![Out::ToWire(steered.clone()), Out::ToWire(steered), Out::ToStack(held)]
+                self.resync_seen = true;
+                self.timed_at = None;
+                self.release(now)
             }
             State::AwaitResync if rst => {
                 self.state = State::Failed(format!("the camera (via {src}) reset the connection during the resync"));
@@ -561,15 +694,92 @@ impl Attempt {
         }
     }
 
+    /// The prediction, if it can drive steps 2+3 (TTL steering needs a known TTL).
+    fn usable_prediction(&self) -> Option<Prediction> {
+        let p = self.pipelining?.predicted?;
+        match self.strategy {
+            Strategy::SteeredResync(Steering::Ttl { .. }) if p.steer_ttl.is_none() => None,
+            Strategy::SteeredResync(_) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Step 2 (the steered SYN-ACK acking step 1's T+1), then step 3's indication.
+    fn steps_2_and_3(&mut self, now: Instant, t: u32) -> Vec<Out> {
+        let Some(steered) = self.steered_synack(t.wrapping_add(1)) else {
+            return vec![];
+        };
+        self.state = State::AwaitSynAck;
+        let syn_pd1 = self.syn_pd1.clone().unwrap_or_default();
+        // Two copies: a lost steered packet costs a retry round trip (step 2) or a stalled
+        // connection (step 4, where nothing tells the server it was lost).
+        vec![Out::ToWire(steered.clone()), Out::ToWire(steered), self.indicate(now, false, syn_pd1)]
+    }
+
+    /// Step 4's steered SYN-ACK (acking C+1), then the held SYN-ACK to smoltcp.
+    fn release(&mut self, now: Instant) -> Vec<Out> {
+        let Some(c) = self.camera_isn else { return vec![] };
+        let Some(steered) = self.steered_synack(c.wrapping_add(1)) else {
+            return vec![];
+        };
+        let Some(mut held) = self.held_synack.take() else {
+            return vec![];
+        };
+        if rewrite::rewrite(&mut held, End::Src, self.virt).is_err() {
+            return vec![];
+        }
+        self.state = State::Established;
+        self.established_at = Some(now);
+        vec![Out::ToWire(steered.clone()), Out::ToWire(steered), Out::ToStack(held)]
+    }
+
+    /// A timed step that is due: steps 2+3 on the prediction, or step 4's release.
+    fn fire_timed(&mut self, now: Instant) -> Vec<Out> {
+        self.timed_at = None;
+        match self.state {
+            State::AwaitReverseSyn => {
+                let (Some(p), Some(t)) = (self.usable_prediction(), self.reverse_seq) else {
+                    return vec![];
+                };
+                self.public = Some(p.public);
+                if matches!(self.strategy, Strategy::SteeredResync(Steering::Ttl { .. })) {
+                    self.steer_ttl = p.steer_ttl;
+                }
+                self.predicted_early = true;
+                self.timed_steps += 1;
+                self.steps_2_and_3(now, t)
+            }
+            State::AwaitResync => {
+                self.resync_early = true;
+                self.timed_steps += 1;
+                let out = self.release(now);
+                // Re-sent resync SYNs count against step 4's budget.
+                self.step_state = Some(self.state.clone());
+                out
+            }
+            _ => vec![],
+        }
+    }
+
+    /// After a timed step 4: the resync SYN has neither come back nor been made moot by camera
+    /// data, so it may have been lost.
+    fn resync_unconfirmed(&self) -> bool {
+        self.state == State::Established && self.resync_early && !self.resync_seen && !self.camera_data
+    }
+
     /// When to call [`Attempt::tick`] next.
     pub fn poll_at(&self) -> Option<Instant> {
         let retry = self.deadline.min(self.last_indication.map(|t| t + REINDICATE_AFTER).unwrap_or(self.deadline));
-        match self.state {
+        let step = match self.state {
             State::AwaitReverseSyn | State::AwaitResync => Some(retry),
             State::AwaitSynAck if self.retries_synack() => Some(retry),
             State::AwaitSynAck | State::AwaitIsn => Some(self.deadline),
+            State::Established if self.resync_unconfirmed() && self.step_tries < MAX_INDICATIONS => {
+                self.last_indication.map(|t| t + REINDICATE_AFTER)
+            }
             _ => None,
-        }
+        };
+        [step, self.timed_at].into_iter().flatten().min()
     }
 
     /// steered-resync repeats step 2+3 when the camera's SYN-ACK does not come; patent-syn
@@ -579,6 +789,22 @@ impl Attempt {
     }
 
     pub fn tick(&mut self, now: Instant) -> Vec<Out> {
+        if self.timed_at.is_some_and(|at| now >= at) {
+            return self.fire_timed(now);
+        }
+        if self.resync_unconfirmed() {
+            // The timed step 4's resync SYN has not come back within a second and no camera
+            // data proves the resync: ask for it again (its arrival is answered by a steered
+            // SYN-ACK in `from_wire`). Never once data flowed: a resync to the old ISN would
+            // make conntrack drop the camera's later segments.
+            let due = self.last_indication.is_some_and(|t| now.duration_since(t) >= REINDICATE_AFTER);
+            if due && self.step_tries < MAX_INDICATIONS {
+                if let Some((to_server, pd1)) = self.last_pd1.clone() {
+                    return vec![self.indicate(now, to_server, pd1)];
+                }
+            }
+            return vec![];
+        }
         let waiting = matches!(self.state, State::AwaitIsn | State::AwaitReverseSyn | State::AwaitSynAck | State::AwaitResync);
         if waiting && now >= self.deadline {
             let why = match (&self.state, self.leaked) {
@@ -943,5 +1169,163 @@ mod steered_tests {
         a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
         assert!(a.from_wire(seg("203.0.113.9:31000", SERVER, "SA", C, S.wrapping_add(1), 61), t0).is_empty());
         assert_eq!(a.state, State::AwaitSynAck);
+    }
+
+    fn pipelined(steering: Steering, predicted: Option<Prediction>) -> (Attempt, Instant) {
+        let (a, t0) = attempt(steering);
+        (a.with_pipelining(Pipelining { lead: Duration::from_millis(8), predicted }), t0)
+    }
+
+    fn nat_prediction(port: u16) -> Option<Prediction> {
+        Some(Prediction { public: SocketAddrV4::new("203.0.113.2".parse().unwrap(), port), steer_ttl: Some(2) })
+    }
+
+    /// A camera segment carrying data.
+    fn data(src: &str, seq: u32) -> Vec<u8> {
+        let (s, d): (SocketAddrV4, SocketAddrV4) = (src.parse().unwrap(), SERVER.parse().unwrap());
+        let mut b = syn_segment(s.port(), d.port(), seq);
+        {
+            let mut t = TcpPacket::new_unchecked(&mut b[..]);
+            t.clear_flags();
+            t.set_ack(true);
+        }
+        b.extend_from_slice(b"HTTP/1.0 200 OK\r\n");
+        build(&Addressing { proto: Proto::Tcp, src: *s.ip(), src_port: s.port(), dst: *d.ip(), dst_port: d.port() }, &b, 1).unwrap()
+    }
+
+    #[test]
+    fn predicted_and_timed_steps_wait_for_one_round_trip() {
+        let (mut a, t0) = pipelined(Steering::Ttl { adjust: 0 }, nat_prediction(31000));
+        let t = to_step1(&mut a, t0);
+        let lead = Duration::from_millis(8);
+        assert_eq!(a.poll_at(), Some(t0 + lead));
+        assert!(a.tick(t0 + Duration::from_millis(7)).is_empty());
+        // Steps 2+3 on the timer, to the predicted mapping with the remembered TTL.
+        let out = a.tick(t0 + lead);
+        let [Out::ToWire(steered), Out::ToWire(_), Out::Indicate { to_server: false, pd1 }] = &out[..] else { panic!("{out:?}") };
+        let (ip, st) = tcp(steered);
+        assert_eq!(crate::wire::rewrite::endpoint(steered, End::Dst).unwrap(), NAT.parse().unwrap());
+        assert_eq!((ip.hop_limit(), st.seq_number().0 as u32, st.ack_number().0 as u32), (2, S, t.wrapping_add(1)));
+        assert_eq!(TcpPacket::new_checked(&pd1[..]).unwrap().seq_number().0 as u32, S);
+        // Step 1 arrives later, from the predicted mapping: confirmed, nothing to do.
+        let t1 = t0 + Duration::from_millis(40);
+        assert!(a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t1).is_empty());
+        assert_eq!(a.state, State::AwaitSynAck);
+        // The camera's SYN-ACK: resync requested, step 4 on the timer.
+        let t2 = t0 + Duration::from_millis(50);
+        let out = a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t2);
+        assert!(matches!(&out[..], [Out::Indicate { to_server: true, .. }]), "{out:?}");
+        assert_eq!(a.poll_at(), Some(t2 + lead));
+        let out = a.tick(t2 + lead);
+        let [Out::ToWire(steered), Out::ToWire(_), Out::ToStack(held)] = &out[..] else { panic!("{out:?}") };
+        let (_, st) = tcp(steered);
+        assert_eq!((st.seq_number().0 as u32, st.ack_number().0 as u32), (S, C.wrapping_add(1)));
+        assert_eq!(crate::wire::rewrite::endpoint(held, End::Src).unwrap(), VIRT.parse().unwrap());
+        assert_eq!(a.state, State::Established);
+        assert_eq!((a.round_trips, a.timed_steps, a.indications), (1, 2, 3));
+        // The resync SYN comes back after the timed step: steered once more (in case it reached
+        // the NAT late), never passed to smoltcp. Camera data then flows to smoltcp.
+        let out = a.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t2 + Duration::from_millis(41));
+        assert!(matches!(&out[..], [Out::ToWire(_), Out::ToWire(_)]), "{out:?}");
+        assert!(matches!(&a.from_wire(data(NAT, C.wrapping_add(1)), t2)[..], [Out::ToStack(_)]));
+        // Once data flowed, a stray resync SYN is swallowed without steering (conntrack would
+        // resync to a stale sequence number).
+        assert!(a.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t2).is_empty());
+        assert_eq!(a.poll_at(), None);
+    }
+
+    #[test]
+    fn a_wrong_prediction_or_an_overtaking_steered_packet_fails_at_once() {
+        // The NAT picked another port: step 1 says so.
+        let (mut a, t0) = pipelined(Steering::Md5, nat_prediction(554));
+        let t = to_step1(&mut a, t0);
+        assert_eq!(a.tick(t0 + Duration::from_millis(8)).len(), 3);
+        a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0 + Duration::from_millis(40));
+        assert!(a.failed().unwrap().contains("not to the predicted 203.0.113.2:554"), "{:?}", a.state);
+        assert!(a.used_timing());
+        // The steered SYN-ACK reached the NAT before step 1: the NAT itself answers RST.
+        let (mut b, t0) = pipelined(Steering::Ttl { adjust: 0 }, nat_prediction(31000));
+        to_step1(&mut b, t0);
+        b.tick(t0 + Duration::from_millis(8));
+        b.from_wire(seg(NAT, SERVER, "R", 0, 0, 61), t0 + Duration::from_millis(30));
+        assert!(b.failed().unwrap().contains("before step 1"), "{:?}", b.state);
+        // TTL steering without a known TTL: no prediction, step 1 is awaited.
+        let no_ttl = Some(Prediction { public: NAT.parse().unwrap(), steer_ttl: None });
+        let (mut c, t0) = pipelined(Steering::Ttl { adjust: 0 }, no_ttl);
+        to_step1(&mut c, t0);
+        assert!(c.tick(t0 + Duration::from_millis(8)).is_empty());
+        assert_eq!(c.state, State::AwaitReverseSyn);
+    }
+
+    #[test]
+    fn packets_faster_than_the_timer_drive_the_steps_as_before() {
+        let (mut a, t0) = pipelined(Steering::Ttl { adjust: 0 }, nat_prediction(31000));
+        let t = to_step1(&mut a, t0);
+        let soon = t0 + Duration::from_millis(1);
+        assert_eq!(a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), soon).len(), 3);
+        assert!(a.tick(t0 + Duration::from_millis(8)).is_empty());
+        a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), soon);
+        let out = a.from_wire(seg(NAT, SERVER, "S", C, 0, 61), soon);
+        assert!(matches!(&out[..], [Out::ToWire(_), Out::ToWire(_), Out::ToStack(_)]), "{out:?}");
+        assert!(a.tick(t0 + Duration::from_millis(20)).is_empty());
+        assert_eq!((a.state.clone(), a.round_trips, a.timed_steps), (State::Established, 3, 0));
+        assert!(!a.used_timing());
+    }
+
+    #[test]
+    fn a_resync_syn_that_never_comes_back_is_asked_for_again_until_data_flows() {
+        let (mut a, t0) = pipelined(Steering::Md5, None);
+        let t = to_step1(&mut a, t0);
+        assert!(a.tick(t0 + Duration::from_millis(8)).is_empty()); // no prediction: step 1 awaited
+        a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
+        a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
+        assert_eq!(a.tick(t0 + Duration::from_millis(8)).len(), 3);
+        assert_eq!((a.round_trips, a.timed_steps), (2, 1));
+        // No resync SYN and no data within a second: asked for again, within step 4's budget.
+        let t1 = t0 + REINDICATE_AFTER;
+        assert_eq!(a.poll_at(), Some(t1));
+        assert!(matches!(&a.tick(t1)[..], [Out::Indicate { to_server: true, .. }]));
+        assert!(matches!(&a.tick(t1 + REINDICATE_AFTER)[..], [Out::Indicate { to_server: true, .. }]));
+        assert!(a.tick(t1 + REINDICATE_AFTER * 2).is_empty());
+        assert!(a.indications <= 2 + MAX_INDICATIONS);
+        // Data proves the resync: nothing more.
+        let (mut b, t0) = pipelined(Steering::Md5, None);
+        let t = to_step1(&mut b, t0);
+        b.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
+        b.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
+        b.tick(t0 + Duration::from_millis(8));
+        b.from_wire(data(NAT, C.wrapping_add(1)), t0 + Duration::from_millis(50));
+        assert_eq!(b.poll_at(), None);
+        assert!(b.tick(t0 + REINDICATE_AFTER).is_empty());
+    }
+
+    #[test]
+    fn hints_predict_only_where_the_nat_kept_ports() {
+        let nat: std::net::Ipv4Addr = "203.0.113.2".parse().unwrap();
+        let camera: SocketAddrV4 = CAMERA.parse().unwrap();
+        let ttl = Strategy::SteeredResync(Steering::Ttl { adjust: 0 });
+        let md5 = Strategy::SteeredResync(Steering::Md5);
+        // Learned from a step-by-step TTL attempt whose mapping kept the port.
+        let (mut a, t0) = attempt(Steering::Ttl { adjust: 0 });
+        let t = to_step1(&mut a, t0);
+        a.from_wire(seg("203.0.113.2:554", SERVER, "S", t, 0, 61), t0);
+        a.from_wire(seg("203.0.113.2:554", SERVER, "SA", C, S.wrapping_add(1), 61), t0);
+        a.from_wire(seg("203.0.113.2:554", SERVER, "S", C, 0, 61), t0);
+        let hint = SteerHint::default().learn(&a).unwrap();
+        assert_eq!(hint, SteerHint { port_preserved: true, ttl: Some((ttl, 2)) });
+        let want = Some(Prediction { public: "203.0.113.2:554".parse().unwrap(), steer_ttl: Some(2) });
+        assert_eq!(hint.predict(ttl, nat, camera), want);
+        assert_eq!(hint.predict(md5, nat, camera).map(|p| p.steer_ttl), Some(None));
+        // Another TTL adjustment, or a NAT that moved ports: no prediction.
+        assert_eq!(hint.predict(Strategy::SteeredResync(Steering::Ttl { adjust: 1 }), nat, camera), None);
+        assert_eq!(SteerHint { port_preserved: false, ..hint }.predict(ttl, nat, camera), None);
+        // An MD5 success keeps the TTL learned before; an unfinished attempt teaches nothing.
+        let (mut b, t0) = attempt(Steering::Md5);
+        let t = to_step1(&mut b, t0);
+        assert_eq!(hint.learn(&b), None);
+        b.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
+        b.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
+        b.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t0);
+        assert_eq!(hint.learn(&b), Some(SteerHint { port_preserved: false, ttl: Some((ttl, 2)) }));
     }
 }
