@@ -78,15 +78,19 @@ out(f"* **Setup**: `curl -w %{{time_starttransfer}}` (from the start of the clie
     "it is switched off (server port back on the plain bridge) for everything after the setup "
     "measurement. RTT = median `ping` RTT server → router. Extra round trips = (beckon − "
     "port-forward) / RTT. The port-forward's first byte costs 2 RTT (TCP handshake + request); "
-    "steered-resync opens the camera connection with 3 sequential WAN round trips through the "
-    "trigger (server log `direct TCP connection up … setup_ms … round_trips=3`), during which "
-    "the camera's TCP handshake completes, then the request needs 1 more RTT (4 RTT). The assisted "
+    "steered-resync opens the camera connection in 1 to 3 sequential WAN round trips through "
+    "the trigger (server log `direct TCP connection up … setup_ms … round_trips=N timed_steps=M`): "
+    "each of its two steered packets leaves either after the trigger's packet came back through "
+    "the NAT (a round trip) or, timed, 8 ms after the indication (`timed_steps`; step 4 always, "
+    "steps 2+3 where the NAT kept the camera's port at the site's last steered connection, so "
+    "the mapping is predicted). Site a's NAT keeps ports, so on the 20 ms WAN: 1 round trip + "
+    "2 × 8 ms, then the request's round trip. The assisted "
     "path needs 1 RTT to open the camera connection over the trigger's assist link (the trigger "
     "connects on its LAN), then the request (2 RTT). `direct, pre-opened`: the same camera "
     "through a second exposure with `warm = 1`: beckon keeps one direct connection to the camera "
     "open before any client comes (renewed every 12-15 s, refilled in the background after a client "
     "took it), so the client's first byte needs only the request's round trip (1 RTT); a client "
-    "arriving while the refill is still under way gets a fresh steered connection (4 RTT).")
+    "arriving while the refill is still under way gets a fresh steered connection.")
 out(f"* **Throughput**: `curl /bulk?bytes=N` from the camera's `cam_http.py` (Python, 64 KiB "
     f"writes), N = {t1['bytes_per_stream'] // 1_000_000 if t1 else '?'} MB (1 stream, median of "
     f"{len([r for r in t1['runs'] if r['target'] == 'direct']) if t1 else '?'}) and 8 parallel "
@@ -153,7 +157,8 @@ def setup_rows(s):
             detail = f"; {s.get('warm_connections', '?')} of {s['ok'].get(path, 0)} served by a pre-opened connection"
         if path == "direct":
             detail = (f"; server: setup {f1(s.get('server_setup_ms_median'))} ms, "
-                      f"round_trips {','.join(map(str, s.get('server_round_trips') or [])) or '?'}")
+                      f"round_trips {','.join(map(str, s.get('server_round_trips') or [])) or '?'}, "
+                      f"timed_steps {','.join(map(str, s.get('server_timed_steps') or [])) or '?'}")
         if d > 0:
             diff = f"{b - r:+.1f} ms = **{extra:+.2f} RTT** (RTT {rtt:.1f} ms)"
             ok = extra <= 1.0

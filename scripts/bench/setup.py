@@ -63,7 +63,7 @@ def main():
     with open(a.server_log, errors="replace") as f:
         f.seek(log_off)
         log = f.read()
-    setup_ms, rts, strategies, warm = [], [], {}, 0
+    setup_ms, rts, timed, strategies, warm = [], [], [], {}, 0
     for line in log.splitlines():
         if "direct TCP connection up" not in line:
             continue
@@ -72,11 +72,14 @@ def main():
             continue
         m = re.search(r"setup_ms=(\d+)", line)
         r = re.search(r"round_trips=(\d+)", line)
+        t = re.search(r"timed_steps=(\d+)", line)
         s = re.search(r"strategy=(\S+)", line)
         if m:
             setup_ms.append(int(m.group(1)))
         if r:
             rts.append(int(r.group(1)))
+        if t:
+            timed.append(int(t.group(1)))
         if s:
             strategies[s.group(1)] = strategies.get(s.group(1), 0) + 1
     res = {
@@ -89,6 +92,7 @@ def main():
         "counters": bl.delta(c0, c1), "net": net,
         "server_setup_ms_median": bl.median(setup_ms),
         "server_round_trips": sorted(set(rts)),
+        "server_timed_steps": sorted(set(timed)),
         "strategies": strategies,
         "warm_connections": warm,
     }
@@ -97,7 +101,7 @@ def main():
           + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in res["median_ms"].items())
           + f"; direct {res['counters'].get('tcp_connections_direct')} assisted {res['counters'].get('tcp_connections_assisted')}"
           + f" fallbacks {res['counters'].get('tcp_direct_fallbacks')}; server setup_ms median {res['server_setup_ms_median']}"
-          + f" round_trips {res['server_round_trips']} {strategies}", file=sys.stderr)
+          + f" round_trips {res['server_round_trips']} timed_steps {res['server_timed_steps']} {strategies}", file=sys.stderr)
 
 
 if __name__ == "__main__":
