@@ -426,4 +426,21 @@ fn timed_steps_open_direct_connections_in_fewer_round_trips() {
     assert_eq!(counter(&st, "tcp_direct_fallbacks"), 0, "{:#}", st["counters"]);
     assert_eq!(counter(&st, "tcp_connections_direct"), 6, "{:#}", st["counters"]);
     assert!(lab.log_lines("server", &["timed steps failed"]).is_empty());
+
+    // Site a's NAT starts picking random ports: the next connection's prediction is wrong. It
+    // fails at once and the same connection goes direct step by step; the site's following
+    // connections skip timed steps.
+    lab.lab(&["router", &lab.prefix, "a", "random-invdrop"]);
+    for i in 0..2 {
+        let body = get_until_end(&lab, 18090, "/bulk?bytes=100000").unwrap_or_else(|e| panic!("after the NAT change, connection {i}: {e:?}"));
+        assert!(body.len() > 100_000, "after the NAT change, connection {i}: {} bytes", body.len());
+    }
+    let failed = lab.log_lines("server", &["timed steps failed", "site-a/cam1"]);
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    let lines = ups("site-a/cam1");
+    assert_eq!(lines.len(), 5, "{lines:#?}");
+    for l in &lines[3..] {
+        assert!(l.contains("round_trips=3") && l.contains("timed_steps=0"), "step by step after the failure: {l}");
+    }
+    assert_eq!(counter(&lab.status(), "tcp_connections_direct"), 8);
 }
