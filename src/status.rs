@@ -31,6 +31,10 @@ pub struct SiteStatus {
     /// How the site's NAT treats direct TCP, measured against the trigger's probe listener.
     #[serde(default)]
     pub profile: Option<ProfileStatus>,
+    /// Which steered-resync steps on-demand direct connections time instead of waiting a round
+    /// trip for (docs/architecture.md, *timed steps*); absent before any steered connection.
+    #[serde(default)]
+    pub timed_steps: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -192,7 +196,7 @@ impl StatusDoc {
             self.version, self.public_ip, self.uptime_secs, self.keepalive_secs
         );
         let _ = writeln!(s, "\nSITES");
-        let _ = writeln!(s, "{:<16} {:<10} {:<22} {}", "site", "trigger", "public endpoint", "cameras");
+        let _ = writeln!(s, "{:<16} {:<10} {:<22} cameras", "site", "trigger", "public endpoint");
         for site in &self.sites {
             let cams: Vec<String> =
                 site.cameras.iter().map(|c| format!("{} {} {} [{}]", c.name, c.ip, c.device_type, c.services.join(","))).collect();
@@ -258,6 +262,9 @@ impl StatusDoc {
         for site in &self.sites {
             if let Some(p) = &site.profile {
                 let _ = writeln!(s, "{:<16} {}", site.name, p.summary);
+                if let Some(t) = &site.timed_steps {
+                    let _ = writeln!(s, "{:<16}   timed steps: {t}", "");
+                }
                 if let Some(u) = &p.udp {
                     let _ = writeln!(
                         s,

@@ -426,13 +426,17 @@ fn timed_steps_open_direct_connections_in_fewer_round_trips() {
     assert_eq!(counter(&st, "tcp_direct_fallbacks"), 0, "{:#}", st["counters"]);
     assert_eq!(counter(&st, "tcp_connections_direct"), 6, "{:#}", st["counters"]);
     assert!(lab.log_lines("server", &["timed steps failed"]).is_empty());
+    let timing = |st: &serde_json::Value, name: &str| site(st, name)["timed_steps"].as_str().unwrap_or_default().to_string();
+    assert!(timing(&st, "site-a").starts_with("steps 2+3 and 4"), "{}", timing(&st, "site-a"));
+    assert!(timing(&st, "site-b").starts_with("step 4 "), "{}", timing(&st, "site-b"));
 
     // Site a's NAT starts picking random ports: the next connection's prediction is wrong. It
     // fails at once and the same connection goes direct step by step; the site's following
     // connections skip timed steps.
     lab.lab(&["router", &lab.prefix, "a", "random-invdrop"]);
     for i in 0..2 {
-        let body = get_until_end(&lab, 18090, "/bulk?bytes=100000").unwrap_or_else(|e| panic!("after the NAT change, connection {i}: {e:?}"));
+        let body =
+            get_until_end(&lab, 18090, "/bulk?bytes=100000").unwrap_or_else(|e| panic!("after the NAT change, connection {i}: {e:?}"));
         assert!(body.len() > 100_000, "after the NAT change, connection {i}: {} bytes", body.len());
     }
     let failed = lab.log_lines("server", &["timed steps failed", "site-a/cam1"]);
@@ -442,5 +446,7 @@ fn timed_steps_open_direct_connections_in_fewer_round_trips() {
     for l in &lines[3..] {
         assert!(l.contains("round_trips=3") && l.contains("timed_steps=0"), "step by step after the failure: {l}");
     }
-    assert_eq!(counter(&lab.status(), "tcp_connections_direct"), 8);
+    let st = lab.status();
+    assert_eq!(counter(&st, "tcp_connections_direct"), 8);
+    assert!(timing(&st, "site-a").starts_with("none for"), "{}", timing(&st, "site-a"));
 }

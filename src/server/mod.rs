@@ -130,6 +130,22 @@ impl Shared {
         *v.entry((site.to_string(), camera.to_string())).or_insert_with(|| (u32::from(VIRTUAL_BASE) + n).into())
     }
 
+    /// What on-demand steered connections of `site` time (see `tcp_strategy::Pipelining`).
+    fn timed_steps_summary(&self, site: &str) -> Option<String> {
+        if let Some(at) = self.timing_failed.lock().unwrap().get(site) {
+            let left = tcp_expose::TIMING_BACKOFF.saturating_sub(at.elapsed()).as_secs();
+            if left > 0 {
+                return Some(format!("none for {left} s more (they failed {} s ago)", at.elapsed().as_secs()));
+            }
+        }
+        let hint = *self.steer_hints.lock().unwrap().get(site)?;
+        Some(if hint.port_preserved {
+            "steps 2+3 and 4 (the NAT kept the port at the last steered connection: the mapping is predicted)".into()
+        } else {
+            "step 4 (the NAT changed the port at the last steered connection)".into()
+        })
+    }
+
     /// Sites, cameras and control counters; mappings come from the stack.
     fn status(&self, stack: stack::StackSnapshot) -> StatusDoc {
         let reg = self.registry.lock().unwrap();
@@ -162,6 +178,7 @@ impl Shared {
                         })
                         .unwrap_or_default(),
                     profile: self.profiles.lock().unwrap().get(&s.name).cloned(),
+                    timed_steps: self.timed_steps_summary(&s.name),
                 }
             })
             .collect();

@@ -41,7 +41,7 @@ impl Device for QueueDevice {
         Some((RxTok(p), TxTok(&mut self.tx)))
     }
     fn transmit(&mut self, _t: smoltcp::time::Instant) -> Option<TxTok<'_>> {
-        (self.tx.len() < TX_QUEUE).then(|| TxTok(&mut self.tx))
+        (self.tx.len() < TX_QUEUE).then_some(TxTok(&mut self.tx))
     }
     fn capabilities(&self) -> DeviceCapabilities {
         let mut c = DeviceCapabilities::default();

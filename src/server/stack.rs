@@ -256,13 +256,13 @@ pub fn unreachable_for(ip: &Ipv4Packet<&[u8]>, public_ip: std::net::Ipv4Addr) ->
         let d = icmp.data();
         (d.len() >= 28).then(|| Ipv4Packet::new_unchecked(d))
     })?;
-    if inner.next_header() != IpProtocol::Udp || std::net::Ipv4Addr::from(inner.src_addr()) != public_ip {
+    if inner.next_header() != IpProtocol::Udp || inner.src_addr() != public_ip {
         return None;
     }
     let hl = inner.header_len() as usize;
     let quoted = icmp.data().get(hl..hl + 8)?;
     let udp = UdpPacket::new_unchecked(quoted);
-    Some((udp.src_port(), SocketAddrV4::new(inner.dst_addr().into(), udp.dst_port())))
+    Some((udp.src_port(), SocketAddrV4::new(inner.dst_addr(), udp.dst_port())))
 }
 
 /// What a packet from the TUN is for the stack (sans-IO: parsing only, no state).
@@ -286,7 +286,7 @@ pub fn parse_ingress(pkt: &[u8], csum: Checksum, public_ip: Ipv4Addr) -> Ingress
     let Ok(ip) = Ipv4Packet::new_checked(pkt) else {
         return Ingress::Ignore; // garbage
     };
-    if ip.version() != 4 || Ipv4Addr::from(ip.dst_addr()) != public_ip || !ip.verify_checksum() {
+    if ip.version() != 4 || ip.dst_addr() != public_ip || !ip.verify_checksum() {
         return Ingress::Ignore;
     }
     if ip.more_frags() || ip.frag_offset() != 0 {
@@ -391,7 +391,7 @@ mod tests {
         let ip = Ipv4Packet::new_checked(&p[..]).unwrap();
         assert!(ip.verify_checksum());
         assert!(!ip.dont_frag());
-        assert_eq!((Ipv4Addr::from(ip.src_addr()), Ipv4Addr::from(ip.dst_addr())), (*from.ip(), *to.ip()));
+        assert_eq!((ip.src_addr(), ip.dst_addr()), (*from.ip(), *to.ip()));
         let u = UdpPacket::new_checked(ip.payload()).unwrap();
         assert!(u.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()));
         assert_eq!((u.src_port(), u.dst_port(), u.payload()), (40000, 5060, &b"OPTIONS"[..]));
@@ -443,7 +443,7 @@ mod tests {
         req.emit(&mut Icmpv4Packet::new_unchecked(pkt.payload_mut()), &caps);
         let reply = echo_reply(&Ipv4Packet::new_checked(&buf[..]).unwrap()).unwrap();
         let ip = Ipv4Packet::new_checked(&reply[..]).unwrap();
-        assert_eq!(Ipv4Addr::from(ip.dst_addr()), Ipv4Addr::new(203, 0, 113, 1));
+        assert_eq!(ip.dst_addr(), Ipv4Addr::new(203, 0, 113, 1));
         let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
         assert_eq!(Icmpv4Repr::parse(&icmp, &caps).unwrap(), Icmpv4Repr::EchoReply { ident: 7, seq_no: 3, data: b"hello" });
         // A reply is not answered (no ping-pong between two stacks).

@@ -149,9 +149,9 @@ impl Shard {
         let epoch = Instant::now();
         let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::from_millis(0));
         iface.update_ip_addrs(|a| {
-            a.push(IpCidr::new(IpAddress::Ipv4(public.into()), 32)).unwrap();
+            a.push(IpCidr::new(IpAddress::Ipv4(public), 32)).unwrap();
         });
-        iface.routes_mut().add_default_ipv4_route(public.into()).unwrap();
+        iface.routes_mut().add_default_ipv4_route(public).unwrap();
         let mut sock = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; p.rx_buffer]), tcp::SocketBuffer::new(vec![0; p.tx_buffer]));
         sock.set_nagle_enabled(false);
         sock.set_ack_delay(None);
@@ -232,8 +232,8 @@ impl Shard {
                 Out::Connect => {
                     let virt = self.attempt.virt;
                     let server = self.attempt.server;
-                    let remote = IpEndpoint::new(IpAddress::Ipv4((*virt.ip()).into()), virt.port());
-                    let local = IpEndpoint::new(IpAddress::Ipv4((*server.ip()).into()), server.port());
+                    let remote = IpEndpoint::new(IpAddress::Ipv4(*virt.ip()), virt.port());
+                    let local = IpEndpoint::new(IpAddress::Ipv4(*server.ip()), server.port());
                     let cx = self.iface.context();
                     if let Err(e) = self.sockets.get_mut::<tcp::Socket>(self.handle).connect(cx, remote, local) {
                         tracing::error!("smoltcp connect: {e}");

@@ -1045,7 +1045,7 @@ mod steered_tests {
         let [Out::ToWire(steered), Out::ToWire(copy), Out::Indicate { to_server: false, pd1 }] = &out[..] else { panic!("{out:?}") };
         assert_eq!(steered, copy);
         let (ip, st) = tcp(steered);
-        assert_eq!(std::net::Ipv4Addr::from(ip.dst_addr()), "203.0.113.2".parse::<std::net::Ipv4Addr>().unwrap());
+        assert_eq!(ip.dst_addr(), "203.0.113.2".parse::<std::net::Ipv4Addr>().unwrap());
         assert!(st.syn() && st.ack());
         assert_eq!((st.seq_number().0 as u32, st.ack_number().0 as u32), (S, t.wrapping_add(1)));
         if matches!(a.strategy, Strategy::SteeredResync(Steering::Ttl { .. })) {

@@ -46,8 +46,8 @@ pub fn endpoint(pkt: &[u8], end: End) -> Result<SocketAddrV4, RewriteError> {
         return Err(RewriteError::Truncated);
     }
     Ok(match end {
-        End::Src => SocketAddrV4::new(ip.src_addr().into(), u16::from_be_bytes([t[0], t[1]])),
-        End::Dst => SocketAddrV4::new(ip.dst_addr().into(), u16::from_be_bytes([t[2], t[3]])),
+        End::Src => SocketAddrV4::new(ip.src_addr(), u16::from_be_bytes([t[0], t[1]])),
+        End::Dst => SocketAddrV4::new(ip.dst_addr(), u16::from_be_bytes([t[2], t[3]])),
     })
 }
 
@@ -101,7 +101,7 @@ pub fn rewrite(pkt: &mut [u8], end: End, to: SocketAddrV4) -> Result<(), Rewrite
 
 /// An IPv4 address as smoltcp wants it.
 pub fn v4(a: Ipv4Addr) -> smoltcp::wire::Ipv4Address {
-    a.into()
+    a
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! agree, and the result must fit the MTU.
 
 use crate::catalog::Proto;
-use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Address, Ipv4Packet, TcpPacket, UdpPacket};
+use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket};
 use std::net::Ipv4Addr;
 
 pub const IPV4_HEADER: usize = 20;
@@ -72,8 +72,8 @@ pub fn build(a: &Addressing, pd1: &[u8], ident: u16) -> Result<Vec<u8>, BuildErr
     }
 
     let mut buf = vec![0u8; total];
-    let src = Ipv4Address::from(a.src);
-    let dst = Ipv4Address::from(a.dst);
+    let src = a.src;
+    let dst = a.dst;
     {
         let mut ip = Ipv4Packet::new_unchecked(&mut buf[..]);
         ip.set_version(4);
@@ -114,7 +114,7 @@ pub fn udp_pd1(a: &Addressing, payload: &[u8]) -> Vec<u8> {
     udp.set_dst_port(a.dst_port);
     udp.set_len(len as u16);
     udp.payload_mut().copy_from_slice(payload);
-    udp.fill_checksum(&IpAddress::Ipv4(a.src.into()), &IpAddress::Ipv4(a.dst.into()));
+    udp.fill_checksum(&IpAddress::Ipv4(a.src), &IpAddress::Ipv4(a.dst));
     buf
 }
 
@@ -133,11 +133,11 @@ mod tests {
         let p3 = build(&a, &pd1, 0x1234).unwrap();
         let ip = Ipv4Packet::new_checked(&p3[..]).unwrap();
         assert!(ip.verify_checksum());
-        assert_eq!(ip.src_addr(), Ipv4Address::from(a.src));
-        assert_eq!(ip.dst_addr(), Ipv4Address::from(a.dst));
+        assert_eq!(ip.src_addr(), a.src);
+        assert_eq!(ip.dst_addr(), a.dst);
         assert_eq!(ip.hop_limit(), TTL);
         let udp = UdpPacket::new_checked(ip.payload()).unwrap();
-        assert!(udp.verify_checksum(&IpAddress::Ipv4(a.src.into()), &IpAddress::Ipv4(a.dst.into())));
+        assert!(udp.verify_checksum(&IpAddress::Ipv4(a.src), &IpAddress::Ipv4(a.dst)));
         assert_eq!(udp.payload(), b"OPTIONS sip:cam SIP/2.0\r\n\r\n");
     }
 
@@ -157,7 +157,7 @@ mod tests {
         let p3 = build(&a, &pd1, 1).unwrap();
         let ip = Ipv4Packet::new_checked(&p3[..]).unwrap();
         let t = TcpPacket::new_checked(ip.payload()).unwrap();
-        assert!(t.verify_checksum(&IpAddress::Ipv4(a.src.into()), &IpAddress::Ipv4(a.dst.into())));
+        assert!(t.verify_checksum(&IpAddress::Ipv4(a.src), &IpAddress::Ipv4(a.dst)));
         assert!(t.syn());
     }
 
