@@ -94,6 +94,9 @@ pub struct SiteConfig {
 
 /// Most pre-opened direct connections per exposure.
 pub const MAX_WARM: usize = 8;
+/// `[[expose]] rate_mbit`: the default and the largest accepted.
+pub const DEFAULT_RATE_MBIT: u32 = 128;
+pub const MAX_RATE_MBIT: u32 = 10_000;
 
 fn default_true() -> bool {
     true
@@ -112,6 +115,11 @@ pub struct ExposeConfig {
     /// every 12-15 s.
     #[serde(default)]
     pub warm: usize,
+    /// TCP only: the throughput (Mbit/s) one direct client connection should reach on the
+    /// site's WAN path. It sizes the camera connection's receive window (round trip × rate,
+    /// 256 KiB to 16 MiB), and so the memory each connection may take.
+    #[serde(default)]
+    pub rate_mbit: Option<u32>,
 }
 
 impl ExposeConfig {
@@ -123,6 +131,10 @@ impl ExposeConfig {
     }
     pub fn service(&self) -> Service {
         Service { proto: self.proto, port: self.port }
+    }
+    /// Bytes per second one direct connection should be able to carry (`rate_mbit`).
+    pub fn rate_bytes(&self) -> f64 {
+        self.rate_mbit.unwrap_or(DEFAULT_RATE_MBIT) as f64 * 1e6 / 8.0
     }
 }
 
@@ -171,6 +183,9 @@ impl ServerConfig {
             }
             if e.warm > MAX_WARM || (e.warm > 0 && e.proto != Proto::Tcp) {
                 return Err(err(path, format!("key `expose[{i}].warm`: pre-opened connections are for tcp exposures, 0-{MAX_WARM}")));
+            }
+            if e.rate_mbit.is_some_and(|r| !(1..=MAX_RATE_MBIT).contains(&r) || e.proto != Proto::Tcp) {
+                return Err(err(path, format!("key `expose[{i}].rate_mbit`: for tcp exposures, 1-{MAX_RATE_MBIT} (Mbit/s)")));
             }
             if e.warm > 0 && self.sites.iter().any(|s| s.name == e.site() && !s.direct_tcp) {
                 return Err(err(
@@ -350,7 +365,7 @@ listen = "127.0.0.1:15060"
     }
 
     #[test]
-    fn warm_needs_tcp_and_direct_tcp() {
+    fn warm_and_rate_need_tcp() {
         let p = Path::new("server.toml");
         let with = |extra: &str, direct: bool| {
             let text = SERVER.replace("token = \"0123456789abcdef\"", &format!("token = \"0123456789abcdef\"\ndirect_tcp = {direct}"))
@@ -362,6 +377,9 @@ listen = "127.0.0.1:15060"
         assert!(with("proto = \"udp\"\nwarm = 1", true).unwrap_err().contains("for tcp exposures"));
         assert!(with("proto = \"tcp\"\nwarm = 1", false).unwrap_err().contains("direct_tcp = false"));
         assert!(with("proto = \"tcp\"\nwarm = 0", false).is_ok());
+        assert!(with("proto = \"tcp\"\nrate_mbit = 500", true).is_ok());
+        assert!(with("proto = \"tcp\"\nrate_mbit = 0", true).unwrap_err().contains("expose[1].rate_mbit"));
+        assert!(with("proto = \"udp\"\nrate_mbit = 8", true).unwrap_err().contains("for tcp exposures"));
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub struct Shared {
     /// when timed steps last failed there (they are then left out for a while).
     pub steer_hints: Mutex<HashMap<String, tcp_strategy::SteerHint>>,
     pub timing_failed: Mutex<HashMap<String, Instant>>,
+    /// Per site: the WAN round trip its last direct connection measured (sizes the windows).
+    pub site_rtt: Mutex<HashMap<String, std::time::Duration>>,
     /// Per-camera addresses inside the userspace stack (never on the wire).
     virt: Mutex<HashMap<(String, String), std::net::Ipv4Addr>>,
 }
@@ -102,6 +104,7 @@ impl Shared {
             conns: Mutex::new(HashMap::new()),
             steer_hints: Mutex::new(HashMap::new()),
             timing_failed: Mutex::new(HashMap::new()),
+            site_rtt: Mutex::new(HashMap::new()),
             virt: Mutex::new(HashMap::new()),
             cfg,
         }

@@ -186,6 +186,9 @@ impl Shard {
                     hints.insert(shard.site.clone(), learned);
                 }
                 drop(hints);
+                if let Some(rtt) = shard.attempt.rtt {
+                    shard.shared.site_rtt.lock().unwrap().insert(shard.site.clone(), rtt);
+                }
                 return Ok(shard);
             }
             if shard.attempt.state == State::Established && st == tcp::State::Closed {
@@ -289,6 +292,11 @@ impl Shard {
                 self.process(outs).await;
             }
         }
+    }
+
+    /// The connection's receive buffer: the largest window the camera may fill.
+    pub fn window(&self) -> usize {
+        self.sockets.get::<tcp::Socket>(self.handle).recv_capacity()
     }
 
     /// Hand a pre-opened connection to a client's record (keeping the trigger packets it cost).

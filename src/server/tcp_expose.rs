@@ -18,15 +18,26 @@ use tokio::sync::watch;
 
 /// Direct attempt budget before falling back to the assisted path.
 pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// smoltcp receive buffer per direct connection (bounds the window: 256 KiB at 20 ms RTT is
-/// ~100 Mbit/s, far above a camera stream).
+/// smoltcp receive buffer per direct connection, which is also the largest window the camera
+/// may fill: sized from the site's WAN round trip so that one connection can carry the exposure's
+/// `rate_mbit` (a window of W bytes carries at most W per round trip), between these bounds. On
+/// a LAN-like path the minimum is plenty (≈ 1 GB/s on the lab machine); at 40 ms and the
+/// default 128 Mbit/s it is 640 KB.
 pub const DIRECT_BUFFER: usize = 256 * 1024;
+pub const DIRECT_BUFFER_MAX: usize = 16 * 1024 * 1024;
 /// smoltcp send buffer (towards the camera: requests and RTSP control, rarely bulk).
 pub const DIRECT_TX_BUFFER: usize = 64 * 1024;
 /// After timed steered-resync steps failed at a site, its connections go step by step for this long.
 pub const TIMING_BACKOFF: Duration = Duration::from_secs(600);
 /// Platform-client connections per exposure at once.
 pub const MAX_CLIENTS: usize = 4096;
+
+/// The receive buffer for a direct connection that should carry `rate` bytes/s over a path with
+/// round trip `rtt` (unknown: the minimum).
+pub fn path_buffer(rtt: Option<Duration>, rate: f64) -> usize {
+    let want = rtt.map_or(0.0, |r| r.as_secs_f64() * rate) as usize;
+    want.clamp(DIRECT_BUFFER, DIRECT_BUFFER_MAX)
+}
 
 /// Bind every TCP exposure; returns the tasks keeping pre-opened connections (awaited at
 /// shutdown: they reset their connections).
@@ -102,6 +113,7 @@ async fn connect_direct(
     // Timed steps only where a client waits (pre-opening has time), and not for a while after
     // they failed at this site.
     let timing_ok = !pre_opening && shared.timing_failed.lock().unwrap().get(site).is_none_or(|at| at.elapsed() >= TIMING_BACKOFF);
+    let rx_buffer = path_buffer(shared.site_rtt.lock().unwrap().get(site).copied(), e.rate_bytes());
     for strategy in order.iter().filter_map(|l| Strategy::from_label(l)) {
         let mut pipelining = timing_ok.then(|| {
             let hint = shared.steer_hints.lock().unwrap().get(site).copied();
@@ -115,7 +127,7 @@ async fn connect_direct(
                 camera,
                 virt: shared.virt_addr(site, e.camera_name()),
                 timeout: DIRECT_TIMEOUT,
-                rx_buffer: DIRECT_BUFFER,
+                rx_buffer,
                 tx_buffer: DIRECT_TX_BUFFER,
                 keepalive: shared.cfg.keepalive(),
                 pipelining,
@@ -193,7 +205,7 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, pool: Arc<WarmPool>, clien
             shared.stats.tcp_connections_warm.fetch_add(1, Ordering::Relaxed);
         }
         tracing::info!(camera = %e.camera, client = %peer, strategy = %strategy.label(), public = public.as_deref().unwrap_or("-"),
-            setup_ms = setup, round_trips, timed_steps, warm, trigger_packets = record.trigger_packets.load(Ordering::Relaxed), "direct TCP connection up");
+            setup_ms = setup, round_trips, timed_steps, window_kib = shard.window() / 1024, warm, trigger_packets = record.trigger_packets.load(Ordering::Relaxed), "direct TCP connection up");
         shard.splice(client).await;
         finish(&shared, &record, true);
         return;
@@ -347,5 +359,20 @@ async fn warm_loop(shared: Arc<Shared>, e: ExposeConfig, pool: Arc<WarmPool>, mu
     }
     for shard in pool.drain() {
         shard.reset().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_carries_the_rate_over_the_path_within_bounds() {
+        let rate = 128e6 / 8.0;
+        assert_eq!(path_buffer(None, rate), DIRECT_BUFFER);
+        assert_eq!(path_buffer(Some(Duration::from_micros(70)), rate), DIRECT_BUFFER);
+        assert_eq!(path_buffer(Some(Duration::from_millis(40)), rate), 640_000);
+        assert_eq!(path_buffer(Some(Duration::from_secs(2)), rate), DIRECT_BUFFER_MAX);
+        assert_eq!(path_buffer(Some(Duration::from_millis(40)), 1e9), DIRECT_BUFFER_MAX);
     }
 }

@@ -243,6 +243,9 @@ pub struct Attempt {
     pub round_trips: u32,
     /// Steps sent on a timer instead of after a round trip (0, 1 or 2).
     pub timed_steps: u32,
+    /// The shortest wait from an indication to the packet it caused arriving through the NAT: the
+    /// WAN round trip (plus the trigger's processing), which sizes the connection's window.
+    pub rtt: Option<Duration>,
     pipelining: Option<Pipelining>,
     /// When the pending timed step is due (steps 2+3 in `AwaitReverseSyn`, step 4 in `AwaitResync`).
     timed_at: Option<Instant>,
@@ -351,6 +354,7 @@ impl Attempt {
             last_steered: None,
             round_trips: 0,
             timed_steps: 0,
+            rtt: None,
             pipelining: None,
             timed_at: None,
             reverse_seq: None,
@@ -537,7 +541,7 @@ impl Attempt {
                     }
                     // The reverse SYN came through the NAT: swallow it, learn the mapping.
                     self.public = Some(src);
-                    self.round_trips += 1;
+                    self.waited(now);
                     self.state = State::AwaitSynAck;
                     return vec![Out::Connect];
                 }
@@ -561,7 +565,7 @@ impl Attempt {
                 }
                 if syn && ack {
                     self.public = Some(src);
-                    self.round_trips += 1;
+                    self.waited(now);
                     self.state = State::Established;
                     self.established_at = Some(now);
                 } else if syn {
@@ -632,7 +636,7 @@ impl Attempt {
                 // Step 1 arrived (before any timer): the mapping and the hop count. Step 2
                 // (steered), then step 3.
                 self.public = Some(src);
-                self.round_trips += 1;
+                self.waited(now);
                 self.step1_seen = true;
                 self.timed_at = None;
                 if let Steering::Ttl { adjust } = steering {
@@ -664,7 +668,7 @@ impl Attempt {
             }
             State::AwaitSynAck if syn && ack && Some(ackn) == self.isn.map(|s| s.wrapping_add(1)) => {
                 // Step 3 answered and translated: hold the SYN-ACK, ask for the resync SYN (seq C).
-                self.round_trips += 1;
+                self.waited(now);
                 self.camera_isn = Some(seq);
                 // The resync SYN stands for the camera's side: it carries the camera's own
                 // options (window scale!) from its SYN-ACK, so conntrack re-learns them.
@@ -681,7 +685,7 @@ impl Attempt {
             State::AwaitResync if syn && !ack && Some(seq) == self.camera_isn => {
                 // Step 4 arrived (before any timer): the steered SYN-ACK acking C+1 resyncs
                 // conntrack; then the held SYN-ACK completes smoltcp's handshake.
-                self.round_trips += 1;
+                self.waited(now);
                 self.resync_seen = true;
                 self.timed_at = None;
                 self.release(now)
@@ -691,6 +695,15 @@ impl Attempt {
                 vec![]
             }
             _ => vec![],
+        }
+    }
+
+    /// A sequential wait ended: one more round trip, and a sample of its length.
+    fn waited(&mut self, now: Instant) {
+        self.round_trips += 1;
+        if let Some(sent) = self.last_indication {
+            let sample = now.saturating_duration_since(sent);
+            self.rtt = Some(self.rtt.map_or(sample, |r| r.min(sample)));
         }
     }
 
