@@ -63,7 +63,10 @@ STREAM_BUDGET=300               # seconds for the whole concurrent-streams phase
 STREAM_MEASURE=10               # seconds measured per level (after 2 s warm-up)
 UDP_FLOWS=10000
 UDP_BUDGET=150
+WAN_BYTES=100000000             # per transfer, throughput through the delayed WAN
+WAN_REPS=3
 if [ "$QUICK" = 1 ]; then
+  WAN_BYTES=50000000 WAN_REPS=1
   SETUP_N=8 TPUT_BYTES=200000000 TPUT_BYTES_MULTI=200000000 TPUT_REPS="1,1"
   STREAM_LEVELS="50 100 200 400" STREAM_BUDGET=120 STREAM_MEASURE=6 UDP_FLOWS=2000 UDP_BUDGET=60
 fi
@@ -227,6 +230,12 @@ listen = "127.0.0.1:18092"
 warm = 1
 [[expose]]
 camera = "site-a/cam1"
+port = 80
+proto = "tcp"
+listen = "127.0.0.1:18093"
+rate_mbit = 1000
+[[expose]]
+camera = "site-a/cam1"
 port = 8554
 proto = "tcp"
 listen = "127.0.0.1:18554"
@@ -307,6 +316,16 @@ json.dump({"cores": os.cpu_count(), "cpu": cpu, "kernel": os.uname().release, "s
           open(sys.argv[1], "w"))
 EOF
 
+# tput_run FILE STREAMS BYTES REPS TARGET... : one throughput.py run
+tput_run() {
+  local file=$1 k=$2 bytes=$3 reps=$4
+  shift 4
+  in_ns "$SRV_NS" 900 "$PY" "$BDIR/throughput.py" --beckon "$BECKON" --out "$RUN/$file" \
+    --bytes "$bytes" --streams "$k" --reps "$reps" \
+    --pid server="$SERVER_PID" --pid trigger_a="$TRG_A_PID" --pid trigger_b="$TRG_B_PID" "$@" \
+    || die "throughput ($file) failed"
+  check_procs
+}
 # ------------------------------------------------------------------ 1. setup latency
 setup_phase() { # DELAY_MS
   local d=$1
@@ -323,24 +342,21 @@ if phase setup; then
   setup_phase 0
   log "WAN delay -> $SETUP_DELAY_MS ms (userspace relay)"
   "$LAB" delay "$PREFIX" "$SETUP_DELAY_MS" >>"$RUN/lab-up.log" 2>&1 || die "lab.sh delay failed"
+  delay_on=$(date +%s)
   sleep 1
   setup_phase "$SETUP_DELAY_MS"
+  # Throughput through the delayed WAN: do the windows carry the path? (yamux re-measures the
+  # assist link's round trip every 10 s: give it that long since the delay came on.)
+  while [ $(($(date +%s) - delay_on)) -lt 11 ]; do sleep 1; done
+  log "throughput at $SETUP_DELAY_MS ms one-way: /bulk ${WAN_BYTES} B x1 (reps $WAN_REPS)"
+  tput_run throughput-wan.json 1 "$WAN_BYTES" "$WAN_REPS" dnat-a=http://203.0.113.2:8080 direct=http://127.0.0.1:18090 \
+    direct-rate=http://127.0.0.1:18093 dnat-b=http://203.0.113.3:8080 assisted=http://127.0.0.1:18091
   "$LAB" delay "$PREFIX" 0 >>"$RUN/lab-up.log" 2>&1 || die "lab.sh delay 0 failed"
   log "WAN delay -> 0 ms (relay out of the path)"
   sleep 1
 fi
 
 # ------------------------------------------------------------------ 2. throughput
-# tput_run FILE STREAMS BYTES REPS TARGET... : one throughput.py run
-tput_run() {
-  local file=$1 k=$2 bytes=$3 reps=$4
-  shift 4
-  in_ns "$SRV_NS" 900 "$PY" "$BDIR/throughput.py" --beckon "$BECKON" --out "$RUN/$file" \
-    --bytes "$bytes" --streams "$k" --reps "$reps" \
-    --pid server="$SERVER_PID" --pid trigger_a="$TRG_A_PID" --pid trigger_b="$TRG_B_PID" "$@" \
-    || die "throughput ($file) failed"
-  check_procs
-}
 TARGETS_ALL=(dnat-a=http://203.0.113.2:8080 direct=http://127.0.0.1:18090
   dnat-b=http://203.0.113.3:8080 assisted=http://127.0.0.1:18091)
 if phase throughput; then

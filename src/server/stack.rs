@@ -111,9 +111,6 @@ impl Stack {
                 if self.shared.port_routes.dispatch_udp(dst_port, pkt) {
                     return;
                 }
-                if self.table.flow(dst_port).is_some() {
-                    self.bytes_from_cameras += payload.len() as u64;
-                }
                 let acts = self.table.camera_datagram(Instant::now(), dst_port, from, payload.to_vec());
                 self.apply(acts);
             }
@@ -184,6 +181,8 @@ impl Stack {
                     }
                 }
                 Action::ToClient { expose, client, payload } => {
+                    // Only a camera's datagram, accepted by its flow, becomes one of these.
+                    self.bytes_from_cameras += payload.len() as u64;
                     if let Some(sock) = self.exposes.get(expose).and_then(|e| e.udp.as_ref()) {
                         if sock.try_send_to(&payload, client).is_err() {
                             self.client_queue_drops += 1;
