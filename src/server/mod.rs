@@ -23,7 +23,7 @@ pub mod udp_mapping;
 
 use crate::config::ServerConfig;
 use crate::hostnet::{self, SysctlGuard};
-use crate::status::{CameraStatus, Counters, SiteStatus, StatusDoc};
+use crate::status::{CameraStatus, Counters, ProfileStatus, SiteStatus, StatusDoc};
 use anyhow::{Context, Result};
 use record::RegistryStore;
 use std::collections::HashMap;
@@ -134,18 +134,22 @@ impl Shared {
     }
 
     /// What on-demand steered connections of `site` time (see `tcp_strategy::Pipelining`).
-    fn timed_steps_summary(&self, site: &str) -> Option<String> {
+    fn timed_steps_summary(&self, site: &str, profile: Option<&ProfileStatus>, nat: Option<std::net::Ipv4Addr>) -> Option<String> {
         if let Some(at) = self.timing_failed.lock().unwrap().get(site) {
-            let left = tcp_expose::TIMING_BACKOFF.saturating_sub(at.elapsed()).as_secs();
-            if left > 0 {
-                return Some(format!("none for {left} s more (they failed {} s ago)", at.elapsed().as_secs()));
+            let left = tcp_expose::TIMING_BACKOFF.saturating_sub(at.elapsed());
+            if !left.is_zero() {
+                return Some(format!("none for {} s more (they failed {} s ago)", left.as_secs() + 1, at.elapsed().as_secs()));
             }
         }
         let hint = *self.steer_hints.lock().unwrap().get(site)?;
-        Some(if hint.port_preserved {
-            "steps 2+3 and 4 (the NAT kept the port at the last steered connection: the mapping is predicted)".into()
-        } else {
-            "step 4 (the NAT changed the port at the last steered connection)".into()
+        // What the site's first direct strategy would be predicted with (any camera port will do).
+        let first = profile?.direct_order.first().and_then(|l| tcp_strategy::Strategy::from_label(l))?;
+        let nat = nat?;
+        let probe = std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 1);
+        Some(match hint.predict(first, nat, probe) {
+            Some(_) => "steps 2+3 and 4 (the NAT kept the port at the last steered connection: the mapping is predicted)".into(),
+            None if hint.port_preserved => "step 4 (no steering TTL known yet for the mapping's prediction)".into(),
+            None => "step 4 (the NAT changed the port at the last steered connection)".into(),
         })
     }
 
@@ -160,6 +164,12 @@ impl Shared {
             .map(|s| {
                 let rec = reg.registry.sites.get(&s.name);
                 let sess = sessions.get(&s.name);
+                let profile = self.profiles.lock().unwrap().get(&s.name).cloned();
+                let nat = sess.and_then(|x| match x.public.ip() {
+                    std::net::IpAddr::V4(ip) => Some(ip),
+                    std::net::IpAddr::V6(_) => None,
+                });
+                let timed_steps = self.timed_steps_summary(&s.name, profile.as_ref(), nat);
                 SiteStatus {
                     name: s.name.clone(),
                     connected: sess.is_some(),
@@ -180,8 +190,8 @@ impl Shared {
                                 .collect()
                         })
                         .unwrap_or_default(),
-                    profile: self.profiles.lock().unwrap().get(&s.name).cloned(),
-                    timed_steps: self.timed_steps_summary(&s.name),
+                    profile,
+                    timed_steps,
                 }
             })
             .collect();

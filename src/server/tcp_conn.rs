@@ -174,7 +174,7 @@ impl Shard {
         shard.process(outs).await;
         loop {
             shard.pump().await;
-            let timed = shard.attempt.used_timing();
+            let timed = shard.attempt.failed_by_timing();
             if let Some(why) = shard.attempt.failed() {
                 return Err(ConnectFailure { why: why.to_string(), timed });
             }
@@ -378,6 +378,15 @@ impl Shard {
         let mut camera_eof = false;
         'splice: loop {
             self.pump().await;
+            if let Some(why) = self.attempt.failed() {
+                // Only a timed step 4 that never resynced the NAT fails after the handshake.
+                tracing::warn!(camera = %self.record.camera, client = %self.record.client, "direct connection failed: {why}; resetting the client");
+                self.shared.timing_failed.lock().unwrap().insert(self.site.clone(), Instant::now());
+                self.abort().await;
+                crate::splice::reset_on_drop(cw.as_ref());
+                cw.forget();
+                break;
+            }
             let s = self.sockets.get_mut::<tcp::Socket>(self.handle);
             let mut delivered = 0;
             while !client_full && s.can_recv() {

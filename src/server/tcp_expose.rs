@@ -110,11 +110,11 @@ async fn connect_direct(
         Some((order, _)) => order,
     };
     let mut failures = Vec::new();
-    // Timed steps only where a client waits (pre-opening has time), and not for a while after
-    // they failed at this site.
-    let timing_ok = !pre_opening && shared.timing_failed.lock().unwrap().get(site).is_none_or(|at| at.elapsed() >= TIMING_BACKOFF);
     let rx_buffer = path_buffer(shared.site_rtt.lock().unwrap().get(site).copied(), e.rate_bytes());
     for strategy in order.iter().filter_map(|l| Strategy::from_label(l)) {
+        // Timed steps only where a client waits (pre-opening has time), and not for a while
+        // after they failed at this site (also earlier in this same connection).
+        let timing_ok = !pre_opening && shared.timing_failed.lock().unwrap().get(site).is_none_or(|at| at.elapsed() >= TIMING_BACKOFF);
         let mut pipelining = timing_ok.then(|| {
             let hint = shared.steer_hints.lock().unwrap().get(site).copied();
             let predicted = hint.zip(shared.nat_ip(site)).and_then(|(h, nat)| h.predict(strategy, nat, camera));

@@ -130,7 +130,9 @@ impl SteerHint {
             (Strategy::SteeredResync(Steering::Ttl { .. }), Some(ttl)) => Some((a.strategy, ttl)),
             _ => self.ttl,
         };
-        Some(SteerHint { port_preserved: public.port() == a.camera.port(), ttl })
+        // Predictions use the control link's address: a NAT that maps elsewhere is not predictable.
+        let same_ip = a.nat_ip.is_none_or(|ip| ip == *public.ip());
+        Some(SteerHint { port_preserved: same_ip && public.port() == a.camera.port(), ttl })
     }
 
     /// Step 1's expected mapping for `camera` behind `nat_ip` with `strategy`: only where the NAT
@@ -255,10 +257,15 @@ pub struct Attempt {
     predicted_early: bool,
     step1_seen: bool,
     /// Step 4's steered SYN-ACK went out on the timer, and whether the resync SYN has arrived
-    /// since; whether camera data has arrived (which proves the resync worked).
+    /// since; whether a non-SYN segment from the camera has arrived (before the resync conntrack
+    /// drops every one, so it proves the resync); when smoltcp first sent data after it.
     resync_early: bool,
     resync_seen: bool,
-    camera_data: bool,
+    camera_acked: bool,
+    stack_data_at: Option<Instant>,
+    /// The attempt failed because of the timing or the prediction (a step-by-step attempt may
+    /// still work).
+    timing_failure: bool,
     rng: rand::rngs::StdRng,
 }
 
@@ -362,7 +369,9 @@ impl Attempt {
             step1_seen: false,
             resync_early: false,
             resync_seen: false,
-            camera_data: false,
+            camera_acked: false,
+            stack_data_at: None,
+            timing_failure: false,
             rng: rand::SeedableRng::from_os_rng(),
         }
     }
@@ -375,9 +384,14 @@ impl Attempt {
         self
     }
 
-    /// Whether a timed step went out (a failure may be the timing's: retry step by step).
-    pub fn used_timing(&self) -> bool {
-        self.timed_steps > 0
+    /// Whether the attempt failed because of the timing or the prediction (retry step by step).
+    pub fn failed_by_timing(&self) -> bool {
+        self.timing_failure && self.failed().is_some()
+    }
+
+    fn fail_timing(&mut self, why: String) {
+        self.timing_failure = true;
+        self.state = State::Failed(why);
     }
 
     /// TTL the steered packets use (steered-resync/ttl, once step 1 arrived).
@@ -472,6 +486,9 @@ impl Attempt {
             return vec![];
         }
         let is_syn = t.syn() && !t.ack();
+        if self.resync_early && self.stack_data_at.is_none() && !t.payload().is_empty() {
+            self.stack_data_at = Some(now);
+        }
         let hl = Ipv4Packet::new_unchecked(&pkt[..]).header_len() as usize;
         match (&self.state, self.strategy) {
             (State::AwaitIsn, Strategy::SteeredResync(_)) if is_syn => {
@@ -524,7 +541,6 @@ impl Attempt {
         }
         let (syn, ack, rst) = (t.syn(), t.ack(), t.rst());
         let (seq, ackn) = (t.seq_number().0 as u32, t.ack_number().0 as u32);
-        let has_payload = !t.payload().is_empty();
         if let Strategy::SteeredResync(steering) = self.strategy {
             if self.state != State::Established {
                 let ttl = Ipv4Packet::new_unchecked(&pkt[..]).hop_limit();
@@ -583,9 +599,11 @@ impl Attempt {
                 if self.resync_early && syn && !ack && Some(seq) == self.camera_isn {
                     // The resync SYN, after the timed step 4. If it reached the NAT after the
                     // timed steered SYN-ACK, conntrack resyncs only with another one (smoltcp's
-                    // retransmissions then pass); before camera data it does no harm.
+                    // retransmissions then pass). If it came first, conntrack has resynced and
+                    // taken newer segments since, so it ignores this one. Once the camera's
+                    // segments pass, it is not needed.
                     self.resync_seen = true;
-                    if self.camera_data {
+                    if self.camera_acked {
                         return vec![];
                     }
                     return match self.steered_synack(seq.wrapping_add(1)) {
@@ -593,7 +611,7 @@ impl Attempt {
                         None => vec![],
                     };
                 }
-                self.camera_data |= has_payload;
+                self.camera_acked |= ack && !syn;
                 if rewrite::rewrite(&mut pkt, End::Src, self.virt).is_err() {
                     return vec![];
                 }
@@ -624,7 +642,15 @@ impl Attempt {
             self.step1_seen = true;
             if self.public != Some(src) {
                 let predicted = self.public.map(|p| p.to_string()).unwrap_or_default();
-                self.state = State::Failed(format!("the NAT mapped the camera to {src}, not to the predicted {predicted} (timed steps)"));
+                self.fail_timing(format!("the NAT mapped the camera to {src}, not to the predicted {predicted} (timed steps)"));
+            } else if let Steering::Ttl { adjust } = steering {
+                let hops = 64i16 - ttl as i16 - 1 + adjust as i16;
+                if Some(hops) != self.steer_ttl.map(i16::from) {
+                    self.fail_timing(format!(
+                        "step 1 arrived with TTL {ttl}: the path's hop count changed, the predicted steering TTL {:?} is wrong (timed steps)",
+                        self.steer_ttl
+                    ));
+                }
             }
             return vec![];
         }
@@ -650,7 +676,7 @@ impl Attempt {
                 self.steps_2_and_3(now, seq)
             }
             State::AwaitSynAck if rst && self.predicted_early && !self.step1_seen => {
-                self.state = State::Failed(format!(
+                self.fail_timing(format!(
                     "{src} answered the timed steered SYN-ACK with RST: it reached the NAT before step 1 made the mapping (timed steps)"
                 ));
                 vec![]
@@ -701,7 +727,8 @@ impl Attempt {
     /// A sequential wait ended: one more round trip, and a sample of its length.
     fn waited(&mut self, now: Instant) {
         self.round_trips += 1;
-        if let Some(sent) = self.last_indication {
+        // After a retry the packet may answer the earlier indication: no sample.
+        if let Some(sent) = self.last_indication.filter(|_| self.step_tries == 1) {
             let sample = now.saturating_duration_since(sent);
             self.rtt = Some(self.rtt.map_or(sample, |r| r.min(sample)));
         }
@@ -777,7 +804,7 @@ impl Attempt {
     /// After a timed step 4: the resync SYN has neither come back nor been made moot by camera
     /// data, so it may have been lost.
     fn resync_unconfirmed(&self) -> bool {
-        self.state == State::Established && self.resync_early && !self.resync_seen && !self.camera_data
+        self.state == State::Established && self.resync_early && !self.resync_seen && !self.camera_acked
     }
 
     /// When to call [`Attempt::tick`] next.
@@ -787,9 +814,11 @@ impl Attempt {
             State::AwaitReverseSyn | State::AwaitResync => Some(retry),
             State::AwaitSynAck if self.retries_synack() => Some(retry),
             State::AwaitSynAck | State::AwaitIsn => Some(self.deadline),
-            State::Established if self.resync_unconfirmed() && self.step_tries < MAX_INDICATIONS => {
-                self.last_indication.map(|t| t + REINDICATE_AFTER)
-            }
+            State::Established if self.resync_unconfirmed() => match self.stack_data_at {
+                Some(t) => Some(t + self.step_timeout),
+                None if self.step_tries < MAX_INDICATIONS => self.last_indication.map(|t| t + REINDICATE_AFTER),
+                None => None,
+            },
             _ => None,
         };
         [step, self.timed_at].into_iter().flatten().min()
@@ -806,10 +835,21 @@ impl Attempt {
             return self.fire_timed(now);
         }
         if self.resync_unconfirmed() {
-            // The timed step 4's resync SYN has not come back within a second and no camera
-            // data proves the resync: ask for it again (its arrival is answered by a steered
-            // SYN-ACK in `from_wire`). Never once data flowed: a resync to the old ISN would
-            // make conntrack drop the camera's later segments.
+            if let Some(t) = self.stack_data_at {
+                // smoltcp's data got nothing back: conntrack did not resync (the timed
+                // steered packet overtook the resync SYN, which never came back to be answered).
+                if now.duration_since(t) >= self.step_timeout {
+                    self.fail_timing(format!(
+                        "after the timed step 4 nothing came back from the camera for {:?}: the NAT did not resync (the resync SYN never arrived)",
+                        self.step_timeout
+                    ));
+                }
+                return vec![];
+            }
+            // Nothing sent yet, nothing from the camera, and the resync SYN has not come back
+            // within a second: ask for it again (its arrival is answered by a steered SYN-ACK).
+            // Never once data flowed: a second resync would be to stale sequence numbers and
+            // make conntrack drop the later segments.
             let due = self.last_indication.is_some_and(|t| now.duration_since(t) >= REINDICATE_AFTER);
             if due && self.step_tries < MAX_INDICATIONS {
                 if let Some((to_server, pd1)) = self.last_pd1.clone() {
@@ -830,7 +870,11 @@ impl Attempt {
                 }
                 _ => "no translated SYN-ACK arrived (the NAT dropped the camera's answer, e.g. as conntrack INVALID)".to_string(),
             };
-            self.state = State::Failed(why);
+            if self.predicted_early && !self.step1_seen {
+                self.fail_timing(format!("{why}; step 1 never arrived after the predicted steps 2+3 (timed steps)"));
+            } else {
+                self.state = State::Failed(why);
+            }
             return vec![];
         }
         let retries = match self.state {
@@ -1255,7 +1299,7 @@ mod steered_tests {
         assert_eq!(a.tick(t0 + Duration::from_millis(8)).len(), 3);
         a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0 + Duration::from_millis(40));
         assert!(a.failed().unwrap().contains("not to the predicted 203.0.113.2:554"), "{:?}", a.state);
-        assert!(a.used_timing());
+        assert!(a.failed_by_timing());
         // The steered SYN-ACK reached the NAT before step 1: the NAT itself answers RST.
         let (mut b, t0) = pipelined(Steering::Ttl { adjust: 0 }, nat_prediction(31000));
         to_step1(&mut b, t0);
@@ -1282,7 +1326,7 @@ mod steered_tests {
         assert!(matches!(&out[..], [Out::ToWire(_), Out::ToWire(_), Out::ToStack(_)]), "{out:?}");
         assert!(a.tick(t0 + Duration::from_millis(20)).is_empty());
         assert_eq!((a.state.clone(), a.round_trips, a.timed_steps), (State::Established, 3, 0));
-        assert!(!a.used_timing());
+        assert!(!a.failed_by_timing());
     }
 
     #[test]
@@ -1340,5 +1384,64 @@ mod steered_tests {
         b.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
         b.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t0);
         assert_eq!(hint.learn(&b), Some(SteerHint { port_preserved: false, ttl: Some((ttl, 2)) }));
+    }
+
+    #[test]
+    fn after_a_timed_step_4_data_without_an_answer_fails_and_is_never_resynced_again() {
+        let (mut a, t0) = pipelined(Steering::Md5, None);
+        let t = to_step1(&mut a, t0);
+        a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
+        a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
+        assert_eq!(a.tick(t0 + Duration::from_millis(8)).len(), 3);
+        // smoltcp sends the client's request; the resync SYN never comes back, nor anything else.
+        let t1 = t0 + Duration::from_millis(9);
+        let mut req = data(VIRT, S.wrapping_add(1));
+        rewrite::rewrite(&mut req, End::Dst, VIRT.parse().unwrap()).unwrap();
+        rewrite::rewrite(&mut req, End::Src, SERVER.parse().unwrap()).unwrap();
+        assert_eq!(a.from_stack(req, t1).len(), 1);
+        // No second resync SYN once data went out: only the verdict after the step budget.
+        assert!(a.tick(t1 + REINDICATE_AFTER).is_empty());
+        assert_eq!(a.poll_at(), Some(t1 + Duration::from_secs(3)));
+        assert!(a.tick(t1 + Duration::from_secs(3)).is_empty());
+        assert!(a.failed_by_timing(), "{:?}", a.state);
+        assert!(a.failed().unwrap().contains("did not resync"));
+    }
+
+    #[test]
+    fn a_camera_ack_proves_the_timed_resync() {
+        let (mut a, t0) = pipelined(Steering::Md5, None);
+        let t = to_step1(&mut a, t0);
+        a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
+        a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
+        a.tick(t0 + Duration::from_millis(8));
+        // A bare ACK from the camera passes the NAT only after the resync: nothing more to do.
+        assert!(matches!(&a.from_wire(seg(NAT, SERVER, "A", C.wrapping_add(1), S.wrapping_add(1), 61), t0)[..], [Out::ToStack(_)]));
+        assert_eq!(a.poll_at(), None);
+        assert!(a.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t0).is_empty(), "a late resync SYN is not steered again");
+        assert!(a.failed().is_none());
+    }
+
+    #[test]
+    fn a_changed_hop_count_fails_a_predicted_attempt_and_other_failures_are_not_timings() {
+        let (mut a, t0) = pipelined(Steering::Ttl { adjust: 0 }, nat_prediction(31000));
+        let t = to_step1(&mut a, t0);
+        a.tick(t0 + Duration::from_millis(8)); // steered with the predicted TTL 2
+        a.from_wire(seg(NAT, SERVER, "S", t, 0, 60), t0 + Duration::from_millis(40)); // one hop more
+        assert!(a.failed_by_timing() && a.failed().unwrap().contains("hop count"), "{:?}", a.state);
+        // Step 1 confirmed the prediction; a camera that then resets is not the timing's fault.
+        let (mut b, t0) = pipelined(Steering::Ttl { adjust: 0 }, nat_prediction(31000));
+        let t = to_step1(&mut b, t0);
+        b.tick(t0 + Duration::from_millis(8));
+        b.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0 + Duration::from_millis(40));
+        b.from_wire(seg(NAT, SERVER, "R", 0, 0, 61), t0 + Duration::from_millis(41));
+        assert!(b.failed().is_some() && !b.failed_by_timing(), "{:?}", b.state);
+        // A predicted attempt whose step 1 never comes: the timing's failure at the deadline.
+        let (mut c, t0) = pipelined(Steering::Md5, nat_prediction(31000));
+        to_step1(&mut c, t0);
+        c.tick(t0 + Duration::from_millis(8));
+        for i in 1..=6 {
+            c.tick(t0 + Duration::from_secs(i));
+        }
+        assert!(c.failed_by_timing(), "{:?}", c.state);
     }
 }
