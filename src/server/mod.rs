@@ -81,6 +81,8 @@ pub struct Shared {
     pub timing_failed: Mutex<HashMap<String, Instant>>,
     /// Per site: the WAN round trip its last direct connection measured (sizes the windows).
     pub site_rtt: Mutex<HashMap<String, std::time::Duration>>,
+    /// Receive buffers of all open direct connections, bytes (bounded by `DIRECT_WINDOWS_TOTAL`).
+    pub window_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// Per-camera addresses inside the userspace stack (never on the wire).
     virt: Mutex<HashMap<(String, String), std::net::Ipv4Addr>>,
 }
@@ -105,6 +107,7 @@ impl Shared {
             steer_hints: Mutex::new(HashMap::new()),
             timing_failed: Mutex::new(HashMap::new()),
             site_rtt: Mutex::new(HashMap::new()),
+            window_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             virt: Mutex::new(HashMap::new()),
             cfg,
         }

@@ -123,6 +123,25 @@ impl From<&str> for ConnectFailure {
     }
 }
 
+/// Counts a shard's receive buffer in `Shared::window_bytes` while the shard lives.
+struct WindowGuard {
+    total: Arc<std::sync::atomic::AtomicUsize>,
+    bytes: usize,
+}
+
+impl WindowGuard {
+    fn new(shared: &Shared, bytes: usize) -> Self {
+        shared.window_bytes.fetch_add(bytes, Ordering::Relaxed);
+        WindowGuard { total: shared.window_bytes.clone(), bytes }
+    }
+}
+
+impl Drop for WindowGuard {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 pub struct Shard {
     shared: Arc<Shared>,
     site: String,
@@ -133,6 +152,7 @@ pub struct Shard {
     pub attempt: Attempt,
     rx: mpsc::Receiver<Vec<u8>>,
     _route: RouteGuard,
+    _window: WindowGuard,
     epoch: Instant,
     record: Arc<ConnRecord>,
 }
@@ -169,7 +189,9 @@ impl Shard {
             attempt = attempt.with_pipelining(pl);
         }
         attempt.nat_ip = shared.nat_ip(&p.site);
-        let mut shard = Shard { shared, site: p.site, iface, device, sockets, handle, attempt, rx, _route: route, epoch, record };
+        let window = WindowGuard::new(&shared, p.rx_buffer);
+        let mut shard =
+            Shard { shared, site: p.site, iface, device, sockets, handle, attempt, rx, _route: route, _window: window, epoch, record };
         let outs = shard.attempt.start(now, &mut rand::rng());
         shard.process(outs).await;
         loop {

@@ -25,6 +25,10 @@ pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// default 128 Mbit/s it is 640 KB.
 pub const DIRECT_BUFFER: usize = 256 * 1024;
 pub const DIRECT_BUFFER_MAX: usize = 16 * 1024 * 1024;
+/// Receive buffers of all open direct connections together: beyond this, new connections get
+/// `DIRECT_BUFFER` whatever their path (each ring ends up resident whole; this keeps the sum
+/// bounded however many clients come and whatever `rate_mbit` says).
+pub const DIRECT_WINDOWS_TOTAL: usize = 2 * 1024 * 1024 * 1024;
 /// smoltcp send buffer (towards the camera: requests and RTSP control, rarely bulk).
 pub const DIRECT_TX_BUFFER: usize = 64 * 1024;
 /// After timed steered-resync steps failed at a site, its connections go step by step for this long.
@@ -110,7 +114,10 @@ async fn connect_direct(
         Some((order, _)) => order,
     };
     let mut failures = Vec::new();
-    let rx_buffer = path_buffer(shared.site_rtt.lock().unwrap().get(site).copied(), e.rate_bytes());
+    let mut rx_buffer = path_buffer(shared.site_rtt.lock().unwrap().get(site).copied(), e.rate_bytes());
+    if shared.window_bytes.load(Ordering::Relaxed) + rx_buffer > DIRECT_WINDOWS_TOTAL {
+        rx_buffer = DIRECT_BUFFER;
+    }
     for strategy in order.iter().filter_map(|l| Strategy::from_label(l)) {
         // Timed steps only where a client waits (pre-opening has time), and not for a while
         // after they failed at this site (also earlier in this same connection).
