@@ -455,3 +455,39 @@ fn timed_steps_open_direct_connections_in_fewer_round_trips() {
     assert_eq!(counter(&st, "tcp_connections_direct"), 8);
     assert!(timing(&st, "site-a").starts_with("none for"), "{}", timing(&st, "site-a"));
 }
+
+/// Site a's NAT passes the camera's handshake packets but none of its later segments (a NAT whose
+/// state went wrong after the handshake, modelled by an nft rule). A direct connection whose
+/// camera never answers must not hang its client: each such client is reset within seconds,
+/// and the site moves on — timed steps off, then each failing steering skipped — until the
+/// next client is served by the assisted path (the trigger connects on the LAN).
+#[test]
+fn a_camera_that_never_answers_through_the_nat_resets_the_client_and_the_site_moves_on() {
+    let mut lab = Lab::up("bk-t8", &["--delay-ms", "20"]);
+    start(&mut lab, true);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("nat-a"), "nft", "insert", "rule", "inet", "bk_filter", "forward"])
+        .args("ip daddr 203.0.113.100 tcp sport 80 tcp flags & syn == 0 ct state established counter drop".split(' '))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Timed steps (ttl), then step by step with ttl, then with md5: each client reset.
+    for (i, want) in ["(timed steps)", "strategy=steered-resync/ttl", "strategy=steered-resync/md5"].iter().enumerate() {
+        let t0 = std::time::Instant::now();
+        let got = get_until_end(&lab, 18090, "/");
+        assert_eq!(got.err(), Some(std::io::ErrorKind::ConnectionReset), "client {i} must be reset, not served or hung");
+        assert!(t0.elapsed() < Duration::from_secs(10), "client {i} reset after {:?}", t0.elapsed());
+        let failed = lab.log_lines("server", &["direct connection failed", "nothing came back from the camera", "site-a/cam1"]);
+        assert_eq!(failed.len(), i + 1, "{failed:#?}");
+        assert!(failed[i].contains(want), "client {i}: want {want}: {}", failed[i]);
+    }
+    let st = lab.status();
+    assert!(site(&st, "site-a")["timed_steps"].as_str().unwrap_or_default().starts_with("none for"), "{:#}", site(&st, "site-a"));
+    // Both steerings skipped now: the assisted path serves the next client at once.
+    let page = get(&lab, 18090, "/");
+    assert!(page.contains("<h1>camera cam-a</h1>"), "{page}");
+    let st = lab.status();
+    assert_eq!(counter(&st, "tcp_connections_assisted"), 1, "{:#}", st["counters"]);
+    assert_eq!(counter(&st, "tcp_connections_direct"), 3, "{:#}", st["counters"]);
+}

@@ -79,6 +79,9 @@ pub struct Shared {
     /// when timed steps last failed there (they are then left out for a while).
     pub steer_hints: Mutex<HashMap<String, tcp_strategy::SteerHint>>,
     pub timing_failed: Mutex<HashMap<String, Instant>>,
+    /// Per (site, strategy label): when a connection of that strategy failed after its
+    /// handshake (the camera never answered through the NAT); connections skip it for a while.
+    pub strategy_failed: Mutex<HashMap<(String, String), Instant>>,
     /// Per site: the WAN round trip its last direct connection measured (sizes the windows).
     pub site_rtt: Mutex<HashMap<String, std::time::Duration>>,
     /// Receive buffers of all open direct connections, bytes (bounded by `DIRECT_WINDOWS_TOTAL`).
@@ -106,6 +109,7 @@ impl Shared {
             conns: Mutex::new(HashMap::new()),
             steer_hints: Mutex::new(HashMap::new()),
             timing_failed: Mutex::new(HashMap::new()),
+            strategy_failed: Mutex::new(HashMap::new()),
             site_rtt: Mutex::new(HashMap::new()),
             window_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             virt: Mutex::new(HashMap::new()),

@@ -401,9 +401,17 @@ impl Shard {
         'splice: loop {
             self.pump().await;
             if let Some(why) = self.attempt.failed() {
-                // Only a timed step 4 that never resynced the NAT fails after the handshake.
-                tracing::warn!(camera = %self.record.camera, client = %self.record.client, "direct connection failed: {why}; resetting the client");
-                self.shared.timing_failed.lock().unwrap().insert(self.site.clone(), Instant::now());
+                // After the handshake only a step 4 the NAT did not take fails a connection: the
+                // camera never answered. The client is reset (it reconnects); the site's next
+                // connections skip the strategy (and timed steps, if they were used) for a while.
+                let strategy = self.attempt.strategy.label();
+                tracing::warn!(camera = %self.record.camera, client = %self.record.client, strategy = %strategy, "direct connection failed: {why}; resetting the client");
+                let now = Instant::now();
+                if self.attempt.failed_by_timing() {
+                    self.shared.timing_failed.lock().unwrap().insert(self.site.clone(), now);
+                } else {
+                    self.shared.strategy_failed.lock().unwrap().insert((self.site.clone(), strategy), now);
+                }
                 self.abort().await;
                 crate::splice::reset_on_drop(cw.as_ref());
                 cw.forget();

@@ -31,7 +31,9 @@ pub const DIRECT_BUFFER_MAX: usize = 16 * 1024 * 1024;
 pub const DIRECT_WINDOWS_TOTAL: usize = 2 * 1024 * 1024 * 1024;
 /// smoltcp send buffer (towards the camera: requests and RTSP control, rarely bulk).
 pub const DIRECT_TX_BUFFER: usize = 64 * 1024;
-/// After timed steered-resync steps failed at a site, its connections go step by step for this long.
+/// After timed steered-resync steps failed at a site, its connections go step by step for this
+/// long; after a connection failed past its handshake, the site's connections skip its strategy
+/// for this long.
 pub const TIMING_BACKOFF: Duration = Duration::from_secs(600);
 /// Platform-client connections per exposure at once.
 pub const MAX_CLIENTS: usize = 4096;
@@ -119,6 +121,11 @@ async fn connect_direct(
         rx_buffer = DIRECT_BUFFER;
     }
     for strategy in order.iter().filter_map(|l| Strategy::from_label(l)) {
+        let failed_at = shared.strategy_failed.lock().unwrap().get(&(site.to_string(), strategy.label())).copied();
+        if failed_at.is_some_and(|at| at.elapsed() < TIMING_BACKOFF) {
+            failures.push(format!("{} skipped: a connection with it failed after its handshake lately", strategy.label()));
+            continue;
+        }
         // Timed steps only where a client waits (pre-opening has time), and not for a while
         // after they failed at this site (also earlier in this same connection).
         let timing_ok = !pre_opening && shared.timing_failed.lock().unwrap().get(site).is_none_or(|at| at.elapsed() >= TIMING_BACKOFF);

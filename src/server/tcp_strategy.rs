@@ -154,6 +154,12 @@ impl SteerHint {
 pub const REINDICATE_AFTER: Duration = Duration::from_secs(1);
 pub const MAX_INDICATIONS: u32 = 3;
 
+/// Once a steered connection is up: step 4's steered SYN-ACK is sent again (at most
+/// `RESTEER_MAX` times, a second apart) while smoltcp's first data has no answer from the camera,
+/// and the connection fails after `UNANSWERED_LIMIT` of silence.
+pub const RESTEER_MAX: u32 = 2;
+pub const UNANSWERED_LIMIT: Duration = Duration::from_secs(5);
+
 /// How long after an indication a timed steered packet leaves the server. The indicated packet
 /// travels the same WAN path plus the trigger's LAN hop and processing (≈ 1 ms on an idle
 /// trigger); the lead is the margin for that. Each timed step costs `lead` instead of a WAN round
@@ -257,12 +263,16 @@ pub struct Attempt {
     predicted_early: bool,
     step1_seen: bool,
     /// Step 4's steered SYN-ACK went out on the timer, and whether the resync SYN has arrived
-    /// since; whether a non-SYN segment from the camera has arrived (before the resync conntrack
-    /// drops every one, so it proves the resync); when smoltcp first sent data after it.
+    /// since.
     resync_early: bool,
     resync_seen: bool,
-    camera_acked: bool,
+    /// steered-resync, once established: when smoltcp first sent data, whether any segment
+    /// from the camera has arrived since the handshake (the camera's stack acknowledges data at
+    /// once, so silence means the NAT drops its segments: step 4 did not take), and how often
+    /// step 4's steered SYN-ACK was sent again for that.
     stack_data_at: Option<Instant>,
+    camera_acked: bool,
+    resteered: u32,
     /// The attempt failed because of the timing or the prediction (a step-by-step attempt may
     /// still work).
     timing_failure: bool,
@@ -371,6 +381,7 @@ impl Attempt {
             resync_seen: false,
             camera_acked: false,
             stack_data_at: None,
+            resteered: 0,
             timing_failure: false,
             rng: rand::SeedableRng::from_os_rng(),
         }
@@ -486,7 +497,8 @@ impl Attempt {
             return vec![];
         }
         let is_syn = t.syn() && !t.ack();
-        if self.resync_early && self.stack_data_at.is_none() && !t.payload().is_empty() {
+        let steered = matches!(self.strategy, Strategy::SteeredResync(_));
+        if steered && self.state == State::Established && self.stack_data_at.is_none() && !t.payload().is_empty() {
             self.stack_data_at = Some(now);
         }
         let hl = Ipv4Packet::new_unchecked(&pkt[..]).header_len() as usize;
@@ -611,7 +623,7 @@ impl Attempt {
                         None => vec![],
                     };
                 }
-                self.camera_acked |= ack && !syn;
+                self.camera_acked |= !syn;
                 if rewrite::rewrite(&mut pkt, End::Src, self.virt).is_err() {
                     return vec![];
                 }
@@ -801,10 +813,15 @@ impl Attempt {
         }
     }
 
-    /// After a timed step 4: the resync SYN has neither come back nor been made moot by camera
-    /// data, so it may have been lost.
+    /// After a timed step 4, before any data: the resync SYN has not come back, so it may have
+    /// been lost.
     fn resync_unconfirmed(&self) -> bool {
-        self.state == State::Established && self.resync_early && !self.resync_seen && !self.camera_acked
+        self.state == State::Established && self.resync_early && !self.resync_seen && !self.camera_acked && self.stack_data_at.is_none()
+    }
+
+    /// smoltcp's data has had no answer from the camera since `t`.
+    fn unanswered_since(&self) -> Option<Instant> {
+        self.stack_data_at.filter(|_| self.state == State::Established && !self.camera_acked)
     }
 
     /// When to call [`Attempt::tick`] next.
@@ -814,9 +831,12 @@ impl Attempt {
             State::AwaitReverseSyn | State::AwaitResync => Some(retry),
             State::AwaitSynAck if self.retries_synack() => Some(retry),
             State::AwaitSynAck | State::AwaitIsn => Some(self.deadline),
-            State::Established if self.resync_unconfirmed() => match self.stack_data_at {
-                Some(t) => Some(t + self.step_timeout),
-                None if self.step_tries < MAX_INDICATIONS => self.last_indication.map(|t| t + REINDICATE_AFTER),
+            State::Established => match self.unanswered_since() {
+                Some(t) if self.resteered < RESTEER_MAX => Some(t + REINDICATE_AFTER * (self.resteered + 1)),
+                Some(t) => Some(t + UNANSWERED_LIMIT),
+                None if self.resync_unconfirmed() && self.step_tries < MAX_INDICATIONS => {
+                    self.last_indication.map(|t| t + REINDICATE_AFTER)
+                }
                 None => None,
             },
             _ => None,
@@ -834,18 +854,33 @@ impl Attempt {
         if self.timed_at.is_some_and(|at| now >= at) {
             return self.fire_timed(now);
         }
-        if self.resync_unconfirmed() {
-            if let Some(t) = self.stack_data_at {
-                // smoltcp's data got nothing back: conntrack did not resync (the timed
-                // steered packet overtook the resync SYN, which never came back to be answered).
-                if now.duration_since(t) >= self.step_timeout {
-                    self.fail_timing(format!(
-                        "after the timed step 4 nothing came back from the camera for {:?}: the NAT did not resync (the resync SYN never arrived)",
-                        self.step_timeout
-                    ));
+        if let Some(t) = self.unanswered_since() {
+            // smoltcp's data got nothing back: conntrack did not take step 4 (both copies of
+            // its steered SYN-ACK lost, or, timed, it overtook a resync SYN that never came
+            // back). Conntrack still holds the resync SYN as the last one it ignored, so another
+            // steered SYN-ACK completes it, and smoltcp's retransmissions pass; where conntrack
+            // is in sync it ignores it. If the camera stays silent, fail: a reset tells the
+            // client at once, where waiting would hang it.
+            let waited = now.duration_since(t);
+            if waited >= UNANSWERED_LIMIT {
+                let why =
+                    format!("nothing came back from the camera for {UNANSWERED_LIMIT:?} after the first data: the NAT did not take step 4");
+                if self.resync_early {
+                    self.fail_timing(why + " (timed steps)");
+                } else {
+                    self.state = State::Failed(why);
                 }
                 return vec![];
             }
+            if self.resteered < RESTEER_MAX && waited >= REINDICATE_AFTER * (self.resteered + 1) {
+                self.resteered += 1;
+                if let Some(st) = self.camera_isn.and_then(|c| self.steered_synack(c.wrapping_add(1))) {
+                    return vec![Out::ToWire(st.clone()), Out::ToWire(st)];
+                }
+            }
+            return vec![];
+        }
+        if self.resync_unconfirmed() {
             // Nothing sent yet, nothing from the camera, and the resync SYN has not come back
             // within a second: ask for it again (its arrival is answered by a steered SYN-ACK).
             // Never once data flowed: a second resync would be to stale sequence numbers and
@@ -1386,8 +1421,16 @@ mod steered_tests {
         assert_eq!(hint.learn(&b), Some(SteerHint { port_preserved: false, ttl: Some((ttl, 2)) }));
     }
 
+    /// smoltcp's segment with data, as the shard hands it to the attempt.
+    fn request() -> Vec<u8> {
+        let mut req = data(VIRT, S.wrapping_add(1));
+        rewrite::rewrite(&mut req, End::Dst, VIRT.parse().unwrap()).unwrap();
+        rewrite::rewrite(&mut req, End::Src, SERVER.parse().unwrap()).unwrap();
+        req
+    }
+
     #[test]
-    fn after_a_timed_step_4_data_without_an_answer_fails_and_is_never_resynced_again() {
+    fn after_a_timed_step_4_data_without_an_answer_is_resteered_then_fails_and_is_never_resynced_again() {
         let (mut a, t0) = pipelined(Steering::Md5, None);
         let t = to_step1(&mut a, t0);
         a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
@@ -1395,16 +1438,48 @@ mod steered_tests {
         assert_eq!(a.tick(t0 + Duration::from_millis(8)).len(), 3);
         // smoltcp sends the client's request; the resync SYN never comes back, nor anything else.
         let t1 = t0 + Duration::from_millis(9);
-        let mut req = data(VIRT, S.wrapping_add(1));
-        rewrite::rewrite(&mut req, End::Dst, VIRT.parse().unwrap()).unwrap();
-        rewrite::rewrite(&mut req, End::Src, SERVER.parse().unwrap()).unwrap();
-        assert_eq!(a.from_stack(req, t1).len(), 1);
-        // No second resync SYN once data went out: only the verdict after the step budget.
-        assert!(a.tick(t1 + REINDICATE_AFTER).is_empty());
-        assert_eq!(a.poll_at(), Some(t1 + Duration::from_secs(3)));
-        assert!(a.tick(t1 + Duration::from_secs(3)).is_empty());
+        assert_eq!(a.from_stack(request(), t1).len(), 1);
+        // No second resync SYN once data went out: step 4's steered SYN-ACK again, twice, a
+        // second apart, then the verdict.
+        assert_eq!(a.poll_at(), Some(t1 + REINDICATE_AFTER));
+        for i in 1..=2 {
+            let out = a.tick(t1 + REINDICATE_AFTER * i);
+            let [Out::ToWire(st), Out::ToWire(_)] = &out[..] else { panic!("{out:?}") };
+            assert_eq!(tcp(st).1.ack_number().0 as u32, C.wrapping_add(1));
+        }
+        assert!(a.tick(t1 + Duration::from_secs(4)).is_empty());
+        assert_eq!(a.poll_at(), Some(t1 + UNANSWERED_LIMIT));
+        assert!(a.tick(t1 + UNANSWERED_LIMIT).is_empty());
         assert!(a.failed_by_timing(), "{:?}", a.state);
-        assert!(a.failed().unwrap().contains("did not resync"));
+        assert!(a.failed().unwrap().contains("did not take step 4"));
+    }
+
+    #[test]
+    fn a_step_by_step_connection_whose_step_4_was_lost_is_resteered_and_heals() {
+        let (mut a, t0) = attempt(Steering::Ttl { adjust: 0 });
+        to_step3(&mut a, t0);
+        a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
+        assert_eq!(a.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t0).len(), 3);
+        assert_eq!(a.state, State::Established);
+        assert_eq!(a.poll_at(), None, "nothing to check before data");
+        let t1 = t0 + Duration::from_millis(5);
+        a.from_stack(request(), t1);
+        assert_eq!(a.tick(t1 + REINDICATE_AFTER).len(), 2);
+        // The camera's ACK arrives (the second steered SYN-ACK completed the resync): done.
+        assert!(matches!(&a.from_wire(seg(NAT, SERVER, "A", C.wrapping_add(1), S.wrapping_add(40), 61), t1)[..], [Out::ToStack(_)]));
+        assert_eq!(a.poll_at(), None);
+        assert!(a.tick(t1 + UNANSWERED_LIMIT).is_empty());
+        assert!(a.failed().is_none());
+        // Without any answer the step-by-step connection fails too, but not as the timing's.
+        let (mut b, t0) = attempt(Steering::Ttl { adjust: 0 });
+        to_step3(&mut b, t0);
+        b.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
+        b.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t0);
+        b.from_stack(request(), t0);
+        for i in 1..=5 {
+            b.tick(t0 + Duration::from_secs(i));
+        }
+        assert!(b.failed().is_some() && !b.failed_by_timing(), "{:?}", b.state);
     }
 
     #[test]
