@@ -1381,11 +1381,7 @@ mod steered_tests {
         assert!(a.tick(t1 + REINDICATE_AFTER * 2).is_empty());
         assert!(a.indications <= 2 + MAX_INDICATIONS);
         // Data proves the resync: nothing more.
-        let (mut b, t0) = pipelined(Steering::Md5, None);
-        let t = to_step1(&mut b, t0);
-        b.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
-        b.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
-        b.tick(t0 + Duration::from_millis(8));
+        let (mut b, t0) = timed_step_4();
         b.from_wire(data(NAT, C.wrapping_add(1)), t0 + Duration::from_millis(50));
         assert_eq!(b.poll_at(), None);
         assert!(b.tick(t0 + REINDICATE_AFTER).is_empty());
@@ -1421,6 +1417,18 @@ mod steered_tests {
         assert_eq!(hint.learn(&b), Some(SteerHint { port_preserved: false, ttl: Some((ttl, 2)) }));
     }
 
+    /// MD5 steering, no prediction: step by step to the camera's SYN-ACK, then step 4 on the
+    /// timer (8 ms later); the connection is up.
+    fn timed_step_4() -> (Attempt, Instant) {
+        let (mut a, t0) = pipelined(Steering::Md5, None);
+        let t = to_step1(&mut a, t0);
+        a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
+        a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
+        assert_eq!(a.tick(t0 + Duration::from_millis(8)).len(), 3);
+        assert_eq!((a.state.clone(), a.timed_steps), (State::Established, 1));
+        (a, t0)
+    }
+
     /// smoltcp's segment with data, as the shard hands it to the attempt.
     fn request() -> Vec<u8> {
         let mut req = data(VIRT, S.wrapping_add(1));
@@ -1431,11 +1439,7 @@ mod steered_tests {
 
     #[test]
     fn after_a_timed_step_4_data_without_an_answer_is_resteered_then_fails_and_is_never_resynced_again() {
-        let (mut a, t0) = pipelined(Steering::Md5, None);
-        let t = to_step1(&mut a, t0);
-        a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
-        a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
-        assert_eq!(a.tick(t0 + Duration::from_millis(8)).len(), 3);
+        let (mut a, t0) = timed_step_4();
         // smoltcp sends the client's request; the resync SYN never comes back, nor anything else.
         let t1 = t0 + Duration::from_millis(9);
         assert_eq!(a.from_stack(request(), t1).len(), 1);
@@ -1484,12 +1488,8 @@ mod steered_tests {
 
     #[test]
     fn a_camera_ack_proves_the_timed_resync() {
-        let (mut a, t0) = pipelined(Steering::Md5, None);
-        let t = to_step1(&mut a, t0);
-        a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
-        a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
-        a.tick(t0 + Duration::from_millis(8));
-        // A bare ACK from the camera passes the NAT only after the resync: nothing more to do.
+        let (mut a, t0) = timed_step_4();
+        // A segment from the camera: the NAT passes them, nothing more to do.
         assert!(matches!(&a.from_wire(seg(NAT, SERVER, "A", C.wrapping_add(1), S.wrapping_add(1), 61), t0)[..], [Out::ToStack(_)]));
         assert_eq!(a.poll_at(), None);
         assert!(a.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t0).is_empty(), "a late resync SYN is not steered again");
