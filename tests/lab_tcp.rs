@@ -458,7 +458,8 @@ fn timed_steps_open_direct_connections_in_fewer_round_trips() {
 
 /// Site a's NAT passes the camera's handshake packets but none of its later segments (a NAT whose
 /// state went wrong after the handshake, modelled by an nft rule). A direct connection whose
-/// camera never answers must not hang its client: each such client is reset within seconds,
+/// camera never answers must not hang its client: each such client is reset within seconds
+/// (5 s of silence once its request was sent 3 times),
 /// and the site moves on — timed steps off, then each failing steering skipped — until the
 /// next client is served by the assisted path (the trigger connects on the LAN).
 #[test]
@@ -490,4 +491,5 @@ fn a_camera_that_never_answers_through_the_nat_resets_the_client_and_the_site_mo
     let st = lab.status();
     assert_eq!(counter(&st, "tcp_connections_assisted"), 1, "{:#}", st["counters"]);
     assert_eq!(counter(&st, "tcp_connections_direct"), 3, "{:#}", st["counters"]);
+    assert_eq!(counter(&st, "tcp_connections_failed"), 3, "{:#}", st["counters"]);
 }

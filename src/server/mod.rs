@@ -151,6 +151,9 @@ impl Shared {
         let hint = *self.steer_hints.lock().unwrap().get(site)?;
         // What the site's first direct strategy would be predicted with (any camera port will do).
         let first = profile?.direct_order.first().and_then(|l| tcp_strategy::Strategy::from_label(l))?;
+        if !matches!(first, tcp_strategy::Strategy::SteeredResync(_)) {
+            return None; // only steered-resync has steps to time
+        }
         let nat = nat?;
         let probe = std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 1);
         Some(match hint.predict(first, nat, probe) {

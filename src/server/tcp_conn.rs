@@ -406,6 +406,12 @@ impl Shard {
                 // connections skip the strategy (and timed steps, if they were used) for a while.
                 let strategy = self.attempt.strategy.label();
                 tracing::warn!(camera = %self.record.camera, client = %self.record.client, strategy = %strategy, "direct connection failed: {why}; resetting the client");
+                {
+                    let mut i = self.record.info.lock().unwrap();
+                    i.path = "failed".into();
+                    i.note = Some(why.to_string());
+                }
+                self.shared.stats.tcp_connections_failed.fetch_add(1, Ordering::Relaxed);
                 let now = Instant::now();
                 if self.attempt.failed_by_timing() {
                     self.shared.timing_failed.lock().unwrap().insert(self.site.clone(), now);

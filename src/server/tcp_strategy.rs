@@ -154,11 +154,16 @@ impl SteerHint {
 pub const REINDICATE_AFTER: Duration = Duration::from_secs(1);
 pub const MAX_INDICATIONS: u32 = 3;
 
-/// Once a steered connection is up: step 4's steered SYN-ACK is sent again (at most
-/// `RESTEER_MAX` times, a second apart) while smoltcp's first data has no answer from the camera,
-/// and the connection fails after `UNANSWERED_LIMIT` of silence.
+/// Once a direct connection is up and smoltcp has sent its first data: while nothing comes back
+/// from the camera, steered-resync sends step 4's steered SYN-ACK again (at most `RESTEER_MAX`
+/// times, a second apart), and the connection fails once the silence has lasted
+/// `UNANSWERED_LIMIT` and smoltcp has sent that data `UNANSWERED_SENDS` times (so a lossy path
+/// with a long retransmission timeout is not mistaken for a dead one), or after
+/// `UNANSWERED_HARD_LIMIT` in any case.
 pub const RESTEER_MAX: u32 = 2;
 pub const UNANSWERED_LIMIT: Duration = Duration::from_secs(5);
+pub const UNANSWERED_SENDS: u32 = 3;
+pub const UNANSWERED_HARD_LIMIT: Duration = Duration::from_secs(30);
 
 /// How long after an indication a timed steered packet leaves the server. The indicated packet
 /// travels the same WAN path plus the trigger's LAN hop and processing (≈ 1 ms on an idle
@@ -271,6 +276,8 @@ pub struct Attempt {
     /// once, so silence means the NAT drops its segments: step 4 did not take), and how often
     /// step 4's steered SYN-ACK was sent again for that.
     stack_data_at: Option<Instant>,
+    /// How often smoltcp has sent its first data (the segment at ISN+1).
+    first_data_sends: u32,
     camera_acked: bool,
     resteered: u32,
     /// The attempt failed because of the timing or the prediction (a step-by-step attempt may
@@ -381,6 +388,7 @@ impl Attempt {
             resync_seen: false,
             camera_acked: false,
             stack_data_at: None,
+            first_data_sends: 0,
             resteered: 0,
             timing_failure: false,
             rng: rand::SeedableRng::from_os_rng(),
@@ -497,9 +505,22 @@ impl Attempt {
             return vec![];
         }
         let is_syn = t.syn() && !t.ack();
-        let steered = matches!(self.strategy, Strategy::SteeredResync(_));
-        if steered && self.state == State::Established && self.stack_data_at.is_none() && !t.payload().is_empty() {
-            self.stack_data_at = Some(now);
+        if is_syn && self.isn.is_none() {
+            self.isn = Some(t.seq_number().0 as u32);
+        }
+        // smoltcp's first data starts at ISN+1 (its keepalive probes sit one below: not data).
+        let first_data = !t.payload().is_empty() && Some(t.seq_number().0 as u32) == self.isn.map(|s| s.wrapping_add(1));
+        if self.state == State::Established && first_data {
+            self.stack_data_at.get_or_insert(now);
+            self.first_data_sends += 1;
+        }
+        if t.rst() && self.established_at.is_some() && matches!(self.state, State::Failed(_)) {
+            // The connection failed after its handshake: smoltcp's reset still goes to the
+            // camera, which would otherwise keep the connection (and retransmit into it).
+            return match self.public {
+                Some(public) if rewrite::rewrite(&mut pkt, End::Dst, public).is_ok() => vec![Out::ToWire(pkt)],
+                _ => vec![],
+            };
         }
         let hl = Ipv4Packet::new_unchecked(&pkt[..]).header_len() as usize;
         match (&self.state, self.strategy) {
@@ -832,8 +853,9 @@ impl Attempt {
             State::AwaitSynAck if self.retries_synack() => Some(retry),
             State::AwaitSynAck | State::AwaitIsn => Some(self.deadline),
             State::Established => match self.unanswered_since() {
-                Some(t) if self.resteered < RESTEER_MAX => Some(t + REINDICATE_AFTER * (self.resteered + 1)),
-                Some(t) => Some(t + UNANSWERED_LIMIT),
+                Some(t) if self.resteered < RESTEER_MAX && self.retries_synack() => Some(t + REINDICATE_AFTER * (self.resteered + 1)),
+                Some(t) if self.first_data_sends >= UNANSWERED_SENDS => Some(t + UNANSWERED_LIMIT),
+                Some(t) => Some(t + UNANSWERED_HARD_LIMIT),
                 None if self.resync_unconfirmed() && self.step_tries < MAX_INDICATIONS => {
                     self.last_indication.map(|t| t + REINDICATE_AFTER)
                 }
@@ -862,9 +884,13 @@ impl Attempt {
             // is in sync it ignores it. If the camera stays silent, fail: a reset tells the
             // client at once, where waiting would hang it.
             let waited = now.duration_since(t);
-            if waited >= UNANSWERED_LIMIT {
-                let why =
-                    format!("nothing came back from the camera for {UNANSWERED_LIMIT:?} after the first data: the NAT did not take step 4");
+            if (waited >= UNANSWERED_LIMIT && self.first_data_sends >= UNANSWERED_SENDS) || waited >= UNANSWERED_HARD_LIMIT {
+                let why = format!(
+                    "nothing came back from the camera for {:.0?} after the first data (sent {} times): the NAT drops the camera's segments{}",
+                    waited,
+                    self.first_data_sends,
+                    if self.retries_synack() { " (step 4 did not take)" } else { "" }
+                );
                 if self.resync_early {
                     self.fail_timing(why + " (timed steps)");
                 } else {
@@ -872,7 +898,7 @@ impl Attempt {
                 }
                 return vec![];
             }
-            if self.resteered < RESTEER_MAX && waited >= REINDICATE_AFTER * (self.resteered + 1) {
+            if self.retries_synack() && self.resteered < RESTEER_MAX && waited >= REINDICATE_AFTER * (self.resteered + 1) {
                 self.resteered += 1;
                 if let Some(st) = self.camera_isn.and_then(|c| self.steered_synack(c.wrapping_add(1))) {
                     return vec![Out::ToWire(st.clone()), Out::ToWire(st)];
@@ -1042,6 +1068,34 @@ mod tests {
         let out = a.from_wire(pkt(NAT, SERVER, true, true, false), t0);
         assert!(matches!(&out[..], [Out::ToStack(_)]));
         assert_eq!(a.state, State::Established);
+    }
+
+    #[test]
+    fn a_direct_connection_whose_camera_stays_silent_fails_whatever_its_strategy() {
+        let t0 = Instant::now();
+        let mut a = attempt(Strategy::ReverseSyn, t0);
+        a.start(t0, &mut rand::rngs::StdRng::seed_from_u64(1));
+        a.from_wire(pkt(NAT, SERVER, true, false, false), t0);
+        a.from_stack(pkt(SERVER, VIRT, true, false, false), t0); // smoltcp's SYN, seq 1000
+        a.from_wire(pkt(NAT, SERVER, true, true, false), t0);
+        assert_eq!(a.state, State::Established);
+        // Data at ISN+1, sent three times, nothing back: no steered packets, a failure at 5 s.
+        let mut data = syn_segment(40000, 554, 1001);
+        {
+            let mut t = TcpPacket::new_unchecked(&mut data[..]);
+            t.clear_flags();
+            t.set_ack(true);
+        }
+        data.extend_from_slice(b"GET / HTTP/1.0\r\n\r\n");
+        let (s, d): (SocketAddrV4, SocketAddrV4) = (SERVER.parse().unwrap(), VIRT.parse().unwrap());
+        let p =
+            build(&Addressing { proto: Proto::Tcp, src: *s.ip(), src_port: s.port(), dst: *d.ip(), dst_port: d.port() }, &data, 1).unwrap();
+        for i in 0..3 {
+            assert_eq!(a.from_stack(p.clone(), t0 + Duration::from_secs(i)).len(), 1);
+        }
+        assert!(a.tick(t0 + Duration::from_secs(2)).is_empty());
+        assert!(a.tick(t0 + UNANSWERED_LIMIT).is_empty());
+        assert!(a.failed().unwrap().contains("nothing came back"), "{:?}", a.state);
     }
 
     #[test]
@@ -1451,11 +1505,33 @@ mod steered_tests {
             let [Out::ToWire(st), Out::ToWire(_)] = &out[..] else { panic!("{out:?}") };
             assert_eq!(tcp(st).1.ack_number().0 as u32, C.wrapping_add(1));
         }
-        assert!(a.tick(t1 + Duration::from_secs(4)).is_empty());
+        // Sent once only: a lossy path with a long retransmission timeout, not yet a dead one.
+        assert_eq!(a.poll_at(), Some(t1 + UNANSWERED_HARD_LIMIT));
+        assert!(a.tick(t1 + UNANSWERED_LIMIT).is_empty());
+        assert!(a.failed().is_none());
+        // smoltcp retransmits it twice more (a keepalive probe, one below, does not count).
+        let mut probe = request();
+        {
+            let ihl = 20;
+            let mut t = TcpPacket::new_unchecked(&mut probe[ihl..]);
+            t.set_seq_number(TcpSeqNumber(S as i32));
+        }
+        a.from_stack(probe, t1 + Duration::from_secs(2));
+        assert_eq!(a.poll_at(), Some(t1 + UNANSWERED_HARD_LIMIT));
+        a.from_stack(request(), t1 + Duration::from_secs(2));
+        a.from_stack(request(), t1 + Duration::from_secs(4));
         assert_eq!(a.poll_at(), Some(t1 + UNANSWERED_LIMIT));
         assert!(a.tick(t1 + UNANSWERED_LIMIT).is_empty());
         assert!(a.failed_by_timing(), "{:?}", a.state);
-        assert!(a.failed().unwrap().contains("did not take step 4"));
+        assert!(a.failed().unwrap().contains("step 4 did not take"), "{:?}", a.state);
+        // smoltcp's reset for the failed connection still goes to the camera's mapping.
+        let mut rst = seg(SERVER, VIRT, "R", S.wrapping_add(1), 0, 64);
+        rewrite::rewrite(&mut rst, End::Dst, VIRT.parse().unwrap()).unwrap();
+        let out = a.from_stack(rst, t1 + UNANSWERED_LIMIT);
+        assert!(
+            matches!(&out[..], [Out::ToWire(p)] if crate::wire::rewrite::endpoint(p, End::Dst).unwrap() == NAT.parse().unwrap()),
+            "{out:?}"
+        );
     }
 
     #[test]
@@ -1479,7 +1555,9 @@ mod steered_tests {
         to_step3(&mut b, t0);
         b.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
         b.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t0);
-        b.from_stack(request(), t0);
+        for i in 0..3 {
+            b.from_stack(request(), t0 + Duration::from_secs(i));
+        }
         for i in 1..=5 {
             b.tick(t0 + Duration::from_secs(i));
         }
