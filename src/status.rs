@@ -88,7 +88,7 @@ pub struct ConnectionStatus {
     pub camera: String,
     pub service: String,
     pub client: String,
-    /// `connecting`, `direct` or `assisted`
+    /// `connecting`, `direct`, `assisted` or `failed`
     pub path: String,
     pub strategy: Option<String>,
     /// steered-resync: `ttl`, `ttl-1`, `md5`, …
