@@ -143,7 +143,7 @@ impl Shared {
     /// What on-demand steered connections of `site` time (see `tcp_strategy::Pipelining`).
     fn timed_steps_summary(&self, site: &str, profile: Option<&ProfileStatus>, nat: Option<std::net::Ipv4Addr>) -> Option<String> {
         if let Some(at) = self.timing_failed.lock().unwrap().get(site) {
-            let left = tcp_expose::TIMING_BACKOFF.saturating_sub(at.elapsed());
+            let left = tcp_expose::FAILURE_BACKOFF.saturating_sub(at.elapsed());
             if !left.is_zero() {
                 return Some(format!("none for {} s more (they failed {} s ago)", left.as_secs() + 1, at.elapsed().as_secs()));
             }

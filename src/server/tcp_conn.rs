@@ -216,9 +216,8 @@ impl Shard {
             if shard.attempt.state == State::Established && st == tcp::State::Closed {
                 return Err(ConnectFailure { why: "the camera's answer did not complete the handshake".into(), timed });
             }
+            // The attempt's timers are ticked by the next `pump`.
             shard.wait_input(Instant::now() + Duration::from_secs(1)).await;
-            let outs = shard.attempt.tick(Instant::now());
-            shard.process(outs).await;
         }
     }
 

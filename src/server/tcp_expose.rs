@@ -34,7 +34,7 @@ pub const DIRECT_TX_BUFFER: usize = 64 * 1024;
 /// After timed steered-resync steps failed at a site, its connections go step by step for this
 /// long; after a connection failed past its handshake, the site's connections skip its strategy
 /// for this long.
-pub const TIMING_BACKOFF: Duration = Duration::from_secs(600);
+pub const FAILURE_BACKOFF: Duration = Duration::from_secs(600);
 /// Platform-client connections per exposure at once.
 pub const MAX_CLIENTS: usize = 4096;
 
@@ -122,13 +122,13 @@ async fn connect_direct(
     }
     for strategy in order.iter().filter_map(|l| Strategy::from_label(l)) {
         let failed_at = shared.strategy_failed.lock().unwrap().get(&(site.to_string(), strategy.label())).copied();
-        if failed_at.is_some_and(|at| at.elapsed() < TIMING_BACKOFF) {
+        if failed_at.is_some_and(|at| at.elapsed() < FAILURE_BACKOFF) {
             failures.push(format!("{} skipped: a connection with it failed after its handshake lately", strategy.label()));
             continue;
         }
         // Timed steps only where a client waits (pre-opening has time), and not for a while
         // after they failed at this site (also earlier in this same connection).
-        let timing_ok = !pre_opening && shared.timing_failed.lock().unwrap().get(site).is_none_or(|at| at.elapsed() >= TIMING_BACKOFF);
+        let timing_ok = !pre_opening && shared.timing_failed.lock().unwrap().get(site).is_none_or(|at| at.elapsed() >= FAILURE_BACKOFF);
         let mut pipelining = timing_ok.then(|| {
             let hint = shared.steer_hints.lock().unwrap().get(site).copied();
             let predicted = hint.zip(shared.nat_ip(site)).and_then(|(h, nat)| h.predict(strategy, nat, camera));
@@ -202,7 +202,7 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, pool: Arc<WarmPool>, clien
         let setup = t0.elapsed().as_millis() as u64;
         let public = shard.attempt.public.map(|p| p.to_string());
         let round_trips = if warm { 0 } else { shard.attempt.round_trips };
-        let timed_steps = if warm { 0 } else { shard.attempt.timed_steps };
+        let timed_steps = if warm { 0 } else { shard.attempt.timed_steps() };
         {
             let mut i = record.info.lock().unwrap();
             i.path = "direct".into();

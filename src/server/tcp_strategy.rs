@@ -254,8 +254,6 @@ pub struct Attempt {
     last_steered: Option<Vec<u8>>,
     /// Sequential waits for a packet through the NAT (each one WAN round trip).
     pub round_trips: u32,
-    /// Steps sent on a timer instead of after a round trip (0, 1 or 2).
-    pub timed_steps: u32,
     /// The shortest wait from an indication to the packet it caused arriving through the NAT: the
     /// WAN round trip (plus the trigger's processing), which sizes the connection's window.
     pub rtt: Option<Duration>,
@@ -377,7 +375,6 @@ impl Attempt {
             camera_isn: None,
             last_steered: None,
             round_trips: 0,
-            timed_steps: 0,
             rtt: None,
             pipelining: None,
             timed_at: None,
@@ -401,6 +398,11 @@ impl Attempt {
             self.pipelining = Some(p);
         }
         self
+    }
+
+    /// Steps sent on a timer instead of after a round trip (0, 1 or 2).
+    pub fn timed_steps(&self) -> u32 {
+        self.predicted_early as u32 + self.resync_early as u32
     }
 
     /// Whether the attempt failed because of the timing or the prediction (retry step by step).
@@ -525,8 +527,7 @@ impl Attempt {
         let hl = Ipv4Packet::new_unchecked(&pkt[..]).header_len() as usize;
         match (&self.state, self.strategy) {
             (State::AwaitIsn, Strategy::SteeredResync(_)) if is_syn => {
-                // Step 1: smoltcp's ISN is S; ask for the reverse SYN (seq T).
-                self.isn = Some(t.seq_number().0 as u32);
+                // Step 1: smoltcp's ISN is S (recorded above); ask for the reverse SYN (seq T).
                 self.syn_pd1 = Some(pkt[hl..].to_vec());
                 self.state = State::AwaitReverseSyn;
                 let t: u32 = self.rng.random();
@@ -639,10 +640,7 @@ impl Attempt {
                     if self.camera_acked {
                         return vec![];
                     }
-                    return match self.steered_synack(seq.wrapping_add(1)) {
-                        Some(st) => vec![Out::ToWire(st.clone()), Out::ToWire(st)],
-                        None => vec![],
-                    };
+                    return self.step_4_steered();
                 }
                 self.camera_acked |= !syn;
                 if rewrite::rewrite(&mut pkt, End::Src, self.virt).is_err() {
@@ -789,12 +787,20 @@ impl Attempt {
         vec![Out::ToWire(steered.clone()), Out::ToWire(steered), self.indicate(now, false, syn_pd1)]
     }
 
-    /// Step 4's steered SYN-ACK (acking C+1), then the held SYN-ACK to smoltcp.
+    /// Step 4's steered SYN-ACK (acking C+1), two copies; empty before the camera's ISN is known.
+    fn step_4_steered(&mut self) -> Vec<Out> {
+        match self.camera_isn.and_then(|c| self.steered_synack(c.wrapping_add(1))) {
+            Some(st) => vec![Out::ToWire(st.clone()), Out::ToWire(st)],
+            None => vec![],
+        }
+    }
+
+    /// Step 4's steered SYN-ACK, then the held SYN-ACK to smoltcp.
     fn release(&mut self, now: Instant) -> Vec<Out> {
-        let Some(c) = self.camera_isn else { return vec![] };
-        let Some(steered) = self.steered_synack(c.wrapping_add(1)) else {
-            return vec![];
-        };
+        let mut out = self.step_4_steered();
+        if out.is_empty() {
+            return out;
+        }
         let Some(mut held) = self.held_synack.take() else {
             return vec![];
         };
@@ -803,7 +809,8 @@ impl Attempt {
         }
         self.state = State::Established;
         self.established_at = Some(now);
-        vec![Out::ToWire(steered.clone()), Out::ToWire(steered), Out::ToStack(held)]
+        out.push(Out::ToStack(held));
+        out
     }
 
     /// A timed step that is due: steps 2+3 on the prediction, or step 4's release.
@@ -819,12 +826,10 @@ impl Attempt {
                     self.steer_ttl = p.steer_ttl;
                 }
                 self.predicted_early = true;
-                self.timed_steps += 1;
                 self.steps_2_and_3(now, t)
             }
             State::AwaitResync => {
                 self.resync_early = true;
-                self.timed_steps += 1;
                 let out = self.release(now);
                 // Re-sent resync SYNs count against step 4's budget.
                 self.step_state = Some(self.state.clone());
@@ -900,9 +905,7 @@ impl Attempt {
             }
             if self.retries_synack() && self.resteered < RESTEER_MAX && waited >= REINDICATE_AFTER * (self.resteered + 1) {
                 self.resteered += 1;
-                if let Some(st) = self.camera_isn.and_then(|c| self.steered_synack(c.wrapping_add(1))) {
-                    return vec![Out::ToWire(st.clone()), Out::ToWire(st)];
-                }
+                return self.step_4_steered();
             }
             return vec![];
         }
@@ -1368,7 +1371,7 @@ mod steered_tests {
         assert_eq!((st.seq_number().0 as u32, st.ack_number().0 as u32), (S, C.wrapping_add(1)));
         assert_eq!(crate::wire::rewrite::endpoint(held, End::Src).unwrap(), VIRT.parse().unwrap());
         assert_eq!(a.state, State::Established);
-        assert_eq!((a.round_trips, a.timed_steps, a.indications), (1, 2, 3));
+        assert_eq!((a.round_trips, a.timed_steps(), a.indications), (1, 2, 3));
         // The resync SYN comes back after the timed step: steered once more (in case it reached
         // the NAT late), never passed to smoltcp. Camera data then flows to smoltcp.
         let out = a.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t2 + Duration::from_millis(41));
@@ -1414,7 +1417,7 @@ mod steered_tests {
         let out = a.from_wire(seg(NAT, SERVER, "S", C, 0, 61), soon);
         assert!(matches!(&out[..], [Out::ToWire(_), Out::ToWire(_), Out::ToStack(_)]), "{out:?}");
         assert!(a.tick(t0 + Duration::from_millis(20)).is_empty());
-        assert_eq!((a.state.clone(), a.round_trips, a.timed_steps), (State::Established, 3, 0));
+        assert_eq!((a.state.clone(), a.round_trips, a.timed_steps()), (State::Established, 3, 0));
         assert!(!a.failed_by_timing());
     }
 
@@ -1426,7 +1429,7 @@ mod steered_tests {
         a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
         a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
         assert_eq!(a.tick(t0 + Duration::from_millis(8)).len(), 3);
-        assert_eq!((a.round_trips, a.timed_steps), (2, 1));
+        assert_eq!((a.round_trips, a.timed_steps()), (2, 1));
         // No resync SYN and no data within a second: asked for again, within step 4's budget.
         let t1 = t0 + REINDICATE_AFTER;
         assert_eq!(a.poll_at(), Some(t1));
@@ -1479,7 +1482,7 @@ mod steered_tests {
         a.from_wire(seg(NAT, SERVER, "S", t, 0, 61), t0);
         a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
         assert_eq!(a.tick(t0 + Duration::from_millis(8)).len(), 3);
-        assert_eq!((a.state.clone(), a.timed_steps), (State::Established, 1));
+        assert_eq!((a.state.clone(), a.timed_steps()), (State::Established, 1));
         (a, t0)
     }
 
