@@ -233,7 +233,7 @@ camera = "site-a/cam1"
 port = 80
 proto = "tcp"
 listen = "127.0.0.1:18093"
-rate_mbit = 1000
+rate_mbit = 10000
 [[expose]]
 camera = "site-a/cam1"
 port = 8554
@@ -357,12 +357,20 @@ if phase setup; then
 fi
 
 # ------------------------------------------------------------------ 2. throughput
-TARGETS_ALL=(dnat-a=http://203.0.113.2:8080 direct=http://127.0.0.1:18090
-  dnat-b=http://203.0.113.3:8080 assisted=http://127.0.0.1:18091)
+TARGETS_ALL=(dnat-a=http://203.0.113.2:8080 direct=http://127.0.0.1:18090 direct-rate=http://127.0.0.1:18093
+  relay=http://127.0.0.1:18190 dnat-b=http://203.0.113.3:8080 assisted=http://127.0.0.1:18091)
 if phase throughput; then
+  # A second reference: the kernel's own sockets terminating the camera's TCP on the server and
+  # sending the bytes on to the client (socat, read/write, 256 KiB buffer), through the same
+  # port-forward. That is the shape of beckon's direct path (the server's stack ends the camera's
+  # connection) without beckon: what terminating and re-sending costs on this machine.
+  bg relay "$SRV_NS" socat -b 262144 TCP-LISTEN:18190,bind=127.0.0.1,reuseaddr,fork TCP:203.0.113.2:8080
+  RELAY_PID=$BG_PID
+  wait_for 10 "the socat relay" in_ns "$SRV_NS" 5 curl -sf -m 2 -o /dev/null http://127.0.0.1:18190/
   log "throughput: /bulk ${TPUT_BYTES} B x1 (reps ${TPUT_REPS%%,*}) and ${TPUT_BYTES_MULTI} B x8; direct, assisted, port-forward"
   tput_run throughput-1.json 1 "$TPUT_BYTES" "${TPUT_REPS%%,*}" "${TARGETS_ALL[@]}"
   tput_run throughput-8.json 8 "$TPUT_BYTES_MULTI" "${TPUT_REPS##*,}" "${TARGETS_ALL[@]}"
+  stop_pids "$RELAY_PID"
 fi
 
 # ------------------------------------------------------------------ 3. concurrent paced streams

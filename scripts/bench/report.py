@@ -103,8 +103,15 @@ out(f"* **Throughput**: `curl /bulk?bytes=N` from the camera's `cam_http.py` (Py
     "delayed WAN of the setup measurement (at least 11 s after the delay came on, so yamux has "
     "re-measured the assist link's round trip): this shows whether the windows carry the path "
     "(a window of W bytes carries at most W per round trip). There the userspace relay is the "
-    "limit of the port-forward too. `direct (rate_mbit = 1000)` is the same camera through a "
-    "second exposure that asks for windows for 1 Gbit/s.")
+    "limit of the port-forward too. `direct (rate_mbit = 10000)` is the same camera through a "
+    "second exposure that asks for windows for 10 Gbit/s (its window also covers beckon's 2 ms "
+    "service allowance, so on the LAN-like path it is ≈ 2.5 MB instead of 256 KiB). The "
+    "**kernel-socket relay** is a second reference, not beckon: `socat -b 262144` in the server's "
+    "namespace ends the camera's TCP connection (through the same port-forward) and sends the bytes "
+    "on to the client, as beckon's direct path does with its own stack; the difference between the "
+    "port-forward and the relay is what terminating and re-sending costs on this machine. "
+    "**Work per GB** (notes): machine busy × cores × wall time / GB delivered, median of the runs; "
+    "where the machine is saturated (8 streams), throughput is inversely proportional to it.")
 out("* **Concurrent streams**: a paced camera service (`scripts/bench/paced_cam.py`, one asyncio "
     "process in each camera namespace) sends every accepted connection 4 Mbit/s (500 kB/s in "
     "50 kB slices every 100 ms, spread over the tick; like an encoder it drops a slice rather "
@@ -183,10 +190,12 @@ setup_rows(s0)
 setup_rows(s20)
 
 
-TPUT_PAIRS = (("direct", "dnat-a"), ("direct-rate", "dnat-a"), ("assisted", "dnat-b"))
+TPUT_PAIRS = (("direct", "dnat-a"), ("direct-rate", "dnat-a"), ("assisted", "dnat-b"), ("relay", "dnat-a"))
+TPUT_NAMES = {"direct": "direct (`rate_mbit` 128, the default)", "direct-rate": "direct (`rate_mbit = 10000`)",
+              "relay": "kernel-socket relay (socat, not beckon: a second reference)"}
 
 
-def tput_rows(t, k, only=("direct", "assisted"), tag="", names=None):
+def tput_rows(t, k, only=("direct", "direct-rate", "assisted", "relay"), tag="", names=TPUT_NAMES):
     if not t:
         out(f"| throughput, {k} stream(s){tag} | not measured | | | | |")
         return
@@ -208,21 +217,21 @@ def tput_rows(t, k, only=("direct", "assisted"), tag="", names=None):
             inc = (f" (**transfers cut short** by reset connections in every run: {b.get('bytes_got', 0) / 1e6:.0f} of "
                    f"{b.get('bytes_expected', 0) / 1e6:.0f} MB arrived)")
         cpu = b.get("cpu", {})
-        extra = f"; server CPU {f1(b.get('server_cpu_pct'))} %"
+        extra = "" if path == "relay" else f"; server CPU {f1(b.get('server_cpu_pct'))} %"
         if path == "assisted":
             extra += f", trigger CPU {f1(cpu.get('trigger_b_cpu_pct'))} %"
+        extra += f", machine {f1(b.get('machine_busy_pct'))} % busy"
         label = (names or {}).get(path, path)
+        target, ok = ("–", "–") if path == "relay" else ("≥ 0.8", met(ratio is not None and ratio >= 0.8 and b["complete"]))
         out(f"| throughput, {label}{tag}, {k} stream{'s' if k > 1 else ''}{extra}{inc} | "
-            f"{f1(b['MBps'])} MB/s | {f1(r['MBps'])} MB/s | ratio **{f2(ratio)}** | ≥ 0.8 | "
-            f"{met(ratio is not None and ratio >= 0.8 and b['complete'])} |")
+            f"{f1(b['MBps'])} MB/s | {f1(r['MBps'])} MB/s | ratio **{f2(ratio)}** | {target} | {ok} |")
 
 
 tput_rows(t1, 1)
 tput_rows(t8, 8)
 if twan:
     wan_ms = s20["delay_ms"] if s20 else "?"
-    tput_rows(twan, 1, only=("direct", "direct-rate", "assisted"), tag=f" through the {wan_ms} ms WAN",
-              names={"direct": "direct (`rate_mbit` 128, the default)", "direct-rate": "direct (`rate_mbit = 1000`)"})
+    tput_rows(twan, 1, only=("direct", "direct-rate", "assisted"), tag=f" through the {wan_ms} ms WAN")
 
 
 def level_paths(label, n):
@@ -345,8 +354,8 @@ if tl1 or tl8 or sl:
     out("")
     out("| measure | beckon | port-forward (reference) | beckon vs reference | target | met |")
     out("|---|---|---|---|---|---|")
-    tput_rows(tl1, 1, only=("direct",), tag=" (be_liberal=1)")
-    tput_rows(tl8, 8, only=("direct",), tag=" (be_liberal=1)")
+    tput_rows(tl1, 1, only=("direct",), tag=" (be_liberal=1)", names={})
+    tput_rows(tl8, 8, only=("direct",), tag=" (be_liberal=1)", names={})
     streams_row(sl, "direct-liberal", "direct (be_liberal=1)")
     out("")
 
@@ -461,6 +470,34 @@ if nd.get("server_tun_tx_dropped", 0):
         "packets; with TUN offload a TCP packet may be a super-packet of up to 64 KB); one task reads them "
         "and hands them to the shards. When it or the shards fall behind (CPU), the kernel drops and TCP "
         "retransmits.")
+def work_per_gb(t, target, k):
+    """Machine core-seconds per GB delivered, median over the complete runs."""
+    cores = meta.get("cores") or 2
+    xs = [r["cpu"]["machine_busy_pct"] / 100 * cores * r["wall_s"] / (r["bytes"] / 1e9)
+          for r in (t or {}).get("runs", []) if r["target"] == target and r["streams"] == k and r["complete"]
+          and r["bytes"] and r.get("cpu", {}).get("machine_busy_pct") is not None]
+    return bl_median(xs)
+
+
+def bl_median(xs):
+    xs = sorted(xs)
+    return (xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2) if xs else None
+
+
+WORK_NAMES = {"relay": "socat relay", "direct": "direct", "direct-rate": "direct (rate 10000)", "assisted": "assisted"}
+for t, k in ((t1, 1), (t8, 8)):
+    w = {name: work_per_gb(t, name, k) for name in ("dnat-a", "dnat-b", *WORK_NAMES)}
+    if w["dnat-a"]:
+        parts = []
+        for n, label in WORK_NAMES.items():
+            ref = w["dnat-b"] if n == "assisted" else w["dnat-a"]
+            if w[n] is not None and ref:
+                parts.append(f"{label} {f2(w[n])} (×{f2(w[n] / ref)})")
+        notes.append(
+            f"Work per GB delivered, {k} stream{'s' if k > 1 else ''} (machine core-seconds, everything on the box: "
+            f"camera, router, client, beckon): port-forward {f2(w['dnat-a'])}; " + ", ".join(parts)
+            + " (×: relative to the port-forward of the same site). Where the machine is saturated (8 streams), "
+            "a path that does × as much work per GB gets about 1/× of the port-forward's throughput.")
 for t, k in ((t1, 1), (t8, 8)):
     b = (t or {}).get("summary", {}).get(f"direct/{k}")
     if b:

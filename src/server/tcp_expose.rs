@@ -19,10 +19,9 @@ use tokio::sync::watch;
 /// Direct attempt budget before falling back to the assisted path.
 pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// smoltcp receive buffer per direct connection, which is also the largest window the camera
-/// may fill: sized from the site's WAN round trip so that one connection can carry the exposure's
-/// `rate_mbit` (a window of W bytes carries at most W per round trip), between these bounds. On
-/// a LAN-like path the minimum is plenty (≈ 1 GB/s on the lab machine); at 40 ms and the
-/// default 128 Mbit/s it is 640 KB.
+/// may fill: sized from the site's WAN round trip (plus [`SERVICE_LATENCY`]) so that one
+/// connection can carry the exposure's `rate_mbit` (a window of W bytes carries at most W per
+/// round trip), between these bounds. At 40 ms and the default 128 Mbit/s it is 672 KB.
 pub const DIRECT_BUFFER: usize = 256 * 1024;
 pub const DIRECT_BUFFER_MAX: usize = 16 * 1024 * 1024;
 /// Receive buffers of all open direct connections together: beyond this, new connections get
@@ -38,10 +37,17 @@ pub const FAILURE_BACKOFF: Duration = Duration::from_secs(600);
 /// Platform-client connections per exposure at once.
 pub const MAX_CLIENTS: usize = 4096;
 
+/// How long a busy host may keep beckon from a connection's received data. The window has to
+/// cover this as well as the path: while the shard waits for a core, the camera keeps sending
+/// only as long as the window lasts. Measured on the 2-core lab box with a LAN-like path
+/// (0.07 ms): 1.5 GB/s bulk needed ≈ 2 MB of window; with 256 KiB the camera stalled on
+/// window updates (2.4× as many ACKs written, 30 % less throughput, `scripts/bench.sh`).
+pub const SERVICE_LATENCY: Duration = Duration::from_millis(2);
+
 /// The receive buffer for a direct connection that should carry `rate` bytes/s over a path with
-/// round trip `rtt` (unknown: the minimum).
+/// round trip `rtt` (unknown: none) on a busy host.
 pub fn path_buffer(rtt: Option<Duration>, rate: f64) -> usize {
-    let want = rtt.map_or(0.0, |r| r.as_secs_f64() * rate) as usize;
+    let want = ((rtt.unwrap_or_default() + SERVICE_LATENCY).as_secs_f64() * rate) as usize;
     want.clamp(DIRECT_BUFFER, DIRECT_BUFFER_MAX)
 }
 
@@ -385,8 +391,12 @@ mod tests {
         let rate = 128e6 / 8.0;
         assert_eq!(path_buffer(None, rate), DIRECT_BUFFER);
         assert_eq!(path_buffer(Some(Duration::from_micros(70)), rate), DIRECT_BUFFER);
-        assert_eq!(path_buffer(Some(Duration::from_millis(40)), rate), 640_000);
+        assert_eq!(path_buffer(Some(Duration::from_millis(40)), rate), 672_000);
         assert_eq!(path_buffer(Some(Duration::from_secs(2)), rate), DIRECT_BUFFER_MAX);
         assert_eq!(path_buffer(Some(Duration::from_millis(40)), 1e9), DIRECT_BUFFER_MAX);
+        // A fast exposure on a LAN-like path: the window covers the host's service latency.
+        let fast = 10_000e6 / 8.0;
+        assert_eq!(path_buffer(None, fast), 2_500_000);
+        assert!((2_587_000..=2_588_000).contains(&path_buffer(Some(Duration::from_micros(70)), fast)));
     }
 }
