@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod heap;
 pub mod hostnet;
 pub mod link;
 pub mod rate_limit;

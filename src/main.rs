@@ -49,15 +49,24 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
+/// Before the runtime starts its threads (see `beckon::heap`).
+fn tune_heap() {
+    if !beckon::heap::tune() {
+        tracing::debug!("heap settings not applied (not glibc): more page faults under load");
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Server { config } => beckon::config::ServerConfig::load(&config).map_err(anyhow::Error::from).and_then(|cfg| {
             init_logging();
+            tune_heap();
             runtime()?.block_on(beckon::server::run(cfg))
         }),
         Cmd::Trigger { config } => beckon::config::TriggerConfig::load(&config).map_err(anyhow::Error::from).and_then(|cfg| {
             init_logging();
+            tune_heap();
             runtime()?.block_on(beckon::trigger::run(cfg))
         }),
         Cmd::Status { admin, json } => status(&admin, json),
