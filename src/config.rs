@@ -116,8 +116,9 @@ pub struct ExposeConfig {
     #[serde(default)]
     pub warm: usize,
     /// TCP only: the throughput (Mbit/s) one direct client connection should reach on the
-    /// site's WAN path. It sizes the camera connection's receive window (round trip × rate,
-    /// 256 KiB to 16 MiB), and so the memory each connection may take.
+    /// site's WAN path. It sizes the camera connection's receive window ((round trip + 2 ms of
+    /// host service latency) × rate, 256 KiB to 16 MiB), and so the memory each connection may
+    /// take.
     #[serde(default)]
     pub rate_mbit: Option<u32>,
 }

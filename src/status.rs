@@ -183,6 +183,11 @@ pub struct Counters {
     /// Bytes the triggers carried on the assisted path.
     #[serde(default)]
     pub tcp_bytes_assisted: u64,
+    /// Packets from cameras to direct TCP connections (and profile probes) that the server's
+    /// TUN reader dropped: the connection's queue or all queues together were full (the server
+    /// is behind; TCP retransmits).
+    #[serde(default)]
+    pub camera_packets_dropped: u64,
 }
 
 impl StatusDoc {
@@ -313,6 +318,7 @@ impl StatusDoc {
             c.tcp_connections_failed,
             c.tcp_direct_fallbacks
         );
+        let _ = writeln!(s, "camera packets dropped (server behind): {}", c.camera_packets_dropped);
         let _ = writeln!(s, "control: auth failures {}, bad frames {}", c.auth_failures, c.bad_frames);
         s
     }

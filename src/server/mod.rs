@@ -242,6 +242,7 @@ impl Shared {
                 dropped_client_datagrams: t.dropped_client_datagrams + stack.client_queue_drops,
                 auth_failures: st.auth_failures.load(Ordering::Relaxed),
                 bad_frames: st.bad_frames.load(Ordering::Relaxed),
+                camera_packets_dropped: self.port_routes.dropped_packets(),
             },
         }
     }

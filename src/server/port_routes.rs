@@ -5,6 +5,7 @@
 
 use rand::Rng;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
@@ -14,18 +15,53 @@ use tokio::sync::mpsc;
 const SHARD_QUEUE: usize = 256;
 /// Packets queued to one UDP probe.
 const PROBE_QUEUE: usize = 64;
+/// Bytes queued to all shards and probes together. Each queue is bounded in packets, but
+/// thousands of shards that all fall behind (an overloaded server) could otherwise hold GBs of
+/// super-packets; beyond this the reader drops, as the kernel does when the TUN queue is full.
+pub const QUEUED_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// Server ports for direct TCP connections (TCP and UDP port spaces are separate).
 const TCP_PORTS: std::ops::RangeInclusive<u16> = 20000..=60999;
 /// UDP ports for profile probes: outside the UDP flows' range
 /// ([`PORT_RANGE`](super::udp_mapping::PORT_RANGE)), so they never collide.
 pub const UDP_PROBE_PORTS: std::ops::RangeInclusive<u16> = 61000..=61999;
 
-type Routes = Mutex<HashMap<u16, mpsc::Sender<Vec<u8>>>>;
+type Routes = Mutex<HashMap<u16, mpsc::Sender<Queued>>>;
 
 #[derive(Default)]
 pub struct PortRoutes {
     tcp: Routes,
     udp: Routes,
+    /// Bytes of the packets in all queues (see [`QUEUED_BYTES_MAX`]).
+    queued: Arc<AtomicUsize>,
+    /// Packets dropped because a queue or the budget was full.
+    dropped: AtomicU64,
+}
+
+/// A packet in a queue, counted in [`PortRoutes`]'s total until it is taken or dropped (also
+/// when its queue is dropped with it).
+pub struct Queued {
+    pkt: Vec<u8>,
+    len: usize,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.len, Ordering::Relaxed);
+    }
+}
+
+/// The receiving end of a port's packet queue.
+pub struct PacketRx(mpsc::Receiver<Queued>);
+
+impl PacketRx {
+    pub async fn recv(&mut self) -> Option<Vec<u8>> {
+        self.0.recv().await.map(|mut q| std::mem::take(&mut q.pkt))
+    }
+
+    pub fn try_recv(&mut self) -> Option<Vec<u8>> {
+        self.0.try_recv().ok().map(|mut q| std::mem::take(&mut q.pkt))
+    }
 }
 
 /// Ownership of a TCP server port; released on drop.
@@ -53,7 +89,7 @@ impl Drop for UdpClaim {
 }
 
 /// A fresh, unpredictable port from `range` and the queue its packets arrive on.
-fn claim(routes: &Routes, range: std::ops::RangeInclusive<u16>, queue: usize) -> Option<(u16, mpsc::Receiver<Vec<u8>>)> {
+fn claim(routes: &Routes, range: std::ops::RangeInclusive<u16>, queue: usize) -> Option<(u16, PacketRx)> {
     let mut map = routes.lock().unwrap();
     let mut rng = rand::rng();
     for _ in 0..64 {
@@ -61,39 +97,99 @@ fn claim(routes: &Routes, range: std::ops::RangeInclusive<u16>, queue: usize) ->
         if let std::collections::hash_map::Entry::Vacant(e) = map.entry(port) {
             let (tx, rx) = mpsc::channel(queue);
             e.insert(tx);
-            return Some((port, rx));
+            return Some((port, PacketRx(rx)));
         }
     }
     None
 }
 
-/// Hand a packet to the owner of `port`; false if nobody owns it.
-fn dispatch(routes: &Routes, port: u16, pkt: &[u8]) -> bool {
-    match routes.lock().unwrap().get(&port) {
-        Some(tx) => {
-            let _ = tx.try_send(pkt.to_vec()); // full: drop (TCP retransmits, probes retry)
-            true
-        }
-        None => false,
-    }
-}
-
 impl PortRoutes {
-    pub fn claim_tcp(self: &Arc<Self>) -> Option<(RouteGuard, mpsc::Receiver<Vec<u8>>)> {
+    pub fn claim_tcp(self: &Arc<Self>) -> Option<(RouteGuard, PacketRx)> {
         let (port, rx) = claim(&self.tcp, TCP_PORTS, SHARD_QUEUE)?;
         Some((RouteGuard { routes: self.clone(), port }, rx))
     }
 
-    pub fn claim_udp(self: &Arc<Self>) -> Option<(UdpClaim, mpsc::Receiver<Vec<u8>>)> {
+    pub fn claim_udp(self: &Arc<Self>) -> Option<(UdpClaim, PacketRx)> {
         let (port, rx) = claim(&self.udp, UDP_PROBE_PORTS, PROBE_QUEUE)?;
         Some((UdpClaim { routes: self.clone(), port }, rx))
     }
 
+    /// Hand a TCP packet to the owner of its port; false if nobody owns it.
     pub fn dispatch_tcp(&self, port: u16, pkt: &[u8]) -> bool {
-        dispatch(&self.tcp, port, pkt)
+        self.dispatch(&self.tcp, port, pkt)
     }
 
     pub fn dispatch_udp(&self, port: u16, pkt: &[u8]) -> bool {
-        UDP_PROBE_PORTS.contains(&port) && dispatch(&self.udp, port, pkt)
+        UDP_PROBE_PORTS.contains(&port) && self.dispatch(&self.udp, port, pkt)
+    }
+
+    /// Bytes in all queues now.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Packets dropped so far because a queue or the budget was full.
+    pub fn dropped_packets(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// A full queue or a full budget drops the packet (TCP retransmits, probes retry); it is
+    /// still the port's.
+    fn dispatch(&self, routes: &Routes, port: u16, pkt: &[u8]) -> bool {
+        let map = routes.lock().unwrap();
+        let Some(tx) = map.get(&port) else { return false };
+        if self.queued.fetch_add(pkt.len(), Ordering::Relaxed) + pkt.len() > QUEUED_BYTES_MAX {
+            self.queued.fetch_sub(pkt.len(), Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        // From here the packet is counted; `Queued`'s drop uncounts it, sent or not.
+        if tx.try_send(Queued { pkt: pkt.to_vec(), len: pkt.len(), queued: self.queued.clone() }).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn queued_bytes_are_bounded_and_released_by_take_or_drop() {
+        let routes = Arc::new(PortRoutes::default());
+        let (a, mut rx_a) = routes.claim_tcp().unwrap();
+        let (b, rx_b) = routes.claim_tcp().unwrap();
+        let big = vec![7u8; 64 * 1024];
+        assert!(routes.dispatch_tcp(a.port, &big));
+        assert!(routes.dispatch_tcp(b.port, &big));
+        assert_eq!(routes.queued_bytes(), 2 * big.len());
+        // Taken: no longer counted.
+        assert_eq!(rx_a.recv().await.unwrap(), big);
+        assert_eq!(routes.queued_bytes(), big.len());
+        // A queue dropped with packets in it gives them back too.
+        drop(rx_b);
+        assert_eq!(routes.queued_bytes(), 0);
+        // Unknown port: not ours.
+        let free = TCP_PORTS.find(|p| *p != a.port && *p != b.port).unwrap();
+        assert!(!routes.dispatch_tcp(free, &big));
+        // Over the budget: dropped, not counted, still the port's.
+        routes.queued.store(QUEUED_BYTES_MAX - 10, Ordering::Relaxed);
+        assert!(routes.dispatch_tcp(a.port, &big));
+        assert_eq!(routes.queued_bytes(), QUEUED_BYTES_MAX - 10);
+        assert!(rx_a.try_recv().is_none());
+        assert_eq!(routes.dropped_packets(), 1);
+        routes.queued.store(0, Ordering::Relaxed);
+        assert!(routes.dispatch_tcp(a.port, b"small"));
+        assert_eq!(rx_a.try_recv().unwrap(), b"small");
+        assert_eq!(routes.queued_bytes(), 0);
+        // A full queue drops too, and what it holds stays counted until taken.
+        for _ in 0..SHARD_QUEUE + 3 {
+            routes.dispatch_tcp(a.port, b"x");
+        }
+        assert_eq!(routes.dropped_packets(), 4);
+        assert_eq!(routes.queued_bytes(), SHARD_QUEUE);
+        drop(rx_a);
+        assert_eq!(routes.queued_bytes(), 0);
     }
 }

@@ -58,7 +58,7 @@ pub async fn run(shared: Arc<Shared>, site: String, probe: Probe) {
 }
 
 /// Wait for a datagram from a public source on a claimed probe port.
-async fn answer(rx: &mut tokio::sync::mpsc::Receiver<Vec<u8>>, within: Duration) -> Option<SocketAddrV4> {
+async fn answer(rx: &mut super::port_routes::PacketRx, within: Duration) -> Option<SocketAddrV4> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let pkt = tokio::time::timeout_at(deadline, rx.recv()).await.ok()??;
@@ -76,7 +76,7 @@ async fn udp_mapping_from(
     site: &str,
     responder: SocketAddrV4,
     port: u16,
-    rx: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
+    rx: &mut super::port_routes::PacketRx,
 ) -> Option<SocketAddrV4> {
     for _ in 0..3 {
         let _ = super::indicate::udp(shared, site, *responder.ip(), responder.port(), port, b"beckon-probe");

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 use super::port_routes::RouteGuard;
 use super::queue_device::QueueDevice;
@@ -150,7 +149,7 @@ pub struct Shard {
     sockets: SocketSet<'static>,
     handle: SocketHandle,
     pub attempt: Attempt,
-    rx: mpsc::Receiver<Vec<u8>>,
+    rx: super::port_routes::PacketRx,
     _route: RouteGuard,
     _window: WindowGuard,
     epoch: Instant,
@@ -291,7 +290,7 @@ impl Shard {
         let outs = self.attempt.from_wire(first, Instant::now());
         self.process(outs).await;
         for _ in 0..64 {
-            let Ok(p) = self.rx.try_recv() else { break };
+            let Some(p) = self.rx.try_recv() else { break };
             let outs = self.attempt.from_wire(p, Instant::now());
             self.process(outs).await;
         }
@@ -329,7 +328,7 @@ impl Shard {
     /// Catch up on what arrived while the connection sat idle; true if it is still open both
     /// ways (the camera may have closed an idle connection).
     pub async fn still_open(&mut self) -> bool {
-        while let Ok(p) = self.rx.try_recv() {
+        while let Some(p) = self.rx.try_recv() {
             self.wire_batch(p).await;
         }
         self.pump().await;
