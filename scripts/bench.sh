@@ -430,7 +430,12 @@ if phase diag; then
   # up to the level where the strict-NAT run failed: the diagnosis compares, it does not explore
   levels=$STREAM_LEVELS
   stall=$(jq_py "d['first_stall'] or ''" <"$RUN/streams-direct.json" 2>/dev/null || true)
-  [ -n "$stall" ] && levels=$(for n in $STREAM_LEVELS; do [ "$n" -le "$stall" ] && echo "$n"; done | xargs)
+  if [ -n "$stall" ]; then
+    levels=""
+    for n in $STREAM_LEVELS; do
+      if [ "$n" -le "$stall" ]; then levels="$levels $n"; fi
+    done
+  fi
   streams_phase direct-liberal 18554 $((STREAM_BUDGET / 2)) "$levels"
   log "diagnosis: perf profile of the server during a direct transfer (window tracking still off)"
   timeout -k 5 200 "$PY" "$BDIR/profile.py" --pid "$SERVER_PID" --url http://127.0.0.1:18090 \
