@@ -151,7 +151,7 @@ check_procs() {
 
 # ------------------------------------------------------------------ prerequisites
 [ "$(id -u)" = 0 ] || die "run as root (network namespaces, TUN, nftables): sudo $0"
-for t in ip nft conntrack curl ping timeout setsid awk; do
+for t in ip nft conntrack curl ping timeout setsid awk socat; do
   command -v "$t" >/dev/null || die "missing tool: $t"
 done
 [ -x "$PY" ] || die "missing $PY"
@@ -320,7 +320,7 @@ EOF
 tput_run() {
   local file=$1 k=$2 bytes=$3 reps=$4
   shift 4
-  in_ns "$SRV_NS" 900 "$PY" "$BDIR/throughput.py" --beckon "$BECKON" --out "$RUN/$file" \
+  in_ns "$SRV_NS" 1800 "$PY" "$BDIR/throughput.py" --beckon "$BECKON" --out "$RUN/$file" \
     --bytes "$bytes" --streams "$k" --reps "$reps" \
     --pid server="$SERVER_PID" --pid trigger_a="$TRG_A_PID" --pid trigger_b="$TRG_B_PID" "$@" \
     || die "throughput ($file) failed"
@@ -429,12 +429,14 @@ if phase diag; then
   tput_run throughput-liberal-8.json 8 "$TPUT_BYTES_MULTI" 1 dnat-a=http://203.0.113.2:8080 direct=http://127.0.0.1:18090
   # up to the level where the strict-NAT run failed: the diagnosis compares, it does not explore
   levels=$STREAM_LEVELS
-  stall=$(jq_py "d['first_stall'] or ''" <"$RUN/streams-direct.json" 2>/dev/null || true)
+  stall=""
+  [ -f "$RUN/streams-direct.json" ] && stall=$(jq_py "d['first_stall'] or ''" <"$RUN/streams-direct.json" || true)
   if [ -n "$stall" ]; then
     levels=""
     for n in $STREAM_LEVELS; do
-      if [ "$n" -le "$stall" ]; then levels="$levels $n"; fi
+      if [ "$n" -lt "$stall" ]; then levels="$levels $n"; fi
     done
+    levels="$levels $stall"
   fi
   streams_phase direct-liberal 18554 $((STREAM_BUDGET / 2)) "$levels"
   log "diagnosis: perf profile of the server during a direct transfer (window tracking still off)"

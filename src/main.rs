@@ -52,7 +52,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// Before the runtime starts its threads (see `beckon::heap`).
 fn tune_heap() {
     if !beckon::heap::tune() {
-        tracing::debug!("heap settings not applied (not glibc): more page faults under load");
+        tracing::debug!("heap settings not applied (not glibc, or refused): more page faults under load");
     }
 }
 

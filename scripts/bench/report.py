@@ -217,10 +217,11 @@ def tput_rows(t, k, only=("direct", "direct-rate", "assisted", "relay"), tag="",
             inc = (f" (**transfers cut short** by reset connections in every run: {b.get('bytes_got', 0) / 1e6:.0f} of "
                    f"{b.get('bytes_expected', 0) / 1e6:.0f} MB arrived)")
         cpu = b.get("cpu", {})
-        extra = "" if path == "relay" else f"; server CPU {f1(b.get('server_cpu_pct'))} %"
+        extra = f"; machine {f1(b.get('machine_busy_pct'))} % busy"
+        if path != "relay":
+            extra += f", server CPU {f1(b.get('server_cpu_pct'))} %"
         if path == "assisted":
             extra += f", trigger CPU {f1(cpu.get('trigger_b_cpu_pct'))} %"
-        extra += f", machine {f1(b.get('machine_busy_pct'))} % busy"
         label = (names or {}).get(path, path)
         target, ok = ("–", "–") if path == "relay" else ("≥ 0.8", met(ratio is not None and ratio >= 0.8 and b["complete"]))
         out(f"| throughput, {label}{tag}, {k} stream{'s' if k > 1 else ''}{extra}{inc} | "
@@ -271,7 +272,9 @@ def streams_row(s, path, title=None):
                  f"{bad['lost']} connections lost, worst 5 s window {bad['worst_window_ratio']} of the rate, "
                  f"server CPU {f1(bad['cpu'].get('server_cpu_pct'))} %")
     elif s.get("first_stall") is None:
-        desc += " (no level failed within the time budget)"
+        top = max(int(x) for x in str(s.get("levels", "0")).split()) if s.get("levels") else None
+        desc += (f" (levels tried up to {top}, the strict run's failing level)" if path.endswith("liberal") and top
+                 else " (no level failed within the time budget)")
     out(f"| concurrent 4 Mbit/s streams, {title}: {desc} | {n} | – (no beckon) | – | ≥ 1,000 | {met(n >= 1000)} |")
 
 

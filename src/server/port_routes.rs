@@ -144,7 +144,10 @@ impl PortRoutes {
             return true;
         }
         // From here the packet is counted; `Queued`'s drop uncounts it, sent or not.
-        if tx.try_send(Queued { pkt: pkt.to_vec(), len: pkt.len(), queued: self.queued.clone() }).is_err() {
+        // (Closed: the owner is just going away; not a drop of a server that is behind.)
+        if let Err(mpsc::error::TrySendError::Full(_)) =
+            tx.try_send(Queued { pkt: pkt.to_vec(), len: pkt.len(), queued: self.queued.clone() })
+        {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
         true
@@ -171,7 +174,7 @@ mod tests {
         drop(rx_b);
         assert_eq!(routes.queued_bytes(), 0);
         // Unknown port: not ours.
-        let free = TCP_PORTS.find(|p| *p != a.port && *p != b.port).unwrap();
+        let free = TCP_PORTS.clone().find(|p| *p != a.port && *p != b.port).unwrap();
         assert!(!routes.dispatch_tcp(free, &big));
         // Over the budget: dropped, not counted, still the port's.
         routes.queued.store(QUEUED_BYTES_MAX - 10, Ordering::Relaxed);

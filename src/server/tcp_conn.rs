@@ -467,7 +467,7 @@ impl Shard {
                 p = self.rx.recv() => if let Some(p) = p {
                     self.wire_batch(p).await;
                 },
-                r = cr.read(&mut cbuf[..room.min(16 * 1024).max(1)]), if !client_eof && room > 0 => {
+                r = cr.read(&mut cbuf[..room.clamp(1, 16 * 1024)]), if !client_eof && room > 0 => {
                     let s = self.sockets.get_mut::<tcp::Socket>(self.handle);
                     match r {
                         Ok(0) => { client_eof = true; s.close(); }
