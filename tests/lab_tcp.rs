@@ -261,6 +261,12 @@ fn rtsp_direct_through_two_strict_nats_while_both_triggers_die() {
         assert!(["ttl", "md5"].contains(&c["steering"].as_str().unwrap()), "{c:#}");
         assert!(c["trigger_packets"].as_u64().unwrap() <= 4, "{c:#}");
         assert_eq!(c["round_trips"], 3);
+        // A LAN-like WAN (no delay): a timer could not save anything, so nothing is timed.
+        assert_eq!(c["timed_steps"], 0, "{c:#}");
+    }
+    for name in ["site-a", "site-b"] {
+        let summary = site(&st, name)["timed_steps"].as_str().unwrap_or_default().to_string();
+        assert!(summary.starts_with("none (the WAN round trip"), "{name}: {summary}");
     }
     lab.kill("trigger-a");
     lab.kill("trigger-b");

@@ -82,7 +82,7 @@ out(f"* **Setup**: `curl -w %{{time_starttransfer}}` (from the start of the clie
     "steered-resync opens the camera connection in 1 to 3 sequential WAN round trips through "
     "the trigger (server log `direct TCP connection up … setup_ms … round_trips=N timed_steps=M`): "
     "each of its two steered packets leaves either after the trigger's packet came back through "
-    "the NAT (a round trip) or, timed, 8 ms after the indication (`timed_steps`; step 4 always, "
+    "the NAT (a round trip) or, timed, 8 ms after the indication (`timed_steps`, only where the site's round trip is longer than that; step 4 always, "
     "steps 2+3 where the NAT kept the camera's port at the site's last steered connection, so "
     "the mapping is predicted). Site a's NAT keeps ports, so on the 20 ms WAN: 1 round trip + "
     "2 × 8 ms, then the request's round trip. The assisted "

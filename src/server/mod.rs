@@ -148,6 +148,11 @@ impl Shared {
                 return Some(format!("none for {} s more (they failed {} s ago)", left.as_secs() + 1, at.elapsed().as_secs()));
             }
         }
+        let rtt = self.site_rtt.lock().unwrap().get(site).copied();
+        if rtt.is_some() && !tcp_strategy::timing_pays(rtt) {
+            let (rtt, lead) = (rtt.unwrap_or_default().as_secs_f64() * 1e3, tcp_strategy::STEER_LEAD.as_millis());
+            return Some(format!("none (the WAN round trip, {rtt:.1} ms, is not longer than the {lead} ms lead: nothing to save)"));
+        }
         let hint = *self.steer_hints.lock().unwrap().get(site)?;
         // What the site's first direct strategy would be predicted with (any camera port will do).
         let first = profile?.direct_order.first().and_then(|l| tcp_strategy::Strategy::from_label(l))?;

@@ -4,7 +4,7 @@
 //! half-close and reset are propagated; everything is freed on close.
 
 use super::tcp_conn::{ConnRecord, DirectParams, Shard};
-use super::tcp_strategy::{Pipelining, Strategy, STEER_LEAD};
+use super::tcp_strategy::{timing_pays, Pipelining, Strategy, STEER_LEAD};
 use super::Shared;
 use crate::catalog::Proto;
 use crate::config::ExposeConfig;
@@ -122,7 +122,8 @@ async fn connect_direct(
         Some((order, _)) => order,
     };
     let mut failures = Vec::new();
-    let mut rx_buffer = path_buffer(shared.site_rtt.lock().unwrap().get(site).copied(), e.rate_bytes());
+    let site_rtt = shared.site_rtt.lock().unwrap().get(site).copied();
+    let mut rx_buffer = path_buffer(site_rtt, e.rate_bytes());
     if shared.window_bytes.load(Ordering::Relaxed) + rx_buffer > DIRECT_WINDOWS_TOTAL {
         rx_buffer = DIRECT_BUFFER;
     }
@@ -132,9 +133,12 @@ async fn connect_direct(
             failures.push(format!("{} skipped: a connection with it failed after its handshake lately", strategy.label()));
             continue;
         }
-        // Timed steps only where a client waits (pre-opening has time), and not for a while
-        // after they failed at this site (also earlier in this same connection).
-        let timing_ok = !pre_opening && shared.timing_failed.lock().unwrap().get(site).is_none_or(|at| at.elapsed() >= FAILURE_BACKOFF);
+        // Timed steps only where a client waits (pre-opening has time), where the path is long
+        // enough for them to save time, and not for a while after they failed at this site
+        // (also earlier in this same connection).
+        let timing_ok = !pre_opening
+            && timing_pays(site_rtt)
+            && shared.timing_failed.lock().unwrap().get(site).is_none_or(|at| at.elapsed() >= FAILURE_BACKOFF);
         let mut pipelining = timing_ok.then(|| {
             let hint = shared.steer_hints.lock().unwrap().get(site).copied();
             let predicted = hint.zip(shared.nat_ip(site)).and_then(|(h, nat)| h.predict(strategy, nat, camera));

@@ -171,6 +171,14 @@ pub const UNANSWERED_HARD_LIMIT: Duration = Duration::from_secs(30);
 /// trip, so it pays wherever the round trip is longer than this.
 pub const STEER_LEAD: Duration = Duration::from_millis(8);
 
+/// Whether timed steps can save time at a site whose WAN round trip is `rtt`: only where the
+/// indicated packet comes back later than the lead. On a shorter path the trigger's packet
+/// drives every step anyway, and the timer could only win when the trigger is slow (a busy
+/// host), sending a steered packet before the mapping exists and failing the attempt.
+pub fn timing_pays(rtt: Option<Duration>) -> bool {
+    rtt.is_some_and(|r| r > STEER_LEAD)
+}
+
 /// Timed steered-resync steps (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pipelining {
@@ -1008,6 +1016,13 @@ mod tests {
         rewrite::endpoint(p, End::Dst).unwrap()
     }
 
+    #[test]
+    fn timed_steps_only_where_the_round_trip_is_longer_than_the_lead() {
+        assert!(!timing_pays(None));
+        assert!(!timing_pays(Some(Duration::from_micros(70))));
+        assert!(!timing_pays(Some(STEER_LEAD)));
+        assert!(timing_pays(Some(Duration::from_millis(40))));
+    }
     #[test]
     fn patent_syn_carries_smoltcps_syn_and_completes_on_translated_synack() {
         let t0 = Instant::now();
