@@ -7,6 +7,7 @@
 pub mod accept;
 pub mod admin;
 pub mod assist;
+pub mod backoff;
 pub mod expose;
 pub mod indicate;
 pub mod keepalive;
@@ -78,10 +79,10 @@ pub struct Shared {
     /// Per site: what its last steered connection showed (predicts the next one's step 1), and
     /// when timed steps last failed there (they are then left out for a while).
     pub steer_hints: Mutex<HashMap<String, tcp_strategy::SteerHint>>,
-    pub timing_failed: Mutex<HashMap<String, Instant>>,
-    /// Per (site, strategy label): when a connection of that strategy failed after its
-    /// handshake (the camera never answered through the NAT); connections skip it for a while.
-    pub strategy_failed: Mutex<HashMap<(String, String), Instant>>,
+    pub timing_failed: backoff::Backoff<String>,
+    /// Per (site, strategy label): a connection of that strategy failed after its handshake
+    /// (the camera never answered through the NAT); connections skip it for a while.
+    pub strategy_failed: backoff::Backoff<(String, String)>,
     /// Per site: the WAN round trip its last direct connection measured (sizes the windows).
     pub site_rtt: Mutex<HashMap<String, std::time::Duration>>,
     /// Receive buffers of all open direct connections, bytes (bounded by `DIRECT_WINDOWS_TOTAL`).
@@ -108,8 +109,8 @@ impl Shared {
             profiles: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             steer_hints: Mutex::new(HashMap::new()),
-            timing_failed: Mutex::new(HashMap::new()),
-            strategy_failed: Mutex::new(HashMap::new()),
+            timing_failed: backoff::Backoff::new(tcp_expose::FAILURE_BACKOFF),
+            strategy_failed: backoff::Backoff::new(tcp_expose::FAILURE_BACKOFF),
             site_rtt: Mutex::new(HashMap::new()),
             window_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             virt: Mutex::new(HashMap::new()),
@@ -141,12 +142,24 @@ impl Shared {
     }
 
     /// What on-demand steered connections of `site` time (see `tcp_strategy::Pipelining`).
+    /// What a site's direct connection that came up showed about its path: the steering hint
+    /// (predicts the next connection's step 1) and the WAN round trip (sizes windows, decides
+    /// whether timing pays).
+    pub fn learn_from(&self, site: &str, attempt: &tcp_strategy::Attempt) {
+        let mut hints = self.steer_hints.lock().unwrap();
+        let hint = hints.get(site).copied().unwrap_or_default();
+        if let Some(learned) = hint.learn(attempt) {
+            hints.insert(site.to_string(), learned);
+        }
+        drop(hints);
+        if let Some(rtt) = attempt.rtt {
+            self.site_rtt.lock().unwrap().insert(site.to_string(), rtt);
+        }
+    }
+
     fn timed_steps_summary(&self, site: &str, profile: Option<&ProfileStatus>, nat: Option<std::net::Ipv4Addr>) -> Option<String> {
-        if let Some(at) = self.timing_failed.lock().unwrap().get(site) {
-            let left = tcp_expose::FAILURE_BACKOFF.saturating_sub(at.elapsed());
-            if !left.is_zero() {
-                return Some(format!("none for {} s more (they failed {} s ago)", left.as_secs() + 1, at.elapsed().as_secs()));
-            }
+        if let Some((since, left)) = self.timing_failed.left_out(&site.to_string(), Instant::now()) {
+            return Some(format!("none for {} s more (they failed {} s ago)", left.as_secs() + 1, since.as_secs()));
         }
         let rtt = self.site_rtt.lock().unwrap().get(site).copied();
         if rtt.is_some() && !tcp_strategy::timing_pays(rtt) {

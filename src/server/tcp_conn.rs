@@ -201,15 +201,7 @@ impl Shard {
             }
             let st = shard.sockets.get::<tcp::Socket>(handle).state();
             if shard.attempt.state == State::Established && st == tcp::State::Established {
-                let mut hints = shard.shared.steer_hints.lock().unwrap();
-                let hint = hints.get(&shard.site).copied().unwrap_or_default();
-                if let Some(learned) = hint.learn(&shard.attempt) {
-                    hints.insert(shard.site.clone(), learned);
-                }
-                drop(hints);
-                if let Some(rtt) = shard.attempt.rtt {
-                    shard.shared.site_rtt.lock().unwrap().insert(shard.site.clone(), rtt);
-                }
+                shard.shared.learn_from(&shard.site, &shard.attempt);
                 return Ok(shard);
             }
             if shard.attempt.state == State::Established && st == tcp::State::Closed {
@@ -412,9 +404,9 @@ impl Shard {
                 self.shared.stats.tcp_connections_failed.fetch_add(1, Ordering::Relaxed);
                 let now = Instant::now();
                 if self.attempt.failed_by_timing() {
-                    self.shared.timing_failed.lock().unwrap().insert(self.site.clone(), now);
+                    self.shared.timing_failed.failed(self.site.clone(), now);
                 } else {
-                    self.shared.strategy_failed.lock().unwrap().insert((self.site.clone(), strategy), now);
+                    self.shared.strategy_failed.failed((self.site.clone(), strategy), now);
                 }
                 self.abort().await;
                 crate::splice::reset_on_drop(cw.as_ref());

@@ -128,17 +128,14 @@ async fn connect_direct(
         rx_buffer = DIRECT_BUFFER;
     }
     for strategy in order.iter().filter_map(|l| Strategy::from_label(l)) {
-        let failed_at = shared.strategy_failed.lock().unwrap().get(&(site.to_string(), strategy.label())).copied();
-        if failed_at.is_some_and(|at| at.elapsed() < FAILURE_BACKOFF) {
+        if shared.strategy_failed.is_left_out(&(site.to_string(), strategy.label()), Instant::now()) {
             failures.push(format!("{} skipped: a connection with it failed after its handshake lately", strategy.label()));
             continue;
         }
         // Timed steps only where a client waits (pre-opening has time), where the path is long
         // enough for them to save time, and not for a while after they failed at this site
         // (also earlier in this same connection).
-        let timing_ok = !pre_opening
-            && timing_pays(site_rtt)
-            && shared.timing_failed.lock().unwrap().get(site).is_none_or(|at| at.elapsed() >= FAILURE_BACKOFF);
+        let timing_ok = !pre_opening && timing_pays(site_rtt) && !shared.timing_failed.is_left_out(&site.to_string(), Instant::now());
         let mut pipelining = timing_ok.then(|| {
             let hint = shared.steer_hints.lock().unwrap().get(site).copied();
             let predicted = hint.zip(shared.nat_ip(site)).and_then(|(h, nat)| h.predict(strategy, nat, camera));
@@ -162,7 +159,7 @@ async fn connect_direct(
                     // The timing or the prediction did not hold here: step by step at once, and
                     // no timed steps at this site for a while.
                     tracing::warn!(camera = %e.camera, strategy = %strategy.label(), "timed steps failed ({f}); retrying step by step");
-                    shared.timing_failed.lock().unwrap().insert(site.to_string(), Instant::now());
+                    shared.timing_failed.failed(site.to_string(), Instant::now());
                     failures.push(format!("{} with timed steps failed: {f}", strategy.label()));
                     pipelining = None;
                 }
