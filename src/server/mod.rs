@@ -7,7 +7,7 @@
 pub mod accept;
 pub mod admin;
 pub mod assist;
-pub mod backoff;
+pub mod cooldown;
 pub mod expose;
 pub mod indicate;
 pub mod keepalive;
@@ -79,10 +79,10 @@ pub struct Shared {
     /// Per site: what its last steered connection showed (predicts the next one's step 1), and
     /// when timed steps last failed there (they are then left out for a while).
     pub steer_hints: Mutex<HashMap<String, tcp_strategy::SteerHint>>,
-    pub timing_failed: backoff::Backoff<String>,
+    pub timing_failed: cooldown::Cooldown<String>,
     /// Per (site, strategy label): a connection of that strategy failed after its handshake
     /// (the camera never answered through the NAT); connections skip it for a while.
-    pub strategy_failed: backoff::Backoff<(String, String)>,
+    pub strategy_failed: cooldown::Cooldown<(String, String)>,
     /// Per site: the WAN round trip its last direct connection measured (sizes the windows).
     pub site_rtt: Mutex<HashMap<String, std::time::Duration>>,
     /// Receive buffers of all open direct connections, bytes (bounded by `DIRECT_WINDOWS_TOTAL`).
@@ -109,8 +109,8 @@ impl Shared {
             profiles: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             steer_hints: Mutex::new(HashMap::new()),
-            timing_failed: backoff::Backoff::new(tcp_expose::FAILURE_BACKOFF),
-            strategy_failed: backoff::Backoff::new(tcp_expose::FAILURE_BACKOFF),
+            timing_failed: cooldown::Cooldown::new(tcp_expose::FAILURE_BACKOFF),
+            strategy_failed: cooldown::Cooldown::new(tcp_expose::FAILURE_BACKOFF),
             site_rtt: Mutex::new(HashMap::new()),
             window_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             virt: Mutex::new(HashMap::new()),

@@ -1,19 +1,19 @@
-//! Things the server leaves out for a while after they failed: timed steered-resync steps per
-//! site, a direct strategy per (site, strategy). Sans-IO: every call takes `now`.
+//! Cooldowns: what the server leaves out for a while after it failed (timed steered-resync
+//! steps per site, a direct strategy per (site, strategy)). Sans-IO: every call takes `now`.
 
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-pub struct Backoff<K> {
+pub struct Cooldown<K> {
     period: Duration,
     failed: Mutex<HashMap<K, Instant>>,
 }
 
-impl<K: Eq + Hash> Backoff<K> {
+impl<K: Eq + Hash> Cooldown<K> {
     pub fn new(period: Duration) -> Self {
-        Backoff { period, failed: Mutex::new(HashMap::new()) }
+        Cooldown { period, failed: Mutex::new(HashMap::new()) }
     }
 
     /// `key` failed at `now`: leave it out until `now + period`.
@@ -43,7 +43,7 @@ mod tests {
 
     #[test]
     fn a_failure_is_left_out_for_the_period_then_forgotten() {
-        let b = Backoff::new(Duration::from_secs(600));
+        let b = Cooldown::new(Duration::from_secs(600));
         let t0 = Instant::now();
         assert!(!b.is_left_out(&"site-a", t0));
         b.failed("site-a", t0);
