@@ -6,9 +6,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Copy one direction, counting; half-close the writer at EOF. Err on reset.
+/// Copy one direction, counting; half-close the writer at EOF. Err on reset. One read can fill
+/// one full assist-link frame (`FRAME_BATCH`; 2 × 64 KiB per spliced connection).
 async fn copy_counted<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(r: &mut R, w: &mut W, count: &AtomicU64) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut buf = vec![0u8; crate::server::assist::FRAME_BATCH];
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
