@@ -7,6 +7,7 @@
 pub mod accept;
 pub mod admin;
 pub mod assist;
+pub mod byte_budget;
 pub mod cooldown;
 pub mod expose;
 pub mod indicate;
@@ -85,8 +86,8 @@ pub struct Shared {
     pub strategy_failed: cooldown::Cooldown<(String, String)>,
     /// Per site: the WAN round trip its last direct connection measured (sizes the windows).
     pub site_rtt: Mutex<HashMap<String, std::time::Duration>>,
-    /// Receive buffers of all open direct connections, bytes (bounded by `DIRECT_WINDOWS_TOTAL`).
-    pub window_bytes: Arc<std::sync::atomic::AtomicUsize>,
+    /// Receive buffers of all open direct connections (`DIRECT_WINDOWS_TOTAL`).
+    pub windows: byte_budget::ByteBudget,
     /// Per-camera addresses inside the userspace stack (never on the wire).
     virt: Mutex<HashMap<(String, String), std::net::Ipv4Addr>>,
 }
@@ -112,7 +113,7 @@ impl Shared {
             timing_failed: cooldown::Cooldown::new(tcp_expose::FAILURE_BACKOFF),
             strategy_failed: cooldown::Cooldown::new(tcp_expose::FAILURE_BACKOFF),
             site_rtt: Mutex::new(HashMap::new()),
-            window_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            windows: byte_budget::ByteBudget::new(tcp_expose::DIRECT_WINDOWS_TOTAL),
             virt: Mutex::new(HashMap::new()),
             cfg,
         }

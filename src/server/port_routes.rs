@@ -3,9 +3,10 @@
 //! site-profile probe owns one UDP port in [`UDP_PROBE_PORTS`]. UDP flows of the mapping table
 //! are not routed here: the stack task serves them itself.
 
+use super::byte_budget::{ByteBudget, Reservation};
 use rand::Rng;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
@@ -27,28 +28,26 @@ pub const UDP_PROBE_PORTS: std::ops::RangeInclusive<u16> = 61000..=61999;
 
 type Routes = Mutex<HashMap<u16, mpsc::Sender<Queued>>>;
 
-#[derive(Default)]
 pub struct PortRoutes {
     tcp: Routes,
     udp: Routes,
     /// Bytes of the packets in all queues (see [`QUEUED_BYTES_MAX`]).
-    queued: Arc<AtomicUsize>,
+    queued: ByteBudget,
     /// Packets dropped because a queue or the budget was full.
     dropped: AtomicU64,
 }
 
-/// A packet in a queue, counted in [`PortRoutes`]'s total until it is taken or dropped (also
+impl Default for PortRoutes {
+    fn default() -> Self {
+        PortRoutes { tcp: Routes::default(), udp: Routes::default(), queued: ByteBudget::new(QUEUED_BYTES_MAX), dropped: AtomicU64::new(0) }
+    }
+}
+
+/// A packet in a queue, counted in [`PortRoutes`]'s budget until it is taken or dropped (also
 /// when its queue is dropped with it).
 pub struct Queued {
     pkt: Vec<u8>,
-    len: usize,
-    queued: Arc<AtomicUsize>,
-}
-
-impl Drop for Queued {
-    fn drop(&mut self) {
-        self.queued.fetch_sub(self.len, Ordering::Relaxed);
-    }
+    _counted: Reservation,
 }
 
 /// The receiving end of a port's packet queue.
@@ -56,11 +55,11 @@ pub struct PacketRx(mpsc::Receiver<Queued>);
 
 impl PacketRx {
     pub async fn recv(&mut self) -> Option<Vec<u8>> {
-        self.0.recv().await.map(|mut q| std::mem::take(&mut q.pkt))
+        self.0.recv().await.map(|q| q.pkt)
     }
 
     pub fn try_recv(&mut self) -> Option<Vec<u8>> {
-        self.0.try_recv().ok().map(|mut q| std::mem::take(&mut q.pkt))
+        self.0.try_recv().ok().map(|q| q.pkt)
     }
 }
 
@@ -125,7 +124,7 @@ impl PortRoutes {
 
     /// Bytes in all queues now.
     pub fn queued_bytes(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.queued.held()
     }
 
     /// Packets dropped so far because a queue or the budget was full.
@@ -138,16 +137,13 @@ impl PortRoutes {
     fn dispatch(&self, routes: &Routes, port: u16, pkt: &[u8]) -> bool {
         let map = routes.lock().unwrap();
         let Some(tx) = map.get(&port) else { return false };
-        if self.queued.fetch_add(pkt.len(), Ordering::Relaxed) + pkt.len() > QUEUED_BYTES_MAX {
-            self.queued.fetch_sub(pkt.len(), Ordering::Relaxed);
+        let Some(counted) = self.queued.try_reserve(pkt.len()) else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return true;
-        }
-        // From here the packet is counted; `Queued`'s drop uncounts it, sent or not.
+        };
+        // From here the packet is counted until it is taken or dropped, sent or not.
         // (Closed: the owner is just going away; not a drop of a server that is behind.)
-        if let Err(mpsc::error::TrySendError::Full(_)) =
-            tx.try_send(Queued { pkt: pkt.to_vec(), len: pkt.len(), queued: self.queued.clone() })
-        {
+        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Queued { pkt: pkt.to_vec(), _counted: counted }) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
         true
@@ -177,12 +173,12 @@ mod tests {
         let free = TCP_PORTS.clone().find(|p| *p != a.port && *p != b.port).unwrap();
         assert!(!routes.dispatch_tcp(free, &big));
         // Over the budget: dropped, not counted, still the port's.
-        routes.queued.store(QUEUED_BYTES_MAX - 10, Ordering::Relaxed);
+        routes.queued.set_held(QUEUED_BYTES_MAX - 10);
         assert!(routes.dispatch_tcp(a.port, &big));
         assert_eq!(routes.queued_bytes(), QUEUED_BYTES_MAX - 10);
         assert!(rx_a.try_recv().is_none());
         assert_eq!(routes.dropped_packets(), 1);
-        routes.queued.store(0, Ordering::Relaxed);
+        routes.queued.set_held(0);
         assert!(routes.dispatch_tcp(a.port, b"small"));
         assert_eq!(rx_a.try_recv().unwrap(), b"small");
         assert_eq!(routes.queued_bytes(), 0);

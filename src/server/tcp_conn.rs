@@ -122,25 +122,6 @@ impl From<&str> for ConnectFailure {
     }
 }
 
-/// Counts a shard's receive buffer in `Shared::window_bytes` while the shard lives.
-struct WindowGuard {
-    total: Arc<std::sync::atomic::AtomicUsize>,
-    bytes: usize,
-}
-
-impl WindowGuard {
-    fn new(shared: &Shared, bytes: usize) -> Self {
-        shared.window_bytes.fetch_add(bytes, Ordering::Relaxed);
-        WindowGuard { total: shared.window_bytes.clone(), bytes }
-    }
-}
-
-impl Drop for WindowGuard {
-    fn drop(&mut self) {
-        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
-    }
-}
-
 pub struct Shard {
     shared: Arc<Shared>,
     site: String,
@@ -151,7 +132,8 @@ pub struct Shard {
     pub attempt: Attempt,
     rx: super::port_routes::PacketRx,
     _route: RouteGuard,
-    _window: WindowGuard,
+    /// The receive buffer, counted in `Shared::windows` while the shard lives.
+    _window: super::byte_budget::Reservation,
     epoch: Instant,
     record: Arc<ConnRecord>,
 }
@@ -188,7 +170,7 @@ impl Shard {
             attempt = attempt.with_pipelining(pl);
         }
         attempt.nat_ip = shared.nat_ip(&p.site);
-        let window = WindowGuard::new(&shared, p.rx_buffer);
+        let window = shared.windows.reserve(p.rx_buffer);
         let mut shard =
             Shard { shared, site: p.site, iface, device, sockets, handle, attempt, rx, _route: route, _window: window, epoch, record };
         let outs = shard.attempt.start(now, &mut rand::rng());

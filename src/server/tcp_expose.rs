@@ -124,7 +124,7 @@ async fn connect_direct(
     let mut failures = Vec::new();
     let site_rtt = shared.site_rtt.lock().unwrap().get(site).copied();
     let mut rx_buffer = path_buffer(site_rtt, e.rate_bytes());
-    if shared.window_bytes.load(Ordering::Relaxed) + rx_buffer > DIRECT_WINDOWS_TOTAL {
+    if !shared.windows.fits(rx_buffer) {
         rx_buffer = DIRECT_BUFFER;
     }
     for strategy in order.iter().filter_map(|l| Strategy::from_label(l)) {
