@@ -86,11 +86,10 @@ pub async fn relay<S: AsyncRead + AsyncWrite + Unpin>(client: TcpStream, stream:
             if a_done && b_done {
                 break SpliceEnd::Done;
             }
-            let idle_deadline = (a_done || b_done).then(|| {
-                let other = if a_done { &down_moved } else { &up_moved };
-                let last = other.load(Ordering::Relaxed).max(half_closed_at);
-                start + Duration::from_millis(last) + HALF_CLOSED_IDLE
-            });
+            // The direction still open must keep moving.
+            let still_open = if a_done { &down_moved } else { &up_moved };
+            let idle_deadline = || start + Duration::from_millis(still_open.load(Ordering::Relaxed).max(half_closed_at)) + HALF_CLOSED_IDLE;
+            let half_closed = a_done || b_done;
             tokio::select! {
                 r = &mut a, if !a_done => {
                     if r.is_err() { break SpliceEnd::TcpReset; }
@@ -102,14 +101,10 @@ pub async fn relay<S: AsyncRead + AsyncWrite + Unpin>(client: TcpStream, stream:
                     b_done = true;
                     half_closed_at = start.elapsed().as_millis() as u64;
                 }
-                _ = tokio::time::sleep_until(idle_deadline.unwrap_or(start)), if idle_deadline.is_some() => {
+                _ = tokio::time::sleep_until(idle_deadline()), if half_closed => {
                     // Bytes may have moved while this slept: only give up if they did not.
-                    if idle_deadline.is_some_and(|d| Instant::now() >= d) {
-                        let other = if a_done { &down_moved } else { &up_moved };
-                        let last = other.load(Ordering::Relaxed).max(half_closed_at);
-                        if start.elapsed() >= Duration::from_millis(last) + HALF_CLOSED_IDLE {
-                            break SpliceEnd::HalfClosedIdle;
-                        }
+                    if Instant::now() >= idle_deadline() {
+                        break SpliceEnd::HalfClosedIdle;
                     }
                 }
             }

@@ -1,6 +1,7 @@
 //! Cooldowns: what the server leaves out for a while after it failed (timed steered-resync
 //! steps per site, a direct strategy per (site, strategy)). Sans-IO: every call takes `now`.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
@@ -22,7 +23,10 @@ impl<K: Eq + Hash> Cooldown<K> {
     }
 
     /// If `key` is left out at `now`: since when it failed and how long it stays out.
-    pub fn left_out(&self, key: &K, now: Instant) -> Option<(Duration, Duration)> {
+    pub fn left_out<Q: Eq + Hash + ?Sized>(&self, key: &Q, now: Instant) -> Option<(Duration, Duration)>
+    where
+        K: Borrow<Q>,
+    {
         let mut failed = self.failed.lock().unwrap();
         let since = now.saturating_duration_since(*failed.get(key)?);
         if since >= self.period {
@@ -32,7 +36,10 @@ impl<K: Eq + Hash> Cooldown<K> {
         Some((since, self.period - since))
     }
 
-    pub fn is_left_out(&self, key: &K, now: Instant) -> bool {
+    pub fn is_left_out<Q: Eq + Hash + ?Sized>(&self, key: &Q, now: Instant) -> bool
+    where
+        K: Borrow<Q>,
+    {
         self.left_out(key, now).is_some()
     }
 }

@@ -142,7 +142,6 @@ impl Shared {
         *v.entry((site.to_string(), camera.to_string())).or_insert_with(|| (u32::from(VIRTUAL_BASE) + n).into())
     }
 
-    /// What on-demand steered connections of `site` time (see `tcp_strategy::Pipelining`).
     /// What a site's direct connection that came up showed about its path: the steering hint
     /// (predicts the next connection's step 1) and the WAN round trip (sizes windows, decides
     /// whether timing pays).
@@ -158,13 +157,14 @@ impl Shared {
         }
     }
 
+    /// What on-demand steered connections of `site` time (see `tcp_strategy::Pipelining`).
     fn timed_steps_summary(&self, site: &str, profile: Option<&ProfileStatus>, nat: Option<std::net::Ipv4Addr>) -> Option<String> {
-        if let Some((since, left)) = self.timing_failed.left_out(&site.to_string(), Instant::now()) {
+        if let Some((since, left)) = self.timing_failed.left_out(site, Instant::now()) {
             return Some(format!("none for {} s more (they failed {} s ago)", left.as_secs() + 1, since.as_secs()));
         }
         let rtt = self.site_rtt.lock().unwrap().get(site).copied();
-        if rtt.is_some() && !tcp_strategy::timing_pays(rtt) {
-            let (rtt, lead) = (rtt.unwrap_or_default().as_secs_f64() * 1e3, tcp_strategy::STEER_LEAD.as_millis());
+        if let Some(r) = rtt.filter(|_| !tcp_strategy::timing_pays(rtt)) {
+            let (rtt, lead) = (r.as_secs_f64() * 1e3, tcp_strategy::STEER_LEAD.as_millis());
             return Some(format!("none (the WAN round trip, {rtt:.1} ms, is not longer than the {lead} ms lead: nothing to save)"));
         }
         let hint = *self.steer_hints.lock().unwrap().get(site)?;

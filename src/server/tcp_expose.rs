@@ -135,7 +135,7 @@ async fn connect_direct(
         // Timed steps only where a client waits (pre-opening has time), where the path is long
         // enough for them to save time, and not for a while after they failed at this site
         // (also earlier in this same connection).
-        let timing_ok = !pre_opening && timing_pays(site_rtt) && !shared.timing_failed.is_left_out(&site.to_string(), Instant::now());
+        let timing_ok = !pre_opening && timing_pays(site_rtt) && !shared.timing_failed.is_left_out(site, Instant::now());
         let mut pipelining = timing_ok.then(|| {
             let hint = shared.steer_hints.lock().unwrap().get(site).copied();
             let predicted = hint.zip(shared.nat_ip(site)).and_then(|(h, nat)| h.predict(strategy, nat, camera));
