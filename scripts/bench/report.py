@@ -6,6 +6,9 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib as bl  # noqa: E402
+
 RUN = sys.argv[1]
 
 
@@ -479,12 +482,7 @@ def work_per_gb(t, target, k):
     xs = [r["cpu"]["machine_busy_pct"] / 100 * cores * r["wall_s"] / (r["bytes"] / 1e9)
           for r in (t or {}).get("runs", []) if r["target"] == target and r["streams"] == k and r["complete"]
           and r["bytes"] and r.get("cpu", {}).get("machine_busy_pct") is not None]
-    return bl_median(xs)
-
-
-def bl_median(xs):
-    xs = sorted(xs)
-    return (xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2) if xs else None
+    return bl.median(xs)
 
 
 WORK_NAMES = {"relay": "socat relay", "direct": "direct", "direct-rate": "direct (rate 10000)", "assisted": "assisted"}
