@@ -367,7 +367,7 @@ if phase throughput; then
   bg relay "$SRV_NS" socat -b 262144 TCP-LISTEN:18190,bind=127.0.0.1,reuseaddr,fork TCP:203.0.113.2:8080
   RELAY_PID=$BG_PID
   wait_for 10 "the socat relay" in_ns "$SRV_NS" 5 curl -sf -m 2 -o /dev/null http://127.0.0.1:18190/
-  log "throughput: /bulk ${TPUT_BYTES} B x1 (reps ${TPUT_REPS%%,*}) and ${TPUT_BYTES_MULTI} B x8; direct, assisted, port-forward"
+  log "throughput: /bulk ${TPUT_BYTES} B x1 (reps ${TPUT_REPS%%,*}) and ${TPUT_BYTES_MULTI} B x8; direct (two exposures), assisted, kernel relay, port-forward"
   tput_run throughput-1.json 1 "$TPUT_BYTES" "${TPUT_REPS%%,*}" "${TARGETS_ALL[@]}"
   tput_run throughput-8.json 8 "$TPUT_BYTES_MULTI" "${TPUT_REPS##*,}" "${TARGETS_ALL[@]}"
   stop_pids "$RELAY_PID"
