@@ -16,6 +16,7 @@ pub mod port_routes;
 pub mod profile;
 pub mod queue_device;
 pub mod record;
+pub mod rx_pool;
 pub mod stack;
 pub mod tcp_conn;
 pub mod tcp_expose;

@@ -114,12 +114,13 @@ impl PortRoutes {
     }
 
     /// Hand a TCP packet to the owner of its port; false if nobody owns it.
-    pub fn dispatch_tcp(&self, port: u16, pkt: &[u8]) -> bool {
+    pub fn dispatch_tcp(&self, port: u16, pkt: Vec<u8>) -> bool {
         self.dispatch(&self.tcp, port, pkt)
     }
 
+    /// Hand a UDP packet to the probe owning its port (a copy: probes are rare and small).
     pub fn dispatch_udp(&self, port: u16, pkt: &[u8]) -> bool {
-        UDP_PROBE_PORTS.contains(&port) && self.dispatch(&self.udp, port, pkt)
+        UDP_PROBE_PORTS.contains(&port) && self.dispatch(&self.udp, port, pkt.to_vec())
     }
 
     /// Bytes in all queues now.
@@ -133,17 +134,18 @@ impl PortRoutes {
     }
 
     /// A full queue or a full budget drops the packet (TCP retransmits, probes retry); it is
-    /// still the port's.
-    fn dispatch(&self, routes: &Routes, port: u16, pkt: &[u8]) -> bool {
+    /// still the port's. The budget counts the buffer's capacity: a handed-over read buffer
+    /// holds more than its packet.
+    fn dispatch(&self, routes: &Routes, port: u16, pkt: Vec<u8>) -> bool {
         let map = routes.lock().unwrap();
         let Some(tx) = map.get(&port) else { return false };
-        let Some(counted) = self.queued.try_reserve(pkt.len()) else {
+        let Some(counted) = self.queued.try_reserve(pkt.capacity()) else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return true;
         };
         // From here the packet is counted until it is taken or dropped, sent or not.
         // (Closed: the owner is just going away; not a drop of a server that is behind.)
-        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Queued { pkt: pkt.to_vec(), _counted: counted }) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Queued { pkt, _counted: counted }) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
         true
@@ -160,8 +162,8 @@ mod tests {
         let (a, mut rx_a) = routes.claim_tcp().unwrap();
         let (b, rx_b) = routes.claim_tcp().unwrap();
         let big = vec![7u8; 64 * 1024];
-        assert!(routes.dispatch_tcp(a.port, &big));
-        assert!(routes.dispatch_tcp(b.port, &big));
+        assert!(routes.dispatch_tcp(a.port, big.clone()));
+        assert!(routes.dispatch_tcp(b.port, big.clone()));
         assert_eq!(routes.queued_bytes(), 2 * big.len());
         // Taken: no longer counted.
         assert_eq!(rx_a.recv().await.unwrap(), big);
@@ -171,20 +173,20 @@ mod tests {
         assert_eq!(routes.queued_bytes(), 0);
         // Unknown port: not ours.
         let free = TCP_PORTS.clone().find(|p| *p != a.port && *p != b.port).unwrap();
-        assert!(!routes.dispatch_tcp(free, &big));
+        assert!(!routes.dispatch_tcp(free, big.clone()));
         // Over the budget: dropped, not counted, still the port's.
         routes.queued.set_held(QUEUED_BYTES_MAX - 10);
-        assert!(routes.dispatch_tcp(a.port, &big));
+        assert!(routes.dispatch_tcp(a.port, big.clone()));
         assert_eq!(routes.queued_bytes(), QUEUED_BYTES_MAX - 10);
         assert!(rx_a.try_recv().is_none());
         assert_eq!(routes.dropped_packets(), 1);
         routes.queued.set_held(0);
-        assert!(routes.dispatch_tcp(a.port, b"small"));
+        assert!(routes.dispatch_tcp(a.port, b"small".to_vec()));
         assert_eq!(rx_a.try_recv().unwrap(), b"small");
         assert_eq!(routes.queued_bytes(), 0);
         // A full queue drops too, and what it holds stays counted until taken.
         for _ in 0..SHARD_QUEUE + 3 {
-            routes.dispatch_tcp(a.port, b"x");
+            routes.dispatch_tcp(a.port, b"x".to_vec());
         }
         assert_eq!(routes.dropped_packets(), 4);
         assert_eq!(routes.queued_bytes(), SHARD_QUEUE);

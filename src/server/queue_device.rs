@@ -20,7 +20,10 @@ pub struct TxTok<'a>(&'a mut VecDeque<Vec<u8>>);
 
 impl smoltcp::phy::RxToken for RxTok {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
+        let r = f(&self.0);
+        // smoltcp has copied what it keeps: a TUN read buffer goes back to the reader's pool.
+        super::rx_pool::give(self.0);
+        r
     }
 }
 

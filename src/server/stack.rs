@@ -11,7 +11,7 @@
 
 use super::expose::{Exposure, StackEvent};
 use super::keepalive::KeepaliveKind;
-use super::tun::Checksum;
+use super::tun::{Checksum, RxBuf};
 use super::udp_mapping::{Action, FlowState, TableCounters, Target, UdpMappings};
 use super::Shared;
 use crate::status::MappingStatus;
@@ -72,13 +72,13 @@ impl Stack {
     }
 
     pub async fn run(mut self, mut events: mpsc::Receiver<StackEvent>, mut shutdown: watch::Receiver<bool>) {
-        let mut rx = super::tun::RxBuf::default();
+        let mut rx = RxBuf::default();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 r = self.tun.recv(&mut rx) => match r {
-                    Ok(()) => for (pkt, csum) in rx.packets() { self.ingress(pkt, csum) },
+                    Ok(()) => self.ingress_read(&mut rx),
                     Err(e) => { tracing::error!("TUN read failed: {e}; stack stops"); return; }
                 },
                 ev = events.recv() => match ev {
@@ -99,13 +99,29 @@ impl Stack {
         }
     }
 
+    /// What one TUN read holds. A TCP packet goes to its shard as an owned buffer (a
+    /// super-packet with its read buffer, not copied: see [`RxBuf::take_whole`]).
+    fn ingress_read(&mut self, rx: &mut RxBuf) {
+        if let Some((pkt, csum)) = rx.whole() {
+            if let Ingress::Tcp { dst_port } = parse_ingress(pkt, csum, self.public_ip) {
+                if let Some(pkt) = rx.take_whole() {
+                    self.shared.port_routes.dispatch_tcp(dst_port, pkt);
+                }
+                return;
+            }
+        }
+        for (pkt, csum) in rx.packets() {
+            self.ingress(pkt, csum)
+        }
+    }
+
     /// A packet from the TUN: TCP to its shard, UDP to its flow or probe, ICMP errors about our
     /// mappings to the table, echo requests answered; everything else is dropped silently (no
     /// RST, no port unreachable: silence never kills a NAT mapping).
     fn ingress(&mut self, pkt: &[u8], csum: Checksum) {
         match parse_ingress(pkt, csum, self.public_ip) {
             Ingress::Tcp { dst_port } => {
-                self.shared.port_routes.dispatch_tcp(dst_port, pkt);
+                self.shared.port_routes.dispatch_tcp(dst_port, pkt.to_vec());
             }
             Ingress::Udp { dst_port, from, payload } => {
                 if self.shared.port_routes.dispatch_udp(dst_port, pkt) {

@@ -13,9 +13,10 @@
 //! itself); UDP super-packets (USO) are split into datagrams. Writes prepend an all-zero header:
 //! "ordinary packet, checksums complete".
 
+use super::rx_pool;
 use anyhow::Result;
 use smoltcp::wire::checksum;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, IoSliceMut};
 use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_UDP_L4, VIRTIO_NET_HDR_LEN};
 
 const F_NEEDS_CSUM: u8 = 1;
@@ -43,9 +44,11 @@ pub enum Checksum {
     Unverified,
 }
 
-/// Reusable read buffers: one raw read, plus room for a split UDP super-packet.
+/// Reusable read buffers: the virtio-net header and the packet of one read (read apart, so the
+/// packet starts its buffer and can be handed on whole), plus room for a split UDP super-packet.
 pub struct RxBuf {
-    raw: Vec<u8>,
+    hdr: [u8; VIRTIO_NET_HDR_LEN],
+    body: Vec<u8>,
     segs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
     held: Held,
@@ -53,13 +56,13 @@ pub struct RxBuf {
 
 enum Held {
     Nothing,
-    Whole { start: usize, end: usize, csum: Checksum },
+    Whole { len: usize, csum: Checksum },
     Split(usize),
 }
 
 impl Default for RxBuf {
     fn default() -> Self {
-        RxBuf { raw: vec![0; VIRTIO_NET_HDR_LEN + 65535], segs: Vec::new(), sizes: Vec::new(), held: Held::Nothing }
+        RxBuf { hdr: [0; VIRTIO_NET_HDR_LEN], body: rx_pool::take(), segs: Vec::new(), sizes: Vec::new(), held: Held::Nothing }
     }
 }
 
@@ -68,37 +71,62 @@ impl RxBuf {
     pub fn packets(&self) -> impl Iterator<Item = (&[u8], Checksum)> {
         let (whole, split) = match self.held {
             Held::Nothing => (None, 0),
-            Held::Whole { start, end, csum } => (Some((&self.raw[start..end], csum)), 0),
+            Held::Whole { len, csum } => (Some((&self.body[..len], csum)), 0),
             Held::Split(n) => (None, n),
         };
         whole.into_iter().chain(self.segs.iter().zip(&self.sizes).take(split).map(|(b, &n)| (&b[..n], Checksum::Verified)))
     }
+
+    /// The last read, if it was one packet.
+    pub fn whole(&self) -> Option<(&[u8], Checksum)> {
+        match self.held {
+            Held::Whole { len, csum } => Some((&self.body[..len], csum)),
+            _ => None,
+        }
+    }
+
+    /// Take the last read's packet (see [`RxBuf::whole`]) as an owned buffer. A large one (a TCP
+    /// super-packet) is handed over with its read buffer, which a pooled one replaces: that
+    /// saves a copy of every byte a direct connection carries. A small one is copied, so a
+    /// 64 KiB buffer never travels for an ACK.
+    pub fn take_whole(&mut self) -> Option<Vec<u8>> {
+        let Held::Whole { len, .. } = self.held else { return None };
+        self.held = Held::Nothing;
+        if len < HANDOVER_MIN {
+            return Some(self.body[..len].to_vec());
+        }
+        let mut pkt = std::mem::replace(&mut self.body, rx_pool::take());
+        pkt.truncate(len);
+        Some(pkt)
+    }
 }
+
+/// Packets at least this long leave the reader with their buffer (see [`RxBuf::take_whole`]);
+/// a queued packet then holds at most 4× its length.
+const HANDOVER_MIN: usize = rx_pool::BUF_LEN / 4;
 
 /// What one offload read holds, decided from its virtio-net header.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Classified {
-    /// One packet at `raw[start..end]` (checksum completed if it was partial).
-    Packet { start: usize, end: usize, csum: Checksum },
+    /// One packet, the whole read after the header (checksum completed if it was partial).
+    Packet { csum: Checksum },
     /// A UDP super-packet: split it, taking its headers to be `hdr_len` bytes long.
     SplitUdp { hdr_len: u16 },
     /// Nothing usable (IPv6 super-packets, unknown GSO types, short reads).
     Drop,
 }
 
-/// Classify the `n` bytes of one offload read (header + packet); completes a partial checksum
-/// of an ordinary packet in place.
-pub fn classify(raw: &mut [u8], n: usize) -> Classified {
-    if n <= VIRTIO_NET_HDR_LEN || n > raw.len() {
+/// Classify one offload read: its virtio-net header `hdr` and the packet `pkt` after it.
+/// Completes a partial checksum of an ordinary packet in place.
+pub fn classify(hdr: &[u8], pkt: &mut [u8]) -> Classified {
+    if hdr.len() < VIRTIO_NET_HDR_LEN || pkt.is_empty() {
         return Classified::Drop;
     }
-    let Ok(hdr) = VirtioNetHdr::decode(&raw[..VIRTIO_NET_HDR_LEN]) else {
+    let Ok(hdr) = VirtioNetHdr::decode(&hdr[..VIRTIO_NET_HDR_LEN]) else {
         return Classified::Drop;
     };
-    let (start, end) = (VIRTIO_NET_HDR_LEN, n);
     match hdr.gso_type & !GSO_ECN {
         GSO_NONE if hdr.flags & F_NEEDS_CSUM != 0 => {
-            let pkt = &mut raw[start..end];
             let (cs, co) = (hdr.csum_start as usize, hdr.csum_offset as usize);
             let at = cs + co;
             if cs >= pkt.len() || at + 2 > pkt.len() {
@@ -110,15 +138,15 @@ pub fn classify(raw: &mut [u8], n: usize) -> Classified {
             // For UDP a computed 0 is sent as 0xffff (0 means "no checksum"), as the kernel does.
             let sum = if sum == 0 { 0xffff } else { sum };
             pkt[at..at + 2].copy_from_slice(&sum.to_be_bytes());
-            Classified::Packet { start, end, csum: Checksum::Verified }
+            Classified::Packet { csum: Checksum::Verified }
         }
-        GSO_NONE if hdr.flags & F_DATA_VALID != 0 => Classified::Packet { start, end, csum: Checksum::Verified },
-        GSO_NONE => Classified::Packet { start, end, csum: Checksum::Unverified },
-        VIRTIO_NET_HDR_GSO_TCPV4 => Classified::Packet { start, end, csum: Checksum::Verified },
+        GSO_NONE if hdr.flags & F_DATA_VALID != 0 => Classified::Packet { csum: Checksum::Verified },
+        GSO_NONE => Classified::Packet { csum: Checksum::Unverified },
+        VIRTIO_NET_HDR_GSO_TCPV4 => Classified::Packet { csum: Checksum::Verified },
         // On the forward path the kernel's hdr_len is only a hint (the linear part of its
         // buffer): the headers end 8 bytes after the UDP header starts (tun-rs's own reader
         // does the same).
-        VIRTIO_NET_HDR_GSO_UDP_L4 if raw[start] >> 4 == 4 && (hdr.csum_start as usize) + 8 <= end - start => {
+        VIRTIO_NET_HDR_GSO_UDP_L4 if pkt[0] >> 4 == 4 && (hdr.csum_start as usize) + 8 <= pkt.len() => {
             Classified::SplitUdp { hdr_len: hdr.csum_start + 8 }
         }
         _ => Classified::Drop,
@@ -148,21 +176,26 @@ impl ServerTun {
     /// super-packet. Bad reads leave `rx` empty.
     pub async fn recv(&self, rx: &mut RxBuf) -> io::Result<()> {
         rx.held = Held::Nothing;
-        let n = self.dev.recv(&mut rx.raw).await?;
         if !self.offload {
-            rx.held = Held::Whole { start: 0, end: n, csum: Checksum::Unverified };
+            let n = self.dev.recv(&mut rx.body).await?;
+            rx.held = Held::Whole { len: n, csum: Checksum::Unverified };
             return Ok(());
         }
-        match classify(&mut rx.raw, n) {
-            Classified::Packet { start, end, csum } => rx.held = Held::Whole { start, end, csum },
+        let n = self.dev.recv_vectored(&mut [IoSliceMut::new(&mut rx.hdr), IoSliceMut::new(&mut rx.body)]).await?;
+        let Some(len) = n.checked_sub(VIRTIO_NET_HDR_LEN) else {
+            tracing::debug!(len = n, "TUN read dropped: shorter than its virtio-net header");
+            return Ok(());
+        };
+        match classify(&rx.hdr, &mut rx.body[..len]) {
+            Classified::Packet { csum } => rx.held = Held::Whole { len, csum },
             Classified::SplitUdp { hdr_len } => {
                 if rx.segs.is_empty() {
                     rx.segs = vec![vec![0; MTU]; MAX_SEGMENTS];
                     rx.sizes = vec![0; MAX_SEGMENTS];
                 }
-                let Ok(mut hdr) = VirtioNetHdr::decode(&rx.raw[..VIRTIO_NET_HDR_LEN]) else { return Ok(()) };
+                let Ok(mut hdr) = VirtioNetHdr::decode(&rx.hdr) else { return Ok(()) };
                 hdr.hdr_len = hdr_len;
-                match tun_rs::gso_split(&mut rx.raw[VIRTIO_NET_HDR_LEN..n], hdr, &mut rx.segs, &mut rx.sizes, 0, false) {
+                match tun_rs::gso_split(&mut rx.body[..len], hdr, &mut rx.segs, &mut rx.sizes, 0, false) {
                     Ok(k) => rx.held = Held::Split(k),
                     Err(e) => tracing::debug!("UDP super-packet dropped: {e}"),
                 }
@@ -204,6 +237,12 @@ mod tests {
         crate::server::stack::udp_datagram(from, to, b"SIP/2.0 200 OK").unwrap()
     }
 
+    /// Classify a contiguous read (header + packet) as the reader sees it.
+    fn classify_read(raw: &mut [u8]) -> Classified {
+        let (hdr, pkt) = raw.split_at_mut(VIRTIO_NET_HDR_LEN.min(raw.len()));
+        classify(hdr, pkt)
+    }
+
     #[test]
     fn partial_checksum_is_completed() {
         let good = datagram();
@@ -213,8 +252,7 @@ mod tests {
         let pseudo = checksum::combine(&[checksum::data(&good[12..20]), 17, udp_len]);
         partial[26..28].copy_from_slice(&pseudo.to_be_bytes());
         let mut raw = with_hdr(F_NEEDS_CSUM, GSO_NONE, 20, 6, &partial);
-        let n = raw.len();
-        assert_eq!(classify(&mut raw, n), Classified::Packet { start: 10, end: n, csum: Checksum::Verified });
+        assert_eq!(classify_read(&mut raw), Classified::Packet { csum: Checksum::Verified });
         assert_eq!(&raw[10..], &good[..]);
     }
 
@@ -222,40 +260,54 @@ mod tests {
     fn headers_decide_what_needs_checking() {
         let pkt = datagram();
         for (flags, gso, want) in [
-            (0, GSO_NONE, Classified::Packet { start: 10, end: 10 + pkt.len(), csum: Checksum::Unverified }),
-            (F_DATA_VALID, GSO_NONE, Classified::Packet { start: 10, end: 10 + pkt.len(), csum: Checksum::Verified }),
-            (F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, Classified::Packet { start: 10, end: 10 + pkt.len(), csum: Checksum::Verified }),
-            (
-                F_NEEDS_CSUM,
-                VIRTIO_NET_HDR_GSO_TCPV4 | GSO_ECN,
-                Classified::Packet { start: 10, end: 10 + pkt.len(), csum: Checksum::Verified },
-            ),
+            (0, GSO_NONE, Classified::Packet { csum: Checksum::Unverified }),
+            (F_DATA_VALID, GSO_NONE, Classified::Packet { csum: Checksum::Verified }),
+            (F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, Classified::Packet { csum: Checksum::Verified }),
+            (F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4 | GSO_ECN, Classified::Packet { csum: Checksum::Verified }),
             (F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_UDP_L4, Classified::SplitUdp { hdr_len: 28 }),
             (F_NEEDS_CSUM, 4 /* TCPV6 */, Classified::Drop),
         ] {
             let mut raw = with_hdr(flags, gso, 20, 16, &pkt);
-            let n = raw.len();
-            assert_eq!(classify(&mut raw, n), want, "flags {flags} gso {gso}");
+            assert_eq!(classify_read(&mut raw), want, "flags {flags} gso {gso}");
         }
     }
 
     #[test]
     fn bad_reads_are_dropped_not_panicking() {
         let pkt = datagram();
-        // A checksum offset beyond the packet, a header-only read, a length beyond the buffer.
+        // A checksum offset beyond the packet, a header-only read, a short header.
         let mut raw = with_hdr(F_NEEDS_CSUM, GSO_NONE, 20, 60_000, &pkt);
-        let n = raw.len();
-        assert_eq!(classify(&mut raw, n), Classified::Drop);
+        assert_eq!(classify_read(&mut raw), Classified::Drop);
         let mut raw = with_hdr(F_NEEDS_CSUM, GSO_NONE, 20, 6, &[]);
-        assert_eq!(classify(&mut raw, 10), Classified::Drop);
-        assert_eq!(classify(&mut raw, 11), Classified::Drop);
-        assert_eq!(classify(&mut raw, 5000), Classified::Drop);
+        assert_eq!(classify_read(&mut raw), Classified::Drop);
+        assert_eq!(classify_read(&mut raw[..5]), Classified::Drop);
         let mut raw = with_hdr(F_NEEDS_CSUM, GSO_NONE, u16::MAX, u16::MAX, &pkt);
-        let n = raw.len();
-        assert_eq!(classify(&mut raw, n), Classified::Drop);
+        assert_eq!(classify_read(&mut raw), Classified::Drop);
         // A UDP super-packet whose UDP header would start beyond the packet.
         let mut raw = with_hdr(F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_UDP_L4, u16::MAX - 8, 6, &pkt);
-        let n = raw.len();
-        assert_eq!(classify(&mut raw, n), Classified::Drop);
+        assert_eq!(classify_read(&mut raw), Classified::Drop);
+    }
+
+    #[test]
+    fn large_packets_leave_with_their_buffer_small_ones_are_copied() {
+        let mut rx = RxBuf::default();
+        assert_eq!(rx.take_whole(), None);
+        // A small packet: copied, and the read buffer stays.
+        rx.body[..3].copy_from_slice(b"ack");
+        rx.held = Held::Whole { len: 3, csum: Checksum::Verified };
+        let buf = rx.body.as_ptr();
+        let small = rx.take_whole().unwrap();
+        assert_eq!(small, b"ack");
+        assert_eq!(rx.body.as_ptr(), buf);
+        assert!(rx.whole().is_none(), "taken once");
+        // A super-packet: its buffer goes with it, the reader gets another one as long.
+        rx.body[..HANDOVER_MIN].fill(7);
+        rx.held = Held::Whole { len: HANDOVER_MIN, csum: Checksum::Verified };
+        let big = rx.take_whole().unwrap();
+        assert_eq!(big.as_ptr(), buf);
+        assert_eq!(big.len(), HANDOVER_MIN);
+        assert!(big.iter().all(|&b| b == 7));
+        assert_ne!(rx.body.as_ptr(), buf);
+        assert_eq!(rx.body.len(), rx_pool::BUF_LEN);
     }
 }
