@@ -408,7 +408,18 @@ fn warm_connections_serve_clients_at_once_and_are_renewed() {
 #[test]
 fn timed_steps_open_direct_connections_in_fewer_round_trips() {
     let mut lab = Lab::up("bk-t7", &["--delay-ms", "20", "--mode-b", "random-invdrop"]);
-    start(&mut lab, true);
+    // The bulk exposures ask for 1 Gbit/s: their windows are sized from the path (above the
+    // 2 MiB floor a LAN-like path gets).
+    start_with(
+        &mut lab,
+        ServerToml::new(5)
+            .site("site-a", "token-a-0123456789", Some(true))
+            .site("site-b", "token-b-0123456789", None)
+            .expose("site-a/cam1", 80, "tcp", "127.0.0.1:18090")
+            .rate_mbit(1000)
+            .expose("site-b/cam1", 80, "tcp", "127.0.0.1:18091")
+            .rate_mbit(1000),
+    );
     const N: usize = 4_000_000;
     for i in 0..3 {
         for port in [18090, 18091] {
@@ -427,10 +438,10 @@ fn timed_steps_open_direct_connections_in_fewer_round_trips() {
                 l.contains(&format!("round_trips={round_trips}")) && l.contains(&format!("timed_steps={timed}")),
                 "{camera}: want {round_trips} round trips and {timed} timed steps: {l}"
             );
-            // The window is sized from the measured round trip (≈ 41 ms × 128 Mbit/s ≈ 640 KiB),
-            // not the 256 KiB floor a LAN-like path gets.
+            // The window is sized from the measured round trip (≈ 42 ms × 1 Gbit/s ≈ 5 MiB),
+            // not the 2 MiB floor a LAN-like path gets.
             let kib: u64 = l.split("window_kib=").nth(1).and_then(|r| r.split(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0);
-            assert!((512..=2048).contains(&kib), "{camera}: window {kib} KiB: {l}");
+            assert!((4096..=8192).contains(&kib), "{camera}: window {kib} KiB: {l}");
         }
     }
     let st = lab.status();

@@ -21,13 +21,20 @@ pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// smoltcp receive buffer per direct connection, which is also the largest window the camera
 /// may fill: sized from the site's WAN round trip (plus [`SERVICE_LATENCY`]) so that one
 /// connection can carry the exposure's `rate_mbit` (a window of W bytes carries at most W per
-/// round trip), between these bounds. At 40 ms and the default 128 Mbit/s it is 672 KB.
-pub const DIRECT_BUFFER: usize = 256 * 1024;
+/// round trip), between these bounds. The floor is what a LAN-like path needs for ≈ 1 GB/s on
+/// a busy host ([`SERVICE_LATENCY`]); at 40 ms and the default 128 Mbit/s (672 KB) it is the
+/// floor too. A large ring costs memory only where the client falls behind: smoltcp is patched
+/// (vendor/smoltcp/BECKON-PATCH.md) so that a drained ring starts again at its front, and a
+/// connection whose client keeps up touches only its first pages.
+pub const DIRECT_BUFFER_FLOOR: usize = 2 * 1024 * 1024;
 pub const DIRECT_BUFFER_MAX: usize = 16 * 1024 * 1024;
 /// Receive buffers of all open direct connections together: beyond this, new connections get
-/// `DIRECT_BUFFER` whatever their path (each ring ends up resident whole; this keeps the sum
-/// bounded however many clients come and whatever `rate_mbit` says).
+/// `DIRECT_BUFFER` whatever their path. A ring is resident whole while its client falls
+/// behind (a bulk download to a slow client); this keeps the sum bounded however many clients
+/// come and whatever `rate_mbit` says.
 pub const DIRECT_WINDOWS_TOTAL: usize = 2 * 1024 * 1024 * 1024;
+/// The receive buffer of a direct connection opened while [`DIRECT_WINDOWS_TOTAL`] is taken.
+pub const DIRECT_BUFFER: usize = 256 * 1024;
 /// smoltcp send buffer (towards the camera: requests and RTSP control, rarely bulk).
 pub const DIRECT_TX_BUFFER: usize = 64 * 1024;
 /// After timed steered-resync steps failed at a site, its connections go step by step for this
@@ -48,7 +55,7 @@ pub const SERVICE_LATENCY: Duration = Duration::from_millis(2);
 /// round trip `rtt` (unknown: none) on a busy host.
 pub fn path_buffer(rtt: Option<Duration>, rate: f64) -> usize {
     let want = ((rtt.unwrap_or_default() + SERVICE_LATENCY).as_secs_f64() * rate) as usize;
-    want.clamp(DIRECT_BUFFER, DIRECT_BUFFER_MAX)
+    want.clamp(DIRECT_BUFFER_FLOOR, DIRECT_BUFFER_MAX)
 }
 
 /// Bind every TCP exposure; returns the tasks keeping pre-opened connections (awaited at
@@ -390,9 +397,10 @@ mod tests {
     #[test]
     fn the_window_carries_the_rate_over_the_path_within_bounds() {
         let rate = 128e6 / 8.0;
-        assert_eq!(path_buffer(None, rate), DIRECT_BUFFER);
-        assert_eq!(path_buffer(Some(Duration::from_micros(70)), rate), DIRECT_BUFFER);
-        assert_eq!(path_buffer(Some(Duration::from_millis(40)), rate), 672_000);
+        assert_eq!(path_buffer(None, rate), DIRECT_BUFFER_FLOOR);
+        assert_eq!(path_buffer(Some(Duration::from_micros(70)), rate), DIRECT_BUFFER_FLOOR);
+        assert_eq!(path_buffer(Some(Duration::from_millis(40)), rate), DIRECT_BUFFER_FLOOR);
+        assert_eq!(path_buffer(Some(Duration::from_millis(200)), rate), 3_232_000);
         assert_eq!(path_buffer(Some(Duration::from_secs(2)), rate), DIRECT_BUFFER_MAX);
         assert_eq!(path_buffer(Some(Duration::from_millis(40)), 1e9), DIRECT_BUFFER_MAX);
         // A fast exposure on a LAN-like path: the window covers the host's service latency.

@@ -220,6 +220,8 @@ struct ExposeToml {
     listen: String,
     /// None leaves the key out (no pre-opened connections).
     warm: Option<usize>,
+    /// None leaves the key out (the default rate).
+    rate_mbit: Option<u32>,
 }
 
 impl ServerToml {
@@ -235,13 +237,26 @@ impl ServerToml {
 
     /// An `[[expose]]` of `camera` ("site/cam") `proto`/`port` on `listen`.
     pub fn expose(mut self, camera: &str, port: u16, proto: &str, listen: &str) -> ServerToml {
-        self.exposes.push(ExposeToml { camera: camera.into(), port, proto: proto.into(), listen: listen.into(), warm: None });
+        self.exposes.push(ExposeToml {
+            camera: camera.into(),
+            port,
+            proto: proto.into(),
+            listen: listen.into(),
+            warm: None,
+            rate_mbit: None,
+        });
         self
     }
 
     /// `warm = n` on the exposure added last.
     pub fn warm(mut self, n: usize) -> ServerToml {
         self.exposes.last_mut().expect("warm() follows an expose()").warm = Some(n);
+        self
+    }
+
+    /// `rate_mbit = r` on the exposure added last.
+    pub fn rate_mbit(mut self, r: u32) -> ServerToml {
+        self.exposes.last_mut().expect("rate_mbit() follows an expose()").rate_mbit = Some(r);
         self
     }
 
@@ -280,6 +295,9 @@ listen = "{}"
             );
             if let Some(n) = e.warm {
                 t += &format!("warm = {n}\n");
+            }
+            if let Some(r) = e.rate_mbit {
+                t += &format!("rate_mbit = {r}\n");
             }
         }
         t
