@@ -117,8 +117,8 @@ pub struct ExposeConfig {
     pub warm: usize,
     /// TCP only: the throughput (Mbit/s) one direct client connection should reach on the
     /// site's WAN path. It sizes the camera connection's receive window ((round trip + 2 ms of
-    /// host service latency) × rate, 256 KiB to 16 MiB), and so the memory each connection may
-    /// take.
+    /// host service latency) × rate, 2 MiB to 16 MiB), and so the memory each connection may
+    /// take while its client falls behind.
     #[serde(default)]
     pub rate_mbit: Option<u32>,
 }

@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
-/// Packets queued from the TUN reader to one TCP shard (full: dropped, TCP retransmits). A full
-/// receive window (256 KiB) is ≈ 180 MSS-sized segments; with TUN offload a packet may be a
-/// 64 KB super-packet, so this also bounds a shard's queue to ≈ 16 MB.
+/// Packets queued from the TUN reader to one TCP shard (full: dropped, TCP retransmits). With
+/// TUN offload a packet is up to a 64 KB super-packet: this holds the largest window
+/// (`DIRECT_BUFFER_MAX`, 16 MiB) and bounds a shard's queue to ≈ 16 MB. (Without offload a
+/// 2 MiB window is ≈ 1,400 MSS-sized segments: a shard that falls behind drops some.)
 const SHARD_QUEUE: usize = 256;
 /// Packets queued to one UDP probe.
 const PROBE_QUEUE: usize = 64;
@@ -183,6 +184,14 @@ mod tests {
         routes.queued.set_held(0);
         assert!(routes.dispatch_tcp(a.port, b"small".to_vec()));
         assert_eq!(rx_a.try_recv().unwrap(), b"small");
+        assert_eq!(routes.queued_bytes(), 0);
+        // The budget counts what a packet's buffer holds, not just the packet (a read buffer
+        // handed over with a smaller packet in it).
+        let mut read_buffer = Vec::with_capacity(64 * 1024);
+        read_buffer.extend_from_slice(b"packet");
+        assert!(routes.dispatch_tcp(a.port, read_buffer));
+        assert_eq!(routes.queued_bytes(), 64 * 1024);
+        assert_eq!(rx_a.try_recv().unwrap(), b"packet");
         assert_eq!(routes.queued_bytes(), 0);
         // A full queue drops too, and what it holds stays counted until taken.
         for _ in 0..SHARD_QUEUE + 3 {

@@ -136,5 +136,26 @@ mod tests {
         let mut got = vec![0; 1000];
         let n = server.sock().recv_slice(&mut got).unwrap();
         assert_eq!(&got[..n], &data[..]);
+
+        // Out of order, with the read position away from the front: A is buffered, C arrives
+        // before B, A is read (the ring is empty, C waits out of order), then B comes. C must
+        // stay where it was put: the ring starts again at its front only when nothing waits.
+        assert_eq!(client.sock().send_slice(&[3; 100]).unwrap(), 100);
+        shuttle(&mut client, &mut server);
+        let mut segment = |fill: u8| {
+            assert_eq!(client.sock().send_slice(&[fill; 100]).unwrap(), 100);
+            client.iface.poll(Instant::from_millis(0), &mut client.dev, &mut client.sockets);
+            assert_eq!(client.dev.tx.len(), 1);
+            client.dev.tx.pop_front().unwrap()
+        };
+        let (b, c) = (segment(4), segment(5));
+        server.dev.rx.push_back(c);
+        server.iface.poll(Instant::from_millis(0), &mut server.dev, &mut server.sockets);
+        server.dev.tx.clear(); // its duplicate ACK
+        assert_eq!(server.sock().recv(|b| (b.len(), b.to_vec())).unwrap(), vec![3; 100]);
+        server.dev.rx.push_back(b);
+        shuttle(&mut client, &mut server);
+        let n = server.sock().recv_slice(&mut got).unwrap();
+        assert_eq!(&got[..n], [[4; 100], [5; 100]].concat());
     }
 }

@@ -103,23 +103,26 @@ impl Stack {
     /// super-packet with its read buffer, not copied: see [`RxBuf::take_whole`]).
     fn ingress_read(&mut self, rx: &mut RxBuf) {
         if let Some((pkt, csum)) = rx.whole() {
-            if let Ingress::Tcp { dst_port } = parse_ingress(pkt, csum, self.public_ip) {
-                if let Some(pkt) = rx.take_whole() {
-                    self.shared.port_routes.dispatch_tcp(dst_port, pkt);
+            match parse_ingress(pkt, csum, self.public_ip) {
+                Ingress::Tcp { dst_port } => {
+                    if let Some(pkt) = rx.take_whole() {
+                        self.shared.port_routes.dispatch_tcp(dst_port, pkt);
+                    }
                 }
-                return;
+                other => self.ingress(pkt, other),
             }
+            return;
         }
         for (pkt, csum) in rx.packets() {
-            self.ingress(pkt, csum)
+            self.ingress(pkt, parse_ingress(pkt, csum, self.public_ip))
         }
     }
 
-    /// A packet from the TUN: TCP to its shard, UDP to its flow or probe, ICMP errors about our
-    /// mappings to the table, echo requests answered; everything else is dropped silently (no
-    /// RST, no port unreachable: silence never kills a NAT mapping).
-    fn ingress(&mut self, pkt: &[u8], csum: Checksum) {
-        match parse_ingress(pkt, csum, self.public_ip) {
+    /// A packet `pkt` from the TUN, parsed: TCP to its shard, UDP to its flow or probe, ICMP
+    /// errors about our mappings to the table, echo requests answered; everything else is
+    /// dropped silently (no RST, no port unreachable: silence never kills a NAT mapping).
+    fn ingress(&mut self, pkt: &[u8], parsed: Ingress<'_>) {
+        match parsed {
             Ingress::Tcp { dst_port } => {
                 self.shared.port_routes.dispatch_tcp(dst_port, pkt.to_vec());
             }

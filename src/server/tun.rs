@@ -101,9 +101,11 @@ impl RxBuf {
     }
 }
 
-/// Packets at least this long leave the reader with their buffer (see [`RxBuf::take_whole`]);
-/// a queued packet then holds at most 4× its length.
-const HANDOVER_MIN: usize = rx_pool::BUF_LEN / 4;
+/// Packets at least this long leave the reader with their buffer (see [`RxBuf::take_whole`]):
+/// a queued packet then holds at most twice its length, and the replacement buffer needs at
+/// most as many bytes zeroed (its tail beyond the packet it last held) as the copy would have
+/// moved.
+const HANDOVER_MIN: usize = rx_pool::BUF_LEN / 2;
 
 /// What one offload read holds, decided from its virtio-net header.
 #[derive(Debug, PartialEq, Eq)]
@@ -178,12 +180,15 @@ impl ServerTun {
         rx.held = Held::Nothing;
         if !self.offload {
             let n = self.dev.recv(&mut rx.body).await?;
-            rx.held = Held::Whole { len: n, csum: Checksum::Unverified };
+            if n <= rx.body.len() {
+                rx.held = Held::Whole { len: n, csum: Checksum::Unverified };
+            }
             return Ok(());
         }
         let n = self.dev.recv_vectored(&mut [IoSliceMut::new(&mut rx.hdr), IoSliceMut::new(&mut rx.body)]).await?;
-        let Some(len) = n.checked_sub(VIRTIO_NET_HDR_LEN) else {
-            tracing::debug!(len = n, "TUN read dropped: shorter than its virtio-net header");
+        // The kernel reports a packet's whole length even where it did not fit the buffers.
+        let Some(len) = n.checked_sub(VIRTIO_NET_HDR_LEN).filter(|&len| len <= rx.body.len()) else {
+            tracing::debug!(len = n, "TUN read dropped: shorter than its virtio-net header, or longer than 64 KiB");
             return Ok(());
         };
         match classify(&rx.hdr, &mut rx.body[..len]) {
