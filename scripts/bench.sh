@@ -12,7 +12,8 @@
 #   --keep-lab  leave the lab and processes up on success (for poking around; `lab.sh down bk-bench`)
 #   BENCH_PHASES="setup throughput streams diag udp" (environment): run only these phases
 #
-# Progress goes to stderr; the report (method + table) to stdout and target/bench/report.md.
+# Progress goes to stderr; the report (method + table) to stdout and target/bench/report.md
+# (and a dated copy, target/bench/report-<UTC time>.md).
 # Raw results (JSON per phase) and logs: target/bench/run/. Everything runs in network
 # namespaces bk-bench-*; all of it is removed on exit, Ctrl-C or failure. Needs root, curl,
 # nftables, conntrack, iproute2, ping, /usr/bin/python3, cargo; perf (optional: profiles).
@@ -478,5 +479,8 @@ fi
 # ------------------------------------------------------------------ report
 log "writing the report"
 "$PY" "$BDIR/report.py" "$RUN" >"$OUT/report.md" || die "report.py failed"
+# A dated copy too: the next run (also a partial one, BENCH_PHASES) overwrites report.md.
+KEPT="$OUT/report-$(date -u +%Y%m%dT%H%M%SZ).md"
+cp "$OUT/report.md" "$KEPT"
 cat "$OUT/report.md"
-log "done in $(($(date +%s) - T_START)) s; report: $OUT/report.md, raw results: $RUN"
+log "done in $(($(date +%s) - T_START)) s; report: $OUT/report.md (kept as $KEPT), raw results: $RUN"
