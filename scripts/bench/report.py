@@ -114,6 +114,8 @@ out(f"* **Throughput**: `curl /bulk?bytes=N` from the camera's `cam_http.py` (Py
     "namespace ends the camera's TCP connection (through the same port-forward) and sends the bytes "
     "on to the client, as beckon's direct path does with its own stack; the difference between the "
     "port-forward and the relay is what terminating and re-sending costs on this machine. "
+    "Each repetition runs every target once, in turn; the ratio is of the medians, and the range "
+    "beside it is the ratios of the single repetitions (how much this shared machine moves). "
     "**Work per GB** (notes): machine busy × cores × wall time / GB delivered, median of the runs; "
     "where the machine is saturated (8 streams), throughput is inversely proportional to it.")
 out("* **Concurrent streams**: a paced camera service (`scripts/bench/paced_cam.py`, one asyncio "
@@ -199,6 +201,16 @@ TPUT_NAMES = {"direct": "direct (`rate_mbit` 128, the default)", "direct-rate": 
               "relay": "kernel-socket relay (socat, not beckon: a second reference)"}
 
 
+def rep_ratios(t, path, ref, k):
+    """The ratio of each repetition (every target runs once per repetition, in turn): how much
+    the median ratio moves on this machine."""
+    by_rep = {}
+    for x in t.get("runs", []):
+        if x["streams"] == k and x["complete"]:
+            by_rep.setdefault(x["rep"], {})[x["target"]] = x["MBps"]
+    return [d[path] / d[ref] for d in by_rep.values() if d.get(path) and d.get(ref)]
+
+
 def tput_rows(t, k, only=("direct", "direct-rate", "assisted", "relay"), tag="", names=TPUT_NAMES):
     if not t:
         out(f"| throughput, {k} stream(s){tag} | not measured | | | | |")
@@ -228,8 +240,10 @@ def tput_rows(t, k, only=("direct", "direct-rate", "assisted", "relay"), tag="",
             extra += f", trigger CPU {f1(cpu.get('trigger_b_cpu_pct'))} %"
         label = (names or {}).get(path, path)
         target, ok = ("–", "–") if path == "relay" else ("≥ 0.8", met(ratio is not None and ratio >= 0.8 and b["complete"]))
+        reps = rep_ratios(t, path, ref, k)
+        spread = f" (repetitions {min(reps):.2f}–{max(reps):.2f})" if len(reps) > 1 else ""
         out(f"| throughput, {label}{tag}, {k} stream{'s' if k > 1 else ''}{extra}{inc} | "
-            f"{f1(b['MBps'])} MB/s | {f1(r['MBps'])} MB/s | ratio **{f2(ratio)}** | {target} | {ok} |")
+            f"{f1(b['MBps'])} MB/s | {f1(r['MBps'])} MB/s | ratio **{f2(ratio)}**{spread} | {target} | {ok} |")
 
 
 tput_rows(t1, 1)
