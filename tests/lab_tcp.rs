@@ -68,6 +68,18 @@ fn get_raw(lab: &Lab, port: u16, path: &str) -> Vec<u8> {
     })
 }
 
+/// The body of a `/bulk` response (after the header), checked byte by byte against the lab
+/// camera's pattern (byte p is (p % 65536) % 251, scripts/lab/cam_http.py): bytes lost,
+/// duplicated or out of place on the way fail here, not only a wrong length. Returns its length.
+fn bulk_body_len(response: &[u8], what: &str) -> usize {
+    let start = response.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4).unwrap_or(response.len());
+    let body = &response[start..];
+    if let Some(p) = body.iter().enumerate().position(|(p, &b)| b != ((p % 65536) % 251) as u8) {
+        panic!("{what}: body byte {p} of {} is {}, the camera sent {}", body.len(), body[p], (p % 65536) % 251);
+    }
+    body.len()
+}
+
 /// GET `path` and read until the end: Ok(bytes) at a clean end (FIN), the error kind otherwise.
 fn get_until_end(lab: &Lab, port: u16, path: &str) -> Result<Vec<u8>, std::io::ErrorKind> {
     let path = path.to_string();
@@ -149,14 +161,12 @@ fn http_direct_through_strict_and_lenient_nats() {
     // Bulk transfers arrive complete, also fast ones through the strict NAT (conntrack must
     // track the window scaling of a steered connection, or it resets it mid-transfer).
     for i in 0..5 {
-        let body = get_raw(&lab, 18090, "/bulk?bytes=50000000");
-        let payload = body.windows(4).position(|w| w == b"\r\n\r\n").map(|i| body.len() - i - 4).unwrap_or(0);
-        assert_eq!(payload, 50_000_000, "steered transfer {i}");
+        let what = format!("steered transfer {i}");
+        assert_eq!(bulk_body_len(&get_raw(&lab, 18090, "/bulk?bytes=50000000"), &what), 50_000_000, "{what}");
     }
     for port in [18090, 18091] {
-        let body = get_raw(&lab, port, "/bulk?bytes=20000000");
-        let payload = body.windows(4).position(|w| w == b"\r\n\r\n").map(|i| body.len() - i - 4).unwrap_or(0);
-        assert_eq!(payload, 20_000_000, "exposure {port}");
+        let what = format!("exposure {port}");
+        assert_eq!(bulk_body_len(&get_raw(&lab, port, "/bulk?bytes=20000000"), &what), 20_000_000, "{what}");
     }
 
     let st = lab.status();
@@ -184,9 +194,7 @@ fn assisted_and_direct_rtsp_while_the_direct_sites_trigger_dies() {
     assert!(site(&st, "site-a")["profile"]["summary"].as_str().unwrap().contains("direct_tcp = false"));
     let a = get(&lab, 18090, "/");
     assert!(a.contains("<h1>camera cam-a</h1>") && a.contains("you are 198.18.1.20:"), "assisted: the camera sees the trigger: {a}");
-    let body = get_raw(&lab, 18090, "/bulk?bytes=20000000");
-    let payload = body.windows(4).position(|w| w == b"\r\n\r\n").map(|i| body.len() - i - 4).unwrap_or(0);
-    assert_eq!(payload, 20_000_000);
+    assert_eq!(bulk_body_len(&get_raw(&lab, 18090, "/bulk?bytes=20000000"), "assisted transfer"), 20_000_000);
 
     let streams = start_both_streams(&lab, Duration::from_secs(10));
     let st = lab.status();
@@ -425,8 +433,8 @@ fn timed_steps_open_direct_connections_in_fewer_round_trips() {
         for port in [18090, 18091] {
             let body =
                 get_until_end(&lab, port, &format!("/bulk?bytes={N}")).unwrap_or_else(|e| panic!("connection {i} to :{port}: {e:?}"));
-            let head_end = body.windows(4).position(|w| w == b"\r\n\r\n").expect("an HTTP answer") + 4;
-            assert_eq!(body.len() - head_end, N, "connection {i} to :{port}: incomplete answer");
+            let what = format!("connection {i} to :{port}");
+            assert_eq!(bulk_body_len(&body, &what), N, "{what}: incomplete answer");
         }
     }
     let ups = |camera: &str| lab.log_lines("server", &["direct TCP connection up", camera]);

@@ -158,4 +158,89 @@ mod tests {
         let n = server.sock().recv_slice(&mut got).unwrap();
         assert_eq!(&got[..n], [[4; 100], [5; 100]].concat());
     }
+
+    /// The vendored smoltcp's rx sink (BECKON-PATCH.md): in-order bytes that arrive while the
+    /// ring is empty go to the sink, as many as it takes, the rest into the ring; taken bytes
+    /// are acknowledged and do not close the window; bytes that waited out of order never go
+    /// to the sink; and the sink plus the ring give the stream in order.
+    #[test]
+    fn rx_sink_takes_in_order_bytes_before_the_ring() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+        let (mut server, mut client) = (host([198, 18, 0, 1], 1000), host([198, 18, 0, 2], 1000));
+        server.sock().listen(80).unwrap();
+        let cx = client.iface.context();
+        client.sockets.get_mut::<tcp::Socket>(client.handle).connect(cx, (IpAddress::v4(198, 18, 0, 1), 80), 40000).unwrap();
+        shuttle(&mut client, &mut server);
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let take = Arc::new(AtomicUsize::new(usize::MAX));
+        let (o, t) = (out.clone(), take.clone());
+        server.sock().set_rx_sink(Some(tcp::RxSink(Box::new(move |p: &[u8]| {
+            let k = t.load(Ordering::Relaxed).min(p.len());
+            o.lock().unwrap().extend_from_slice(&p[..k]);
+            k
+        }))));
+        let data: Vec<u8> = (0..4000).map(|i| (i % 251) as u8).collect();
+        let mut sent = 0;
+        let mut send = |client: &mut Host, server: &mut Host, n: usize| {
+            assert_eq!(client.sock().send_slice(&data[sent..sent + n]).unwrap(), n);
+            sent += n;
+            shuttle(client, server);
+        };
+
+        // The sink takes everything: nothing is buffered, all is acknowledged, and the window
+        // stays whole (two 900-byte sends through a 1000-byte ring with nobody reading it).
+        send(&mut client, &mut server, 900);
+        send(&mut client, &mut server, 900);
+        assert_eq!(out.lock().unwrap().len(), 1800);
+        assert_eq!(server.sock().recv_queue(), 0);
+        assert_eq!(client.sock().send_queue(), 0, "taken bytes are acknowledged");
+
+        // It takes 100 of 300: 200 are buffered. While they are, the sink is not offered more.
+        take.store(100, Ordering::Relaxed);
+        send(&mut client, &mut server, 300);
+        send(&mut client, &mut server, 300);
+        assert_eq!(out.lock().unwrap().len(), 1900);
+        assert_eq!(server.sock().recv_queue(), 500);
+        let buffered = server.sock().recv(|b| (b.len(), b.to_vec())).unwrap();
+        out.lock().unwrap().extend_from_slice(&buffered);
+
+        // It takes nothing (a full client socket): the bytes are buffered as without a sink.
+        take.store(0, Ordering::Relaxed);
+        send(&mut client, &mut server, 200);
+        assert_eq!(server.sock().recv_queue(), 200);
+        let buffered = server.sock().recv(|b| (b.len(), b.to_vec())).unwrap();
+        out.lock().unwrap().extend_from_slice(&buffered);
+
+        // Out of order while the ring is empty: D waits in the reassembler. B arrives in order
+        // but leaves a gap before D: it is not given to the sink either (the waiting bytes'
+        // places are counted from the ring's end). C fills the gap: B, C, D are buffered.
+        take.store(usize::MAX, Ordering::Relaxed);
+        let mut segment = |n: usize| {
+            assert_eq!(client.sock().send_slice(&data[sent..sent + n]).unwrap(), n);
+            sent += n;
+            client.iface.poll(Instant::from_millis(0), &mut client.dev, &mut client.sockets);
+            assert_eq!(client.dev.tx.len(), 1);
+            client.dev.tx.pop_front().unwrap()
+        };
+        let (b, c, d) = (segment(100), segment(100), segment(100));
+        for p in [d, b] {
+            server.dev.rx.push_back(p);
+            server.iface.poll(Instant::from_millis(0), &mut server.dev, &mut server.sockets);
+            server.dev.tx.clear(); // its (duplicate) ACK
+        }
+        server.dev.rx.push_back(c);
+        shuttle(&mut client, &mut server);
+        assert_eq!(out.lock().unwrap().len(), 2600, "reassembled bytes go to the ring");
+        assert_eq!(server.sock().recv_queue(), 300);
+        let buffered = server.sock().recv(|b| (b.len(), b.to_vec())).unwrap();
+        out.lock().unwrap().extend_from_slice(&buffered);
+        assert_eq!(client.sock().send_queue(), 0);
+
+        // Then in-order bytes go to the sink again; the whole stream arrived, in order.
+        assert_eq!(client.sock().send_slice(&data[2900..3700]).unwrap(), 800);
+        shuttle(&mut client, &mut server);
+        assert_eq!(server.sock().recv_queue(), 0);
+        assert_eq!(*out.lock().unwrap(), data[..3700]);
+    }
 }

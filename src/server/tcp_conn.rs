@@ -365,6 +365,7 @@ impl Shard {
     /// (`try_write`; when the client's socket is full, smoltcp's buffer fills and its window
     /// closes: that is the backpressure towards the camera).
     pub async fn splice(mut self, client: tokio::net::TcpStream) {
+        self.set_client_sink(&client);
         let (mut cr, mut cw) = client.into_split();
         let mut cbuf = vec![0u8; 16 * 1024];
         let mut client_full = false;
@@ -463,5 +464,31 @@ impl Shard {
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
         }
+        // The sink holds its own descriptor of the client socket: close it with the splice.
+        self.sockets.get_mut::<tcp::Socket>(self.handle).set_rx_sink(None);
+    }
+
+    /// Camera bytes that arrive in order while smoltcp's receive buffer is empty go from the
+    /// packet straight into the client socket (the vendored smoltcp's rx sink), which saves
+    /// copying every byte into the buffer first when the client keeps up. The sink writes
+    /// without blocking through its own descriptor of the client socket (a `dup`, so that it
+    /// can never write to a reused descriptor number); what the socket does not take goes into
+    /// smoltcp's buffer and on by the usual path (`try_write`), which also meets any error.
+    fn set_client_sink(&mut self, client: &tokio::net::TcpStream) {
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        let Ok(fd) = client.as_fd().try_clone_to_owned() else {
+            return; // out of descriptors: every byte takes the buffered path
+        };
+        let direct = std::net::TcpStream::from(fd); // non-blocking: the file status is shared
+        let record = self.record.clone();
+        let sink = move |payload: &[u8]| match (&direct).write(payload) {
+            Ok(n) => {
+                record.from_camera.fetch_add(n as u64, Ordering::Relaxed);
+                n
+            }
+            Err(_) => 0,
+        };
+        self.sockets.get_mut::<tcp::Socket>(self.handle).set_rx_sink(Some(tcp::RxSink(Box::new(sink))));
     }
 }

@@ -462,6 +462,19 @@ pub enum CongestionControl {
 
 /// A Transmission Control Protocol socket.
 ///
+/// beckon patch: a receiver that takes in-order payload straight out of an arriving segment,
+/// so that it is not copied into the receive buffer first (see [`Socket::set_rx_sink`]). It is
+/// given the payload and returns how many of its first bytes it took (at most all of them).
+#[cfg(feature = "alloc")]
+pub struct RxSink(pub alloc::boxed::Box<dyn FnMut(&[u8]) -> usize + Send>);
+
+#[cfg(feature = "alloc")]
+impl fmt::Debug for RxSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RxSink")
+    }
+}
+
 /// A TCP socket may passively listen for connections or actively connect to another endpoint.
 /// Note that, for listening sockets, there is no "backlog"; to be able to simultaneously
 /// accept several connections, as many sockets must be allocated, or any new connection
@@ -474,6 +487,9 @@ pub struct Socket<'a> {
     assembler: Assembler,
     rx_buffer: SocketBuffer<'a>,
     rx_fin_received: bool,
+    /// beckon patch: see [`Socket::set_rx_sink`].
+    #[cfg(feature = "alloc")]
+    rx_sink: Option<RxSink>,
     tx_buffer: SocketBuffer<'a>,
     /// Interval after which, if no inbound packets are received, the connection is aborted.
     timeout: Option<Duration>,
@@ -567,6 +583,18 @@ const DEFAULT_MSS: usize = 536;
 const MIN_REMOTE_MSS: usize = 48;
 
 impl<'a> Socket<'a> {
+    /// beckon patch: set (or remove) a sink for received data. While the receive buffer is empty
+    /// and nothing is waiting out of order, an arriving in-order payload is first offered to the
+    /// sink; the bytes it takes count as received *and* read by the application (they are
+    /// acknowledged, and they never occupy the buffer, so the window stays open), and only the
+    /// rest is written into the receive buffer as usual. The sink therefore sees the stream's
+    /// bytes in order, before anything `recv` returns later, and must not be used together with
+    /// a reader that may still hold bytes of its own.
+    #[cfg(feature = "alloc")]
+    pub fn set_rx_sink(&mut self, sink: Option<RxSink>) {
+        self.rx_sink = sink;
+    }
+
     #[allow(unused_comparisons)] // small usize platforms always pass rx_capacity check
     /// Create a socket using the given buffers.
     pub fn new<T>(rx_buffer: T, tx_buffer: T) -> Socket<'a>
@@ -594,6 +622,8 @@ impl<'a> Socket<'a> {
             tx_buffer,
             rx_buffer,
             rx_fin_received: false,
+            #[cfg(feature = "alloc")]
+            rx_sink: None,
             timeout: None,
             keep_alive: None,
             hop_limit: None,
@@ -2237,8 +2267,28 @@ impl<'a> Socket<'a> {
             payload_len,
             payload_offset
         );
-        let len_written = self.rx_buffer.write_unallocated(payload_offset, payload);
-        debug_assert!(len_written == payload_len);
+        // beckon patch (rx sink): in-order payload while nothing is buffered or out of order goes
+        // to the sink first. The assembler has just taken the whole payload as contiguous
+        // (contig_len == payload_len); what the sink takes is accounted as read at once
+        // (remote_seq_no, as `recv` does), only the rest goes into the ring.
+        #[allow(unused_mut)]
+        let mut taken = 0;
+        #[cfg(feature = "alloc")]
+        if let Some(sink) = self.rx_sink.as_mut()
+            && assembler_was_empty
+            && payload_offset == 0
+            && self.rx_buffer.is_empty()
+            && contig_len == payload_len
+        {
+            taken = (sink.0)(payload).min(payload_len);
+            self.remote_seq_no += taken;
+        }
+
+        let len_written = self
+            .rx_buffer
+            .write_unallocated(payload_offset, &payload[taken..]);
+        debug_assert!(len_written == payload_len - taken);
+        let contig_len = contig_len - taken;
 
         if contig_len != 0 {
             // Enqueue the contiguous data octets in front of the buffer.
