@@ -70,7 +70,9 @@ fn get_raw(lab: &Lab, port: u16, path: &str) -> Vec<u8> {
 
 /// The body of a `/bulk` response (after the header), checked byte by byte against the lab
 /// camera's pattern (byte p is (p % 65536) % 251, scripts/lab/cam_http.py): bytes lost,
-/// duplicated or out of place on the way fail here, not only a wrong length. Returns its length.
+/// duplicated or moved on the way fail here, not only a wrong length (unless by a multiple of
+/// 251 bytes, or of 64 KiB at a chunk boundary: segments carry 1448 bytes or up to 64 KiB less
+/// headers, neither of which is one). Returns its length.
 fn bulk_body_len(response: &[u8], what: &str) -> usize {
     let start = response.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4).unwrap_or(response.len());
     let body = &response[start..];

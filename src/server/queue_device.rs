@@ -73,11 +73,15 @@ mod tests {
     }
 
     fn host(ip: [u8; 4], rx: usize) -> Host {
+        host_tx(ip, rx, 4096)
+    }
+
+    fn host_tx(ip: [u8; 4], rx: usize, tx: usize) -> Host {
         let mut dev = QueueDevice::default();
         let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut dev, Instant::from_millis(0));
         iface.update_ip_addrs(|a| a.push(IpCidr::new(IpAddress::v4(ip[0], ip[1], ip[2], ip[3]), 24)).unwrap());
         let mut sockets = SocketSet::new(Vec::new());
-        let mut sock = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; rx]), tcp::SocketBuffer::new(vec![0; 4096]));
+        let mut sock = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; rx]), tcp::SocketBuffer::new(vec![0; tx]));
         // As the shards run it (and the clock stands still here: no delayed ACK would fire).
         sock.set_ack_delay(None);
         sock.set_nagle_enabled(false);
@@ -237,10 +241,64 @@ mod tests {
         out.lock().unwrap().extend_from_slice(&buffered);
         assert_eq!(client.sock().send_queue(), 0);
 
-        // Then in-order bytes go to the sink again; the whole stream arrived, in order.
+        // Then in-order bytes go to the sink again; a duplicate of a segment that was taken is
+        // not offered again; the whole stream arrived, in order.
         assert_eq!(client.sock().send_slice(&data[2900..3700]).unwrap(), 800);
+        client.iface.poll(Instant::from_millis(0), &mut client.dev, &mut client.sockets);
+        let copy = client.dev.tx.front().cloned().expect("a segment");
+        shuttle(&mut client, &mut server);
+        server.dev.rx.push_back(copy);
         shuttle(&mut client, &mut server);
         assert_eq!(server.sock().recv_queue(), 0);
         assert_eq!(*out.lock().unwrap(), data[..3700]);
+    }
+
+    /// The rx sink with a receive ring large enough for window scaling, and a FIN behind data
+    /// the sink takes only in part: every byte and the FIN are acknowledged, the rest is read
+    /// from the ring, then the stream ends.
+    #[test]
+    fn rx_sink_with_window_scaling_and_a_fin() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+        const RING: usize = 256 * 1024; // window scale 2
+        let (mut server, mut client) = (host_tx([198, 18, 0, 1], RING, 4096), host_tx([198, 18, 0, 2], 4096, 2 * RING));
+        server.sock().listen(80).unwrap();
+        let cx = client.iface.context();
+        client.sockets.get_mut::<tcp::Socket>(client.handle).connect(cx, (IpAddress::v4(198, 18, 0, 1), 80), 40000).unwrap();
+        shuttle(&mut client, &mut server);
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let take = Arc::new(AtomicUsize::new(usize::MAX));
+        let (o, t) = (out.clone(), take.clone());
+        server.sock().set_rx_sink(Some(tcp::RxSink(Box::new(move |p: &[u8]| {
+            let k = t.load(Ordering::Relaxed).min(p.len());
+            o.lock().unwrap().extend_from_slice(&p[..k]);
+            k
+        }))));
+        let data: Vec<u8> = (0..(2 * RING + 1000)).map(|i| (i % 251) as u8).collect();
+
+        // Twice the ring through the sink, nobody reading the ring: the window stays open.
+        assert_eq!(client.sock().send_slice(&data[..2 * RING]).unwrap(), 2 * RING);
+        for _ in 0..20 {
+            shuttle(&mut client, &mut server);
+            if client.sock().send_queue() == 0 {
+                break;
+            }
+        }
+        assert_eq!(client.sock().send_queue(), 0, "all acknowledged");
+        assert_eq!(server.sock().recv_queue(), 0);
+
+        // 1000 bytes and a FIN, the sink takes 300: the FIN is acknowledged with the data.
+        take.store(300, Ordering::Relaxed);
+        assert_eq!(client.sock().send_slice(&data[2 * RING..]).unwrap(), 1000);
+        client.sock().close();
+        shuttle(&mut client, &mut server);
+        assert_eq!(client.sock().send_queue(), 0);
+        assert_eq!(client.sock().state(), tcp::State::FinWait2, "data and FIN acknowledged");
+        assert_eq!(server.sock().state(), tcp::State::CloseWait);
+        assert_eq!(server.sock().recv_queue(), 700);
+        let rest = server.sock().recv(|b| (b.len(), b.to_vec())).unwrap();
+        out.lock().unwrap().extend_from_slice(&rest);
+        assert_eq!(server.sock().recv(|b| (b.len(), ())), Err(tcp::RecvError::Finished));
+        assert_eq!(*out.lock().unwrap(), data);
     }
 }

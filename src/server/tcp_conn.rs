@@ -361,11 +361,12 @@ impl Shard {
     }
 
     /// Splice bytes between the platform client and the camera until both sides are done.
-    /// Camera bytes go from smoltcp's receive buffer straight into the client socket
-    /// (`try_write`; when the client's socket is full, smoltcp's buffer fills and its window
-    /// closes: that is the backpressure towards the camera).
+    /// Camera bytes go into the client socket straight from the packet while smoltcp's receive
+    /// buffer is empty (`set_client_sink`), else from that buffer (`try_write`); when the
+    /// client's socket is full, smoltcp's buffer fills and its window closes: that is the
+    /// backpressure towards the camera.
     pub async fn splice(mut self, client: tokio::net::TcpStream) {
-        self.set_client_sink(&client);
+        let sink_failed = self.set_client_sink(&client);
         let (mut cr, mut cw) = client.into_split();
         let mut cbuf = vec![0u8; 16 * 1024];
         let mut client_full = false;
@@ -395,6 +396,14 @@ impl Shard {
                 crate::splice::reset_on_drop(cw.as_ref());
                 cw.forget();
                 break;
+            }
+            let sink_error = sink_failed.lock().unwrap().take();
+            if let Some(e) = sink_error {
+                // The sink met the error first (and took it from the socket, so a read may now
+                // see a clean end): the client is gone, reset the camera side as below.
+                tracing::debug!("client write error: {e}");
+                self.abort().await;
+                break 'splice;
             }
             let s = self.sockets.get_mut::<tcp::Socket>(self.handle);
             let mut delivered = 0;
@@ -473,22 +482,38 @@ impl Shard {
     /// copying every byte into the buffer first when the client keeps up. The sink writes
     /// without blocking through its own descriptor of the client socket (a `dup`, so that it
     /// can never write to a reused descriptor number); what the socket does not take goes into
-    /// smoltcp's buffer and on by the usual path (`try_write`), which also meets any error.
-    fn set_client_sink(&mut self, client: &tokio::net::TcpStream) {
+    /// smoltcp's buffer and on by the usual path (`try_write`). A write error other than a full
+    /// socket is kept in the returned slot for the splice, since the kernel reports a reset
+    /// only once. The sink takes nothing more after one.
+    fn set_client_sink(&mut self, client: &tokio::net::TcpStream) -> Arc<Mutex<Option<std::io::Error>>> {
         use std::io::Write;
         use std::os::fd::AsFd;
+        let failed = Arc::new(Mutex::new(None));
         let Ok(fd) = client.as_fd().try_clone_to_owned() else {
-            return; // out of descriptors: every byte takes the buffered path
+            return failed; // out of descriptors: every byte takes the buffered path
         };
         let direct = std::net::TcpStream::from(fd); // non-blocking: the file status is shared
         let record = self.record.clone();
-        let sink = move |payload: &[u8]| match (&direct).write(payload) {
-            Ok(n) => {
-                record.from_camera.fetch_add(n as u64, Ordering::Relaxed);
-                n
+        let slot = failed.clone();
+        let mut broken = false;
+        let sink = move |payload: &[u8]| {
+            if broken {
+                return 0;
             }
-            Err(_) => 0,
+            match (&direct).write(payload) {
+                Ok(n) => {
+                    record.from_camera.fetch_add(n as u64, Ordering::Relaxed);
+                    n
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    broken = true;
+                    *slot.lock().unwrap() = Some(e);
+                    0
+                }
+            }
         };
         self.sockets.get_mut::<tcp::Socket>(self.handle).set_rx_sink(Some(tcp::RxSink(Box::new(sink))));
+        failed
     }
 }

@@ -460,8 +460,6 @@ pub enum CongestionControl {
     Cubic,
 }
 
-/// A Transmission Control Protocol socket.
-///
 /// beckon patch: a receiver that takes in-order payload straight out of an arriving segment,
 /// so that it is not copied into the receive buffer first (see [`Socket::set_rx_sink`]). It is
 /// given the payload and returns how many of its first bytes it took (at most all of them).
@@ -475,6 +473,8 @@ impl fmt::Debug for RxSink {
     }
 }
 
+/// A Transmission Control Protocol socket.
+///
 /// A TCP socket may passively listen for connections or actively connect to another endpoint.
 /// Note that, for listening sockets, there is no "backlog"; to be able to simultaneously
 /// accept several connections, as many sockets must be allocated, or any new connection
@@ -935,6 +935,11 @@ impl<'a> Socket<'a> {
         let rx_cap_log2 =
             mem::size_of::<usize>() * 8 - self.rx_buffer.capacity().leading_zeros() as usize;
 
+        // beckon patch: a sink belongs to one connection (it may hold that connection's output).
+        #[cfg(feature = "alloc")]
+        {
+            self.rx_sink = None;
+        }
         self.state = State::Closed;
         self.timer = Timer::new();
         self.rtte = RttEstimator::default();
