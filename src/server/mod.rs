@@ -283,7 +283,13 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     // Host side of public_ip: forwarding on, the route into our TUN, proxy ARP on the WAN.
     let mut sysctls = SysctlGuard::default();
     sysctls.ensure("net.ipv4.ip_forward", "1")?;
-    let tun = tun::ServerTun::create(&cfg.tun_name)?;
+    // The TUN reader gets an OS thread and a runtime of its own (`stack_thread`), and the TUN is
+    // registered with that runtime's I/O driver, so that it is woken by its own thread.
+    let stack_rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the TUN reader's runtime")?;
+    let tun = {
+        let _in_stack_rt = stack_rt.enter();
+        tun::ServerTun::create(&cfg.tun_name)?
+    };
     let public = format!("{}/32", cfg.public_ip);
     hostnet::ip(&["route", "replace", &public, "dev", &cfg.tun_name]).context("routing public_ip into the TUN")?;
     let _proxy = match &cfg.wan_interface {
@@ -311,7 +317,7 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
         tokio::net::TcpListener::bind(cfg.admin_listen).await.with_context(|| format!("binding admin_listen {}", cfg.admin_listen))?;
 
     let stack = stack::Stack::new(shared.clone(), tun, exposes);
-    let stack_task = tokio::spawn(stack.run(engine_rx, shutdown_rx.clone()));
+    let stack_task = stack_thread(stack_rt, stack.run(engine_rx, shutdown_rx.clone()))?;
     let accept_task = tokio::spawn(accept::run(shared.clone(), control, tls, shutdown_rx.clone()));
     let admin_task = tokio::spawn(admin::run(shared.clone(), engine_tx.clone(), admin, shutdown_rx.clone()));
     tracing::info!(control = %cfg.control_listen, public_ip = %cfg.public_ip, admin = %cfg.admin_listen,
@@ -331,6 +337,27 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     .await;
     // Dropping the TUN (inside the stack) removes its route; guards undo the rest.
     Ok(())
+}
+
+/// Run the stack (the TUN reader) on its own OS thread, in its own single-threaded runtime.
+/// Why: as one task among the shards on the shared runtime, the reader waited behind every
+/// shard woken by the last burst; with 1,400 paced streams that wait outlasted the kernel's
+/// queue in front of the TUN (1,000 packets), the kernel dropped packets, and the cameras'
+/// retransmissions made it worse until every stream stalled. A thread of its own is scheduled
+/// by the kernel as soon as the TUN has data. Returns when the stack ends.
+fn stack_thread(
+    rt: tokio::runtime::Runtime,
+    run: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<tokio::sync::oneshot::Receiver<()>> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("beckon-tun".into())
+        .spawn(move || {
+            rt.block_on(run);
+            let _ = done_tx.send(());
+        })
+        .context("starting the TUN reader's thread")?;
+    Ok(done_rx)
 }
 
 /// `ip neigh add proxy PUBLIC_IP dev WAN`, removed on drop: the server host answers ARP for
