@@ -20,6 +20,41 @@ pub const TRIM_THRESHOLD: usize = 32 * 1024 * 1024;
 /// Allocations at least this large are separate mappings (glibc's initial default).
 pub const MMAP_THRESHOLD: usize = 128 * 1024;
 
+/// How often free memory inside the arenas goes back to the kernel ([`trim`]).
+pub const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Give the free memory inside glibc's arenas back to the kernel (`malloc_trim(0)`). Why: the
+/// thresholds above return only memory at an arena's top; what a load peak freed in the middle
+/// stays resident. Measured: after the bench's direct streams (up to 3,200 connections, whose
+/// queued packets and buffers of 64 KiB come from the arenas) the idle server kept about 1 GB.
+/// Once every [`TRIM_INTERVAL`] costs at most one round of page faults per interval, not the
+/// constant churn of a low trim threshold. Returns whether memory was released.
+pub fn trim() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only releases free memory; glibc takes each arena's lock.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// Run [`trim`] every [`TRIM_INTERVAL`] (on a blocking thread: it walks every arena) for as
+/// long as the runtime lives. Call from inside the runtime.
+pub fn spawn_trimmer() {
+    tokio::spawn(async {
+        let mut every = tokio::time::interval(TRIM_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await; // the first tick is immediate
+        loop {
+            every.tick().await;
+            let _ = tokio::task::spawn_blocking(trim).await;
+        }
+    });
+}
+
 /// Apply the settings; false if the C library refused them (or is not glibc). Call before any
 /// thread is started.
 pub fn tune() -> bool {

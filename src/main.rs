@@ -62,12 +62,18 @@ fn main() {
         Cmd::Server { config } => beckon::config::ServerConfig::load(&config).map_err(anyhow::Error::from).and_then(|cfg| {
             init_logging();
             tune_heap();
-            runtime()?.block_on(beckon::server::run(cfg))
+            runtime()?.block_on(async {
+                beckon::heap::spawn_trimmer();
+                beckon::server::run(cfg).await
+            })
         }),
         Cmd::Trigger { config } => beckon::config::TriggerConfig::load(&config).map_err(anyhow::Error::from).and_then(|cfg| {
             init_logging();
             tune_heap();
-            runtime()?.block_on(beckon::trigger::run(cfg))
+            runtime()?.block_on(async {
+                beckon::heap::spawn_trimmer();
+                beckon::trigger::run(cfg).await
+            })
         }),
         Cmd::Status { admin, json } => status(&admin, json),
     };
