@@ -379,6 +379,21 @@ open_conns() { status_json | jq_py "len(d['connections'])"; }
 no_conns() { [ "$(open_conns)" = 0 ]; }
 # streams_phase LABEL PORT BUDGET LEVELS : N paced streams through one exposure, N from LEVELS
 # while they hold, then one midpoint; results in RUN/streams-LABEL*.json
+# The kernel's orphaned TCP sockets (closed by their process, still sending: a stalled level
+# leaves thousands, each holding its unsent data) count against the one TCP memory budget
+# (`tcp_mem`) of every namespace on this host; left over, they push the next measurement into
+# memory pressure (a port-forward run after a collapsed level measured 176 MB/s instead of
+# 1.8 GB/s). Wait, at most 120 s, until fewer than 50 are left.
+settle_tcp() {
+  local i orphans
+  for i in $(seq 1 120); do
+    orphans=$(awk '/^TCP:/ { for (i = 2; i < NF; i++) if ($i == "orphan") print $(i + 1) }' /proc/net/sockstat)
+    [ "${orphans:-0}" -lt 50 ] && return 0
+    [ "$i" = 1 ] && log "waiting for $orphans orphaned TCP sockets to go (they hold TCP memory of the whole host)"
+    sleep 1
+  done
+  log "still $orphans orphaned TCP sockets after 120 s; measuring on"
+}
 streams_phase() {
   local label=$1 port=$2 budget=$3 levels=$4 t0 n last_ok=0 first_bad=""
   t0=$(date +%s)
@@ -392,6 +407,7 @@ streams_phase() {
       || { log "streams $label n=$n: client failed"; return 2; }
     # an overloaded level closes slowly (FINs and resets queue behind retransmissions)
     wait_for $((60 + n / 20)) "the $n stream connections to close" no_conns
+    settle_tcp
     status_json >"$RUN/streams-$label-$n.c1.json"
     check_procs
     jq_py "0 if d['ok'] else sys.exit(1)" <"$f" >/dev/null
@@ -424,6 +440,7 @@ fi
 # TCP window than the real endpoints (see the notes of the report); repeat the direct runs with
 # window tracking off in that router (nf_conntrack_tcp_be_liberal=1) to size the effect.
 if phase diag; then
+  settle_tcp
   log "diagnosis: site a's router with nf_conntrack_tcp_be_liberal=1"
   "$LAB" liberal "$PREFIX" a 1 >>"$RUN/lab-up.log" 2>&1 || die "lab.sh liberal failed"
   tput_run throughput-liberal-1.json 1 "$TPUT_BYTES" 1 dnat-a=http://203.0.113.2:8080 direct=http://127.0.0.1:18090

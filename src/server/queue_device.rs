@@ -95,6 +95,31 @@ mod tests {
         }
     }
 
+    /// `server` listens on 198.18.0.1:80 and `client` connects to it.
+    fn connect(server: &mut Host, client: &mut Host) {
+        server.sock().listen(80).unwrap();
+        let cx = client.iface.context();
+        client.sockets.get_mut::<tcp::Socket>(client.handle).connect(cx, (IpAddress::v4(198, 18, 0, 1), 80), 40000).unwrap();
+        shuttle(client, server);
+    }
+
+    /// An rx sink on `server`'s socket that takes up to `take` bytes of each payload (at first:
+    /// all) and records them in `out`.
+    #[allow(clippy::type_complexity)]
+    fn recording_sink(server: &mut Host) -> (std::sync::Arc<std::sync::Mutex<Vec<u8>>>, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let take = Arc::new(AtomicUsize::new(usize::MAX));
+        let (o, t) = (out.clone(), take.clone());
+        server.sock().set_rx_sink(Some(tcp::RxSink(Box::new(move |p: &[u8]| {
+            let k = t.load(Ordering::Relaxed).min(p.len());
+            o.lock().unwrap().extend_from_slice(&p[..k]);
+            k
+        }))));
+        (out, take)
+    }
+
     /// Poll both hosts and carry their packets across until neither has anything to say.
     fn shuttle(a: &mut Host, b: &mut Host) {
         for _ in 0..50 {
@@ -115,10 +140,7 @@ mod tests {
     #[test]
     fn drained_receive_ring_restarts_at_its_front() {
         let (mut server, mut client) = (host([198, 18, 0, 1], 1000), host([198, 18, 0, 2], 1000));
-        server.sock().listen(80).unwrap();
-        let cx = client.iface.context();
-        client.sockets.get_mut::<tcp::Socket>(client.handle).connect(cx, (IpAddress::v4(198, 18, 0, 1), 80), 40000).unwrap();
-        shuttle(&mut client, &mut server);
+        connect(&mut server, &mut client);
         assert_eq!(server.sock().state(), tcp::State::Established);
 
         // 900 bytes, read at once: the ring is empty again, its read position at 900.
@@ -169,21 +191,10 @@ mod tests {
     /// to the sink; and the sink plus the ring give the stream in order.
     #[test]
     fn rx_sink_takes_in_order_bytes_before_the_ring() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::{Arc, Mutex};
+        use std::sync::atomic::Ordering;
         let (mut server, mut client) = (host([198, 18, 0, 1], 1000), host([198, 18, 0, 2], 1000));
-        server.sock().listen(80).unwrap();
-        let cx = client.iface.context();
-        client.sockets.get_mut::<tcp::Socket>(client.handle).connect(cx, (IpAddress::v4(198, 18, 0, 1), 80), 40000).unwrap();
-        shuttle(&mut client, &mut server);
-        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
-        let take = Arc::new(AtomicUsize::new(usize::MAX));
-        let (o, t) = (out.clone(), take.clone());
-        server.sock().set_rx_sink(Some(tcp::RxSink(Box::new(move |p: &[u8]| {
-            let k = t.load(Ordering::Relaxed).min(p.len());
-            o.lock().unwrap().extend_from_slice(&p[..k]);
-            k
-        }))));
+        connect(&mut server, &mut client);
+        let (out, take) = recording_sink(&mut server);
         let data: Vec<u8> = (0..4000).map(|i| (i % 251) as u8).collect();
         let mut sent = 0;
         let mut send = |client: &mut Host, server: &mut Host, n: usize| {
@@ -258,22 +269,11 @@ mod tests {
     /// from the ring, then the stream ends.
     #[test]
     fn rx_sink_with_window_scaling_and_a_fin() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::{Arc, Mutex};
+        use std::sync::atomic::Ordering;
         const RING: usize = 256 * 1024; // window scale 2
         let (mut server, mut client) = (host_tx([198, 18, 0, 1], RING, 4096), host_tx([198, 18, 0, 2], 4096, 2 * RING));
-        server.sock().listen(80).unwrap();
-        let cx = client.iface.context();
-        client.sockets.get_mut::<tcp::Socket>(client.handle).connect(cx, (IpAddress::v4(198, 18, 0, 1), 80), 40000).unwrap();
-        shuttle(&mut client, &mut server);
-        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
-        let take = Arc::new(AtomicUsize::new(usize::MAX));
-        let (o, t) = (out.clone(), take.clone());
-        server.sock().set_rx_sink(Some(tcp::RxSink(Box::new(move |p: &[u8]| {
-            let k = t.load(Ordering::Relaxed).min(p.len());
-            o.lock().unwrap().extend_from_slice(&p[..k]);
-            k
-        }))));
+        connect(&mut server, &mut client);
+        let (out, take) = recording_sink(&mut server);
         let data: Vec<u8> = (0..(2 * RING + 1000)).map(|i| (i % 251) as u8).collect();
 
         // Twice the ring through the sink, nobody reading the ring: the window stays open.
