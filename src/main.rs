@@ -45,36 +45,29 @@ fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init();
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
-}
-
-/// Before the runtime starts its threads (see `beckon::heap`).
-fn tune_heap() {
+/// Run a long-running command (server, trigger): logging, the heap settings (before the
+/// runtime starts its threads, see `beckon::heap`), the runtime, and the periodic heap trim.
+fn run_daemon<F: std::future::Future<Output = Result<()>>>(command: F) -> Result<()> {
+    init_logging();
     if !beckon::heap::tune() {
         tracing::debug!("heap settings not applied (not glibc, or refused): more page faults under load");
     }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(async {
+        beckon::heap::spawn_trimmer();
+        command.await
+    })
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Server { config } => beckon::config::ServerConfig::load(&config).map_err(anyhow::Error::from).and_then(|cfg| {
-            init_logging();
-            tune_heap();
-            runtime()?.block_on(async {
-                beckon::heap::spawn_trimmer();
-                beckon::server::run(cfg).await
-            })
-        }),
-        Cmd::Trigger { config } => beckon::config::TriggerConfig::load(&config).map_err(anyhow::Error::from).and_then(|cfg| {
-            init_logging();
-            tune_heap();
-            runtime()?.block_on(async {
-                beckon::heap::spawn_trimmer();
-                beckon::trigger::run(cfg).await
-            })
-        }),
+        Cmd::Server { config } => {
+            beckon::config::ServerConfig::load(&config).map_err(anyhow::Error::from).and_then(|cfg| run_daemon(beckon::server::run(cfg)))
+        }
+        Cmd::Trigger { config } => {
+            beckon::config::TriggerConfig::load(&config).map_err(anyhow::Error::from).and_then(|cfg| run_daemon(beckon::trigger::run(cfg)))
+        }
         Cmd::Status { admin, json } => status(&admin, json),
     };
     if let Err(e) = result {

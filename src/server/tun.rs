@@ -69,12 +69,8 @@ impl Default for RxBuf {
 impl RxBuf {
     /// The packets of the last read, each with its checksum status.
     pub fn packets(&self) -> impl Iterator<Item = (&[u8], Checksum)> {
-        let (whole, split) = match self.held {
-            Held::Nothing => (None, 0),
-            Held::Whole { len, csum } => (Some((&self.body[..len], csum)), 0),
-            Held::Split(n) => (None, n),
-        };
-        whole.into_iter().chain(self.segs.iter().zip(&self.sizes).take(split).map(|(b, &n)| (&b[..n], Checksum::Verified)))
+        let split = if let Held::Split(n) = self.held { n } else { 0 };
+        self.whole().into_iter().chain(self.segs.iter().zip(&self.sizes).take(split).map(|(b, &n)| (&b[..n], Checksum::Verified)))
     }
 
     /// The last read, if it was one packet.
