@@ -111,6 +111,9 @@ pub struct ConnectionStatus {
     pub trigger_packets: u64,
     pub bytes_to_camera: u64,
     pub bytes_from_camera: u64,
+    /// A direct connection's receive window now (it grows with demand), KiB.
+    #[serde(default)]
+    pub window_kib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -178,6 +181,10 @@ pub struct Counters {
     pub tcp_connections_failed: u64,
     #[serde(default)]
     pub tcp_direct_fallbacks: u64,
+    /// Times a direct connection's receive window grew (it moved more than half of it in one
+    /// round trip).
+    #[serde(default)]
+    pub tcp_windows_grown: u64,
     #[serde(default)]
     pub tcp_bytes_direct: u64,
     /// Bytes the triggers carried on the assisted path.
@@ -240,13 +247,13 @@ impl StatusDoc {
         let _ = writeln!(s, "\nTCP CONNECTIONS");
         let _ = writeln!(
             s,
-            "{:<14} {:<9} {:<21} {:<9} {:<12} {:<22} {:>7} {:>4} {:>12} {:>12}",
-            "camera", "service", "client", "path", "strategy", "public endpoint", "setup", "trg", "to camera", "from camera"
+            "{:<14} {:<9} {:<21} {:<9} {:<12} {:<22} {:>7} {:>4} {:>12} {:>12} {:>8}",
+            "camera", "service", "client", "path", "strategy", "public endpoint", "setup", "trg", "to camera", "from camera", "window"
         );
         for c in &self.connections {
             let _ = writeln!(
                 s,
-                "{:<14} {:<9} {:<21} {:<9} {:<20} {:<22} {:>5}ms {:>4} {:>12} {:>12}",
+                "{:<14} {:<9} {:<21} {:<9} {:<20} {:<22} {:>5}ms {:>4} {:>12} {:>12} {:>8}",
                 c.camera,
                 c.service,
                 c.client,
@@ -260,7 +267,8 @@ impl StatusDoc {
                 c.setup_ms.unwrap_or(0),
                 c.trigger_packets,
                 c.bytes_to_camera,
-                c.bytes_from_camera
+                c.bytes_from_camera,
+                c.window_kib.map_or("-".into(), |k| format!("{k}K"))
             );
         }
         let _ = writeln!(s, "\nSITE NAT PROFILES");
@@ -309,14 +317,15 @@ impl StatusDoc {
         );
         let _ = writeln!(
             s,
-            "tcp: direct {} ({} pre-opened; {} bytes), assisted {} ({} bytes carried by triggers), failed {}, direct fallbacks {}",
+            "tcp: direct {} ({} pre-opened; {} bytes), assisted {} ({} bytes carried by triggers), failed {}, direct fallbacks {}, windows grown {}",
             c.tcp_connections_direct,
             c.tcp_connections_warm,
             c.tcp_bytes_direct,
             c.tcp_connections_assisted,
             c.tcp_bytes_assisted,
             c.tcp_connections_failed,
-            c.tcp_direct_fallbacks
+            c.tcp_direct_fallbacks,
+            c.tcp_windows_grown
         );
         let _ = writeln!(s, "camera packets dropped (server behind): {}", c.camera_packets_dropped);
         let _ = writeln!(s, "control: auth failures {}, bad frames {}", c.auth_failures, c.bad_frames);

@@ -428,7 +428,8 @@ fn timed_steps_open_direct_connections_in_fewer_round_trips() {
             .expose("site-a/cam1", 80, "tcp", "127.0.0.1:18090")
             .rate_mbit(1000)
             .expose("site-b/cam1", 80, "tcp", "127.0.0.1:18091")
-            .rate_mbit(1000),
+            .rate_mbit(1000)
+            .expose("site-b/cam1", 80, "tcp", "127.0.0.1:18092"),
     );
     const N: usize = 4_000_000;
     for i in 0..3 {
@@ -481,6 +482,22 @@ fn timed_steps_open_direct_connections_in_fewer_round_trips() {
     let st = lab.status();
     assert_eq!(counter(&st, "tcp_connections_direct"), 8);
     assert!(timing(&st, "site-a").starts_with("none for"), "{}", timing(&st, "site-a"));
+
+    // The default rate_mbit (128) opens a connection with the 2 MiB floor; a bulk transfer
+    // through the 20 ms WAN moves more than half of that per round trip, so its window grows
+    // (it would otherwise be held to ≈ 2 MiB per 42 ms).
+    let grown_before = counter(&st, "tcp_windows_grown");
+    const BULK: usize = 40_000_000;
+    let body = get_until_end(&lab, 18092, &format!("/bulk?bytes={BULK}")).unwrap_or_else(|e| panic!("bulk at the default rate: {e:?}"));
+    assert_eq!(bulk_body_len(&body, "bulk at the default rate"), BULK);
+    let ups = lab.log_lines("server", &["direct TCP connection up", "site-b/cam1"]);
+    assert_eq!(ups.len(), 4, "{ups:#?}");
+    let up = &ups[3];
+    assert!(up.contains("window_kib=2048 "), "the default rate opens with the floor: {up}");
+    let st = lab.status();
+    assert_eq!(counter(&st, "tcp_connections_direct"), 9);
+    let grown = counter(&st, "tcp_windows_grown") - grown_before;
+    assert!(grown >= 1, "the window never grew: {:#}", st["counters"]);
 }
 
 /// Site a's NAT passes the camera's handshake packets but none of its later segments (a NAT whose

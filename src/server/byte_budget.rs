@@ -21,6 +21,20 @@ impl Drop for Reservation {
     }
 }
 
+impl Reservation {
+    /// Bytes this reservation counts.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Count `more` (reserved from the same budget) as part of this reservation from now on.
+    pub fn absorb(&mut self, more: Reservation) {
+        debug_assert!(Arc::ptr_eq(&self.held, &more.held), "reservations of different budgets");
+        self.bytes += more.bytes;
+        std::mem::forget(more); // its bytes stay held, now released with `self`
+    }
+}
+
 impl ByteBudget {
     pub fn new(max: usize) -> Self {
         ByteBudget { held: Arc::new(AtomicUsize::new(0)), max }
@@ -73,6 +87,17 @@ mod tests {
         assert!(b.try_reserve(1).is_none());
         drop(r1);
         drop(floor);
+        assert_eq!(b.held(), 0);
+    }
+
+    #[test]
+    fn an_absorbed_reservation_is_released_with_the_one_that_took_it() {
+        let b = ByteBudget::new(100);
+        let mut r = b.try_reserve(30).unwrap();
+        r.absorb(b.try_reserve(50).unwrap());
+        assert_eq!((r.bytes(), b.held()), (80, 80));
+        assert!(b.try_reserve(21).is_none());
+        drop(r);
         assert_eq!(b.held(), 0);
     }
 }

@@ -17,6 +17,7 @@ pub mod profile;
 pub mod queue_device;
 pub mod record;
 pub mod rx_pool;
+pub mod rx_window;
 pub mod stack;
 pub mod tcp_conn;
 pub mod tcp_expose;
@@ -60,6 +61,7 @@ pub struct ControlStats {
     pub tcp_connections_assisted: AtomicU64,
     pub tcp_connections_failed: AtomicU64,
     pub tcp_direct_fallbacks: AtomicU64,
+    pub tcp_windows_grown: AtomicU64,
     /// Bytes of connections that have closed (open ones are summed from their records).
     pub tcp_bytes_direct_closed: AtomicU64,
     pub tcp_bytes_assisted_closed: AtomicU64,
@@ -246,6 +248,7 @@ impl Shared {
                 tcp_connections_assisted: st.tcp_connections_assisted.load(Ordering::Relaxed),
                 tcp_connections_failed: st.tcp_connections_failed.load(Ordering::Relaxed),
                 tcp_direct_fallbacks: st.tcp_direct_fallbacks.load(Ordering::Relaxed),
+                tcp_windows_grown: st.tcp_windows_grown.load(Ordering::Relaxed),
                 tcp_bytes_direct: st.tcp_bytes_direct_closed.load(Ordering::Relaxed) + open_direct,
                 tcp_bytes_assisted: st.tcp_bytes_assisted_closed.load(Ordering::Relaxed) + open_assisted,
                 indications_sent: st.indications_sent.load(Ordering::Relaxed),

@@ -161,6 +161,8 @@ async fn attempt_once(shared: &Arc<Shared>, site: &str, target: SocketAddrV4, st
         virt: shared.virt_addr(site, "(probe)"),
         timeout: ATTEMPT_TIMEOUT,
         rx_buffer: 4096,
+        rx_buffer_max: 4096,
+        site_rtt: None,
         tx_buffer: 4096,
         keepalive: None,
         pipelining: None, // the profile measures the step-by-step sequence (and learns its hints)

@@ -301,4 +301,59 @@ mod tests {
         assert_eq!(server.sock().recv(|b| (b.len(), ())), Err(tcp::RecvError::Finished));
         assert_eq!(*out.lock().unwrap(), data);
     }
+
+    /// The vendored smoltcp's growable receive buffer (BECKON-PATCH.md, section 3): the window
+    /// scale of a connection covers `set_rx_capacity_max`; a larger buffer is taken only while
+    /// nothing is buffered, and the camera may then fill the larger window.
+    #[test]
+    fn receive_buffer_grows_while_empty_within_the_window_scale() {
+        const RING: usize = 64 * 1024; // window scale 1 alone: at most 128 KiB can be announced
+        const GROWN: usize = 256 * 1024;
+        let data: Vec<u8> = (0..(100 * 1024 + GROWN)).map(|i| (i % 251) as u8).collect();
+
+        // Without a declared maximum the scale cannot announce the larger buffer: refused.
+        let (mut server, mut client) = (host_tx([198, 18, 0, 1], RING, 4096), host_tx([198, 18, 0, 2], 4096, 4096));
+        connect(&mut server, &mut client);
+        assert!(server.sock().grow_rx_buffer(tcp::SocketBuffer::new(vec![0; GROWN])).is_err());
+
+        let (mut server, mut client) = (host_tx([198, 18, 0, 1], RING, 4096), host_tx([198, 18, 0, 2], 4096, 2 * GROWN));
+        server.sock().set_rx_capacity_max(GROWN);
+        connect(&mut server, &mut client);
+        let mut deliver = |client: &mut Host, server: &mut Host| {
+            for _ in 0..20 {
+                shuttle(client, server);
+                if client.sock().send_queue() == 0 {
+                    break;
+                }
+            }
+        };
+        let mut got = Vec::new();
+
+        // 100 KiB, nobody reading: 64 KiB fill the ring (less what the scale's unit of 8 bytes
+        // cannot announce), the rest waits at the client.
+        assert_eq!(client.sock().send_slice(&data[..100 * 1024]).unwrap(), 100 * 1024);
+        deliver(&mut client, &mut server);
+        assert!(RING - server.sock().recv_queue() < 8, "{} of {RING} buffered", server.sock().recv_queue());
+        assert!(server.sock().grow_rx_buffer(tcp::SocketBuffer::new(vec![0; GROWN])).is_err(), "bytes are buffered");
+        while server.sock().recv_queue() > 0 || client.sock().send_queue() > 0 {
+            got.extend(server.sock().recv(|b| (b.len(), b.to_vec())).unwrap());
+            deliver(&mut client, &mut server);
+        }
+
+        // Empty: a smaller buffer is refused, the larger one taken.
+        assert!(server.sock().grow_rx_buffer(tcp::SocketBuffer::new(vec![0; RING / 2])).is_err());
+        assert!(server.sock().grow_rx_buffer(tcp::SocketBuffer::new(vec![0; GROWN])).is_ok());
+        assert_eq!(server.sock().recv_capacity(), GROWN);
+
+        // The client may now put almost 256 KiB into the window, still nobody reading.
+        let rest = &data[100 * 1024..];
+        assert_eq!(client.sock().send_slice(rest).unwrap(), rest.len());
+        deliver(&mut client, &mut server);
+        assert_eq!(client.sock().send_queue(), 0, "all of it fit the grown window");
+        assert_eq!(server.sock().recv_queue(), GROWN);
+        while server.sock().recv_queue() > 0 {
+            got.extend(server.sock().recv(|b| (b.len(), b.to_vec())).unwrap());
+        }
+        assert_eq!(got, data);
+    }
 }

@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::port_routes::RouteGuard;
 use super::queue_device::QueueDevice;
+use super::rx_window::{RxWindowTuner, UNKNOWN_ROUND_TRIP};
 
 /// Live facts about one platform-client connection, shown in `beckon status`.
 pub struct ConnRecord {
@@ -31,6 +32,8 @@ pub struct ConnRecord {
     pub to_camera: AtomicU64,
     pub from_camera: AtomicU64,
     pub trigger_packets: AtomicU64,
+    /// A direct connection's receive window now, in bytes (0: none, not spliced yet).
+    pub window: AtomicU64,
 }
 
 impl ConnRecord {
@@ -45,6 +48,7 @@ impl ConnRecord {
             to_camera: AtomicU64::new(0),
             from_camera: AtomicU64::new(0),
             trigger_packets: AtomicU64::new(0),
+            window: AtomicU64::new(0),
         }
     }
 
@@ -68,6 +72,7 @@ impl ConnRecord {
             trigger_packets: self.trigger_packets.load(Ordering::Relaxed),
             bytes_to_camera: self.to_camera.load(Ordering::Relaxed),
             bytes_from_camera: self.from_camera.load(Ordering::Relaxed),
+            window_kib: Some(self.window.load(Ordering::Relaxed) / 1024).filter(|&k| k > 0),
         }
     }
 }
@@ -95,7 +100,13 @@ pub struct DirectParams {
     /// The camera's address inside the userspace stack.
     pub virt: Ipv4Addr,
     pub timeout: Duration,
+    /// The receive buffer (window) the connection opens with, and the most it may grow to
+    /// while its splice runs ([`RxWindowTuner`]); equal: fixed.
     pub rx_buffer: usize,
+    pub rx_buffer_max: usize,
+    /// The site's WAN round trip as last measured (this connection's own setup may measure it
+    /// again); times the window's growth.
+    pub site_rtt: Option<Duration>,
     pub tx_buffer: usize,
     pub keepalive: Option<Duration>,
     /// Timed steered-resync steps (connections a client waits for).
@@ -132,8 +143,10 @@ pub struct Shard {
     pub attempt: Attempt,
     rx: super::port_routes::PacketRx,
     _route: RouteGuard,
-    /// The receive buffer, counted in `Shared::windows` while the shard lives.
-    _window: super::byte_budget::Reservation,
+    /// The receive buffer, counted in `Shared::windows` while the shard lives (grown with it).
+    window: super::byte_budget::Reservation,
+    rx_buffer_max: usize,
+    site_rtt: Option<Duration>,
     epoch: Instant,
     record: Arc<ConnRecord>,
 }
@@ -154,6 +167,7 @@ impl Shard {
         });
         iface.routes_mut().add_default_ipv4_route(public).unwrap();
         let mut sock = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; p.rx_buffer]), tcp::SocketBuffer::new(vec![0; p.tx_buffer]));
+        sock.set_rx_capacity_max(p.rx_buffer_max.max(p.rx_buffer));
         sock.set_nagle_enabled(false);
         sock.set_ack_delay(None);
         if let Some(k) = p.keepalive {
@@ -171,8 +185,22 @@ impl Shard {
         }
         attempt.nat_ip = shared.nat_ip(&p.site);
         let window = shared.windows.reserve(p.rx_buffer);
-        let mut shard =
-            Shard { shared, site: p.site, iface, device, sockets, handle, attempt, rx, _route: route, _window: window, epoch, record };
+        let mut shard = Shard {
+            shared,
+            site: p.site,
+            iface,
+            device,
+            sockets,
+            handle,
+            attempt,
+            rx,
+            _route: route,
+            window,
+            rx_buffer_max: p.rx_buffer_max,
+            site_rtt: p.site_rtt,
+            epoch,
+            record,
+        };
         let outs = shard.attempt.start(now, &mut rand::rng());
         shard.process(outs).await;
         loop {
@@ -367,6 +395,7 @@ impl Shard {
     /// backpressure towards the camera.
     pub async fn splice(mut self, client: tokio::net::TcpStream) {
         let sink_failed = self.set_client_sink(&client);
+        let mut tuner = self.window_tuner();
         let (mut cr, mut cw) = client.into_split();
         let mut cbuf = vec![0u8; 16 * 1024];
         let mut client_full = false;
@@ -404,6 +433,12 @@ impl Shard {
                 tracing::debug!("client write error: {e}");
                 self.abort().await;
                 break 'splice;
+            }
+            if let Some(size) = tuner.poll(self.record.from_camera.load(Ordering::Relaxed), Instant::now()) {
+                if self.grow_window(size) {
+                    tuner.grown(size);
+                    continue; // let smoltcp announce the larger window
+                }
             }
             let s = self.sockets.get_mut::<tcp::Socket>(self.handle);
             let mut delivered = 0;
@@ -475,6 +510,38 @@ impl Shard {
         }
         // The sink holds its own descriptor of the client socket: close it with the splice.
         self.sockets.get_mut::<tcp::Socket>(self.handle).set_rx_sink(None);
+    }
+
+    /// The window's growth for this connection's splice: timed by the round trip its setup
+    /// measured (else the site's), plus the host's service allowance.
+    fn window_tuner(&self) -> RxWindowTuner {
+        let round_trip = self.attempt.rtt.or(self.site_rtt).unwrap_or(UNKNOWN_ROUND_TRIP) + super::tcp_expose::SERVICE_LATENCY;
+        let received = self.record.from_camera.load(Ordering::Relaxed);
+        self.record.window.store(self.window() as u64, Ordering::Relaxed);
+        RxWindowTuner::new(self.window(), self.rx_buffer_max, round_trip, received, Instant::now())
+    }
+
+    /// Give the connection a receive buffer (window) of `size` bytes, if the budget of all
+    /// windows has room and smoltcp's ring is empty now (else false: the tuner asks again).
+    fn grow_window(&mut self, size: usize) -> bool {
+        let old = self.window();
+        let Some(more) = size.checked_sub(old).and_then(|extra| self.shared.windows.try_reserve(extra)) else {
+            return false;
+        };
+        let s = self.sockets.get_mut::<tcp::Socket>(self.handle);
+        if s.recv_queue() > 0 {
+            return false; // cheaper than allocating a ring smoltcp would refuse
+        }
+        match s.grow_rx_buffer(tcp::SocketBuffer::new(vec![0; size])) {
+            Ok(()) => {
+                self.window.absorb(more);
+                self.record.window.store(size as u64, Ordering::Relaxed);
+                self.shared.stats.tcp_windows_grown.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(camera = %self.record.camera, client = %self.record.client, from_kib = old / 1024, to_kib = size / 1024, "receive window grown");
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// Camera bytes that arrive in order while smoltcp's receive buffer is empty go from the

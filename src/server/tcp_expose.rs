@@ -156,6 +156,8 @@ async fn connect_direct(
                 virt: shared.virt_addr(site, e.camera_name()),
                 timeout: DIRECT_TIMEOUT,
                 rx_buffer,
+                rx_buffer_max: DIRECT_BUFFER_MAX,
+                site_rtt,
                 tx_buffer: DIRECT_TX_BUFFER,
                 keepalive: shared.cfg.keepalive(),
                 pipelining,

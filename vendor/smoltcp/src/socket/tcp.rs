@@ -490,6 +490,8 @@ pub struct Socket<'a> {
     /// beckon patch: see [`Socket::set_rx_sink`].
     #[cfg(feature = "alloc")]
     rx_sink: Option<RxSink>,
+    /// beckon patch: see [`Socket::set_rx_capacity_max`].
+    rx_capacity_max: usize,
     tx_buffer: SocketBuffer<'a>,
     /// Interval after which, if no inbound packets are received, the connection is aborted.
     timeout: Option<Duration>,
@@ -595,6 +597,33 @@ impl<'a> Socket<'a> {
         self.rx_sink = sink;
     }
 
+    /// beckon patch: the largest receive buffer this socket may be given by
+    /// [`Socket::grow_rx_buffer`]. The window scale a connection announces in its SYN is fixed for
+    /// its lifetime, so it is chosen for this capacity (or the buffer's, if larger) from the next
+    /// `connect` on; a larger scale only makes the window's unit coarser (256 bytes for 16 MiB).
+    pub fn set_rx_capacity_max(&mut self, capacity: usize) {
+        self.rx_capacity_max = capacity.min(1 << 30);
+    }
+
+    /// beckon patch: replace the receive buffer with a larger one, so that the window can grow
+    /// with demand. Only while the buffer holds nothing and nothing waits out of order (then no
+    /// byte is stored at any position, and the window, the free space, can only grow); otherwise,
+    /// or if `buffer` is not larger, or larger than the window scale in use can announce, it is
+    /// handed back unused. The grown window is announced with the next ACK (at once if it at
+    /// least doubled, see `window_to_update`).
+    pub fn grow_rx_buffer(&mut self, buffer: SocketBuffer<'a>) -> Result<(), SocketBuffer<'a>> {
+        let announceable = (u16::MAX as usize) << self.remote_win_shift;
+        if !self.rx_buffer.is_empty()
+            || !self.assembler.is_empty()
+            || buffer.capacity() <= self.rx_buffer.capacity()
+            || buffer.capacity() > announceable.max(self.rx_buffer.capacity())
+        {
+            return Err(buffer);
+        }
+        self.rx_buffer = buffer;
+        Ok(())
+    }
+
     #[allow(unused_comparisons)] // small usize platforms always pass rx_capacity check
     /// Create a socket using the given buffers.
     pub fn new<T>(rx_buffer: T, tx_buffer: T) -> Socket<'a>
@@ -624,6 +653,7 @@ impl<'a> Socket<'a> {
             rx_fin_received: false,
             #[cfg(feature = "alloc")]
             rx_sink: None,
+            rx_capacity_max: 0,
             timeout: None,
             keep_alive: None,
             hop_limit: None,
@@ -932,8 +962,9 @@ impl<'a> Socket<'a> {
     }
 
     fn reset(&mut self) {
-        let rx_cap_log2 =
-            mem::size_of::<usize>() * 8 - self.rx_buffer.capacity().leading_zeros() as usize;
+        // beckon patch: the window scale covers the largest buffer `grow_rx_buffer` may install.
+        let rx_capacity = self.rx_buffer.capacity().max(self.rx_capacity_max);
+        let rx_cap_log2 = mem::size_of::<usize>() * 8 - rx_capacity.leading_zeros() as usize;
 
         // beckon patch: a sink belongs to one connection (it may hold that connection's output).
         #[cfg(feature = "alloc")]
