@@ -10,13 +10,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
-/// Packets queued from the TUN reader to one TCP shard (full: dropped, TCP retransmits). With
-/// TUN offload a packet is up to a 64 KB super-packet: this holds the largest window
-/// (`DIRECT_BUFFER_MAX`, 16 MiB) and bounds a shard's queue to ≈ 16 MB. (Without offload a
-/// 2 MiB window is ≈ 1,400 MSS-sized segments: a shard that falls behind drops some.)
-const SHARD_QUEUE: usize = 256;
-/// Packets queued to one UDP probe.
+/// Bytes queued from the TUN reader to one TCP shard (beyond: dropped, TCP retransmits): the
+/// largest window (`DIRECT_BUFFER_MAX`, 16 MiB) and some slack. A camera never has more than
+/// its window in flight, so a shard that falls behind for a moment loses nothing, whether its
+/// packets come as 64 KB super-packets (TUN offload) or as MSS-sized segments (a path without
+/// GRO, where 256 packets, the bound before, held ≈ 370 KB and dropped bursts of a 2 MiB window:
+/// 800-1,700 drops per 100 MB through the lab's 20 ms WAN).
+const SHARD_QUEUE_BYTES: usize = super::tcp_expose::DIRECT_BUFFER_MAX + 1024 * 1024;
+/// Packets queued to one TCP shard: enough for [`SHARD_QUEUE_BYTES`] of MSS-sized segments;
+/// a queue of small packets (ACKs) is bounded here.
+const SHARD_QUEUE: usize = 16 * 1024;
+/// Packets and bytes queued to one UDP probe.
 const PROBE_QUEUE: usize = 64;
+const PROBE_QUEUE_BYTES: usize = 1024 * 1024;
 /// Bytes queued to all shards and probes together. Each queue is bounded in packets, but
 /// thousands of shards that all fall behind (an overloaded server) could otherwise hold GBs of
 /// super-packets; beyond this the reader drops, as the kernel does when the TUN queue is full.
@@ -27,7 +33,13 @@ const TCP_PORTS: std::ops::RangeInclusive<u16> = 20000..=60999;
 /// ([`PORT_RANGE`](super::udp_mapping::PORT_RANGE)), so they never collide.
 pub const UDP_PROBE_PORTS: std::ops::RangeInclusive<u16> = 61000..=61999;
 
-type Routes = Mutex<HashMap<u16, mpsc::Sender<Queued>>>;
+/// A port's queue: its sending end, and the bytes queued in it.
+struct Route {
+    tx: mpsc::Sender<Queued>,
+    queued: ByteBudget,
+}
+
+type Routes = Mutex<HashMap<u16, Route>>;
 
 pub struct PortRoutes {
     tcp: Routes,
@@ -44,11 +56,12 @@ impl Default for PortRoutes {
     }
 }
 
-/// A packet in a queue, counted in [`PortRoutes`]'s budget until it is taken or dropped (also
-/// when its queue is dropped with it).
+/// A packet in a queue, counted in [`PortRoutes`]'s budget and its port's until it is taken or
+/// dropped (also when its queue is dropped with it).
 pub struct Queued {
     pkt: Vec<u8>,
     _counted: Reservation,
+    _counted_for_port: Reservation,
 }
 
 /// The receiving end of a port's packet queue.
@@ -89,14 +102,14 @@ impl Drop for UdpClaim {
 }
 
 /// A fresh, unpredictable port from `range` and the queue its packets arrive on.
-fn claim(routes: &Routes, range: std::ops::RangeInclusive<u16>, queue: usize) -> Option<(u16, PacketRx)> {
+fn claim(routes: &Routes, range: std::ops::RangeInclusive<u16>, queue: usize, queue_bytes: usize) -> Option<(u16, PacketRx)> {
     let mut map = routes.lock().unwrap();
     let mut rng = rand::rng();
     for _ in 0..64 {
         let port = rng.random_range(range.clone());
         if let std::collections::hash_map::Entry::Vacant(e) = map.entry(port) {
             let (tx, rx) = mpsc::channel(queue);
-            e.insert(tx);
+            e.insert(Route { tx, queued: ByteBudget::new(queue_bytes) });
             return Some((port, PacketRx(rx)));
         }
     }
@@ -105,12 +118,12 @@ fn claim(routes: &Routes, range: std::ops::RangeInclusive<u16>, queue: usize) ->
 
 impl PortRoutes {
     pub fn claim_tcp(self: &Arc<Self>) -> Option<(RouteGuard, PacketRx)> {
-        let (port, rx) = claim(&self.tcp, TCP_PORTS, SHARD_QUEUE)?;
+        let (port, rx) = claim(&self.tcp, TCP_PORTS, SHARD_QUEUE, SHARD_QUEUE_BYTES)?;
         Some((RouteGuard { routes: self.clone(), port }, rx))
     }
 
     pub fn claim_udp(self: &Arc<Self>) -> Option<(UdpClaim, PacketRx)> {
-        let (port, rx) = claim(&self.udp, UDP_PROBE_PORTS, PROBE_QUEUE)?;
+        let (port, rx) = claim(&self.udp, UDP_PROBE_PORTS, PROBE_QUEUE, PROBE_QUEUE_BYTES)?;
         Some((UdpClaim { routes: self.clone(), port }, rx))
     }
 
@@ -134,19 +147,24 @@ impl PortRoutes {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    /// A full queue or a full budget drops the packet (TCP retransmits, probes retry); it is
-    /// still the port's. The budget counts the buffer's capacity: a handed-over read buffer
-    /// holds more than its packet.
+    /// A full queue (in packets or bytes) or a full budget drops the packet (TCP retransmits,
+    /// probes retry); it is still the port's. The budgets count the buffer's capacity: a
+    /// handed-over read buffer holds more than its packet.
     fn dispatch(&self, routes: &Routes, port: u16, pkt: Vec<u8>) -> bool {
         let map = routes.lock().unwrap();
-        let Some(tx) = map.get(&port) else { return false };
+        let Some(route) = map.get(&port) else { return false };
+        let Some(counted_for_port) = route.queued.try_reserve(pkt.capacity()) else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return true;
+        };
         let Some(counted) = self.queued.try_reserve(pkt.capacity()) else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return true;
         };
         // From here the packet is counted until it is taken or dropped, sent or not.
         // (Closed: the owner is just going away; not a drop of a server that is behind.)
-        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Queued { pkt, _counted: counted }) {
+        let queued = Queued { pkt, _counted: counted, _counted_for_port: counted_for_port };
+        if let Err(mpsc::error::TrySendError::Full(_)) = route.tx.try_send(queued) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
         true
@@ -199,6 +217,41 @@ mod tests {
         }
         assert_eq!(routes.dropped_packets(), 4);
         assert_eq!(routes.queued_bytes(), SHARD_QUEUE);
+        drop(rx_a);
+        assert_eq!(routes.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_shards_queue_holds_a_whole_window_and_no_more() {
+        let routes = Arc::new(PortRoutes::default());
+        let (a, mut rx_a) = routes.claim_tcp().unwrap();
+        let (b, mut rx_b) = routes.claim_tcp().unwrap();
+        // A 2 MiB window's burst of MSS-sized segments (no GRO on the path): all queued.
+        let segment = vec![1u8; 1448];
+        let burst = 2 * 1024 * 1024 / segment.len();
+        for _ in 0..burst {
+            routes.dispatch_tcp(a.port, segment.clone());
+        }
+        assert_eq!(routes.dropped_packets(), 0);
+        for _ in 0..burst {
+            assert_eq!(rx_a.try_recv().unwrap().len(), segment.len());
+        }
+        // Super-packets: the largest window's worth, then the port's byte bound drops.
+        let big = vec![2u8; 64 * 1024];
+        let fit = SHARD_QUEUE_BYTES / big.len();
+        for _ in 0..fit + 2 {
+            routes.dispatch_tcp(a.port, big.clone());
+        }
+        assert!(fit * big.len() >= crate::server::tcp_expose::DIRECT_BUFFER_MAX);
+        assert_eq!(routes.dropped_packets(), 2);
+        // Another port's queue is not touched by it.
+        routes.dispatch_tcp(b.port, big.clone());
+        assert_eq!(routes.dropped_packets(), 2);
+        assert_eq!(rx_b.try_recv().unwrap().len(), big.len());
+        // Taking packets makes room again.
+        assert!(rx_a.try_recv().is_some());
+        routes.dispatch_tcp(a.port, big.clone());
+        assert_eq!(routes.dropped_packets(), 2);
         drop(rx_a);
         assert_eq!(routes.queued_bytes(), 0);
     }
