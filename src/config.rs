@@ -116,9 +116,11 @@ pub struct ExposeConfig {
     #[serde(default)]
     pub warm: usize,
     /// TCP only: the throughput (Mbit/s) one direct client connection should reach on the
-    /// site's WAN path. It sizes the camera connection's receive window ((round trip + 2 ms of
-    /// host service latency) × rate, 2 MiB to 16 MiB), and so the memory each connection may
-    /// take while its client falls behind.
+    /// site's WAN path from its first round trip. It sizes the camera connection's receive
+    /// window as it opens ((round trip + 2 ms of host service latency) × rate, 2 MiB to 16 MiB);
+    /// the window then doubles, up to 16 MiB, whenever the connection moves more than half of
+    /// it in one round trip. A window is memory the connection may take while its client falls
+    /// behind.
     #[serde(default)]
     pub rate_mbit: Option<u32>,
 }
