@@ -468,6 +468,7 @@ fi
 # ------------------------------------------------------------------ 5. UDP mappings (last: the
 # keepalives of 10,000 mappings keep beckon's stack task busy and would skew later TCP phases)
 if phase udp; then
+  settle_tcp
   log "udp: $UDP_FLOWS flows (one client socket each) to one exposure, budget ${UDP_BUDGET}s + 30 s keepalive-only"
   in_ns "$SRV_NS" $((UDP_BUDGET + 120)) "$PY" "$BDIR/udp_flows.py" --beckon "$BECKON" --port 15060 \
     --flows "$UDP_FLOWS" --budget "$UDP_BUDGET" --idle 30 --pid server="$SERVER_PID" --pid trigger_a="$TRG_A_PID" \

@@ -343,8 +343,9 @@ if udp:
     cpu1 = udp["cpu_round1"]
     out(f"| UDP mappings: {udp['flows']} flows (emulated cameras) to one exposure: mapped in round 1 "
         f"(p50 {f1(udp['round1_ms_p50'])} ms, p99 {f1(udp['round1_ms_p99'])} ms per flow), answered directly in round 2 "
-        f"(p50 {f1(udp['round2_ms_p50'])} ms); server RSS {f1(udp['cpu_round2'].get('server_rss_mb'))} MB "
-        f"(the process's, incl. what earlier phases left allocated), "
+        f"(p50 {f1(udp['round2_ms_p50'])} ms); server RSS {f1(udp.get('cpu_idle', {}).get('server_rss_mb'))} MB "
+        f"after the keepalive-only period ({f1(udp['cpu_round2'].get('server_rss_mb'))} MB at the end of round 2: "
+        f"the process's, incl. what earlier phases left allocated, which goes back to the kernel within 30 s), "
         f"CPU {f1(cpu1.get('server_cpu_s'))} s for round 1, {f1(udp['cpu_round2'].get('server_cpu_s'))} s for round 2; "
         f"keepalives only ({udp.get('keepalives_idle', '?')} in {f1(udp.get('cpu_idle', {}).get('wall_s'))} s): server "
         f"{f1(udp.get('cpu_idle', {}).get('server_cpu_pct'))} % of a core; "

@@ -28,10 +28,10 @@ impl Reservation {
     }
 
     /// Count `more` (reserved from the same budget) as part of this reservation from now on.
-    pub fn absorb(&mut self, more: Reservation) {
+    pub fn absorb(&mut self, mut more: Reservation) {
         debug_assert!(Arc::ptr_eq(&self.held, &more.held), "reservations of different budgets");
-        self.bytes += more.bytes;
-        std::mem::forget(more); // its bytes stay held, now released with `self`
+        // Its bytes stay held, now released with `self`; dropping it releases nothing.
+        self.bytes += std::mem::take(&mut more.bytes);
     }
 }
 

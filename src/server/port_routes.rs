@@ -10,20 +10,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
-/// Bytes queued from the TUN reader to one TCP shard (beyond: dropped, TCP retransmits): the
-/// largest window (`DIRECT_BUFFER_MAX`, 16 MiB) and some slack. A camera never has more than
-/// its window in flight, so a shard that falls behind for a moment loses nothing, whether its
-/// packets come as 64 KB super-packets (TUN offload) or as MSS-sized segments (a path without
-/// GRO, where 256 packets, the bound before, held ≈ 370 KB and dropped bursts of a 2 MiB window:
-/// 800-1,700 drops per 100 MB through the lab's 20 ms WAN).
+/// Packet bytes queued from the TUN reader to one TCP shard (beyond: dropped, TCP retransmits):
+/// the largest window (`DIRECT_BUFFER_MAX`, 16 MiB) and some slack. A camera never has more
+/// than its window in flight, so a shard that falls behind for a moment loses nothing, whether
+/// its packets come as 64 KB super-packets (TUN offload) or as MSS-sized segments (a path
+/// without GRO, where 256 packets, the bound before, held ≈ 370 KB and dropped bursts of a
+/// 2 MiB window: 800-1,700 drops per 100 MB through the lab's 20 ms WAN). Counted by packet
+/// length; the memory behind it is at most twice that (a handed-over read buffer holds at most
+/// twice its packet, see `tun::RxBuf::take_whole`), and all queues share [`QUEUED_BYTES_MAX`].
 const SHARD_QUEUE_BYTES: usize = super::tcp_expose::DIRECT_BUFFER_MAX + 1024 * 1024;
-/// Packets queued to one TCP shard: enough for [`SHARD_QUEUE_BYTES`] of MSS-sized segments;
-/// a queue of small packets (ACKs) is bounded here.
-const SHARD_QUEUE: usize = 16 * 1024;
+/// Packets queued to one TCP shard: [`SHARD_QUEUE_BYTES`] of segments down to an MSS of 544
+/// bytes; a queue of small packets (ACKs) is bounded here.
+const SHARD_QUEUE: usize = 32 * 1024;
 /// Packets and bytes queued to one UDP probe.
 const PROBE_QUEUE: usize = 64;
 const PROBE_QUEUE_BYTES: usize = 1024 * 1024;
-/// Bytes queued to all shards and probes together. Each queue is bounded in packets, but
+/// Buffer bytes queued to all shards and probes together. Each queue is bounded on its own, but
 /// thousands of shards that all fall behind (an overloaded server) could otherwise hold GBs of
 /// super-packets; beyond this the reader drops, as the kernel does when the TUN queue is full.
 pub const QUEUED_BYTES_MAX: usize = 256 * 1024 * 1024;
@@ -148,12 +150,13 @@ impl PortRoutes {
     }
 
     /// A full queue (in packets or bytes) or a full budget drops the packet (TCP retransmits,
-    /// probes retry); it is still the port's. The budgets count the buffer's capacity: a
-    /// handed-over read buffer holds more than its packet.
+    /// probes retry); it is still the port's. A port's queue counts packet bytes (what the
+    /// sender's window allows); the budget of all queues counts the buffer's capacity, the
+    /// memory: a handed-over read buffer holds more than its packet.
     fn dispatch(&self, routes: &Routes, port: u16, pkt: Vec<u8>) -> bool {
         let map = routes.lock().unwrap();
         let Some(route) = map.get(&port) else { return false };
-        let Some(counted_for_port) = route.queued.try_reserve(pkt.capacity()) else {
+        let Some(counted_for_port) = route.queued.try_reserve(pkt.len()) else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return true;
         };
@@ -236,6 +239,15 @@ mod tests {
         for _ in 0..burst {
             assert_eq!(rx_a.try_recv().unwrap().len(), segment.len());
         }
+        // Super-packets in read buffers twice their size: a port's queue counts their length.
+        let packet = vec![3u8; 40 * 1024];
+        for _ in 0..crate::server::tcp_expose::DIRECT_BUFFER_MAX / packet.len() {
+            let mut read_buffer = Vec::with_capacity(64 * 1024);
+            read_buffer.extend_from_slice(&packet);
+            routes.dispatch_tcp(a.port, read_buffer);
+        }
+        assert_eq!(routes.dropped_packets(), 0);
+        while rx_a.try_recv().is_some() {}
         // Super-packets: the largest window's worth, then the port's byte bound drops.
         let big = vec![2u8; 64 * 1024];
         let fit = SHARD_QUEUE_BYTES / big.len();

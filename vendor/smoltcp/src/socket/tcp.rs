@@ -600,9 +600,10 @@ impl<'a> Socket<'a> {
     /// beckon patch: the largest receive buffer this socket may be given by
     /// [`Socket::grow_rx_buffer`]. The window scale a connection announces in its SYN is fixed for
     /// its lifetime, so it is chosen for this capacity (or the buffer's, if larger) from the next
-    /// `connect` on; a larger scale only makes the window's unit coarser (256 bytes for 16 MiB).
+    /// `connect` on; a larger scale only makes the window's unit coarser (512 bytes for 16 MiB).
+    /// At most 1 GiB - 1 (window scale 14, RFC 7323's largest).
     pub fn set_rx_capacity_max(&mut self, capacity: usize) {
-        self.rx_capacity_max = capacity.min(1 << 30);
+        self.rx_capacity_max = capacity.min((1 << 30) - 1);
     }
 
     /// beckon patch: replace the receive buffer with a larger one, so that the window can grow
