@@ -147,6 +147,51 @@ mod tests {
         assert_eq!(t.poll(6 * MIB as u64, now + RTT * 3), None, "2 MiB per round trip is half of 4 MiB");
     }
 
+    proptest::proptest! {
+        /// Whatever the traffic and however often it is polled: a proposal is twice the window
+        /// (or the max), never beyond the max; at most one per round trip; none for a
+        /// connection that moved at most half its window per round trip since the last look.
+        #[test]
+        fn proposals_double_within_the_max_at_most_once_per_round_trip(
+            window_kib in 64usize..16384,
+            max_factor in 1usize..8,
+            period_ms in 1u64..200,
+            steps in proptest::collection::vec((0u64..400, 0u64..20_000_000, proptest::bool::ANY), 1..200),
+        ) {
+            let (window, period) = (window_kib * 1024, Duration::from_millis(period_ms));
+            let max = window * max_factor;
+            let start = Instant::now();
+            let mut t = RxWindowTuner::new(window, max, period, 0, start);
+            let (mut now, mut received) = (start, 0u64);
+            let (mut looked_at, mut received_then) = (start, 0u64);
+            for (advance_ms, bytes, install) in steps {
+                now += Duration::from_millis(advance_ms);
+                received += bytes;
+                let before = t.window();
+                let proposal = t.poll(received, now);
+                let elapsed = now - looked_at;
+                if elapsed >= period {
+                    let per_round_trip = (received - received_then) as f64 * period.as_secs_f64() / elapsed.as_secs_f64();
+                    if before < max {
+                        proptest::prop_assert_eq!(proposal.is_some(), per_round_trip * 2.0 > before as f64);
+                        looked_at = now;
+                        received_then = received;
+                    }
+                } else {
+                    proptest::prop_assert_eq!(proposal, None, "within a round trip of the last look");
+                }
+                if let Some(size) = proposal {
+                    proptest::prop_assert_eq!(size, (before * 2).min(max));
+                    proptest::prop_assert!(size > before && size <= max);
+                    if install {
+                        t.grown(size);
+                    }
+                }
+                proptest::prop_assert!(t.window() <= max);
+            }
+        }
+    }
+
     #[test]
     fn the_max_caps_an_uneven_doubling() {
         let now = Instant::now();
