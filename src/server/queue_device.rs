@@ -319,7 +319,7 @@ mod tests {
         let (mut server, mut client) = (host_tx([198, 18, 0, 1], RING, 4096), host_tx([198, 18, 0, 2], 4096, 2 * GROWN));
         server.sock().set_rx_capacity_max(GROWN);
         connect(&mut server, &mut client);
-        let mut deliver = |client: &mut Host, server: &mut Host| {
+        let deliver = |client: &mut Host, server: &mut Host| {
             for _ in 0..20 {
                 shuttle(client, server);
                 if client.sock().send_queue() == 0 {
