@@ -332,3 +332,41 @@ impl StatusDoc {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The connections table shows each direct connection's window, and `-` where there is
+    /// none (assisted); the counters line shows how often windows grew. A status document from
+    /// an older server (no `window_kib`, no `tcp_windows_grown`) still parses.
+    #[test]
+    fn connections_show_their_window_and_old_documents_parse() {
+        let conn = |path: &str, window_kib| ConnectionStatus {
+            camera: "site-a/cam1".into(),
+            service: "tcp/80".into(),
+            client: "127.0.0.1:40000".into(),
+            path: path.into(),
+            window_kib,
+            ..Default::default()
+        };
+        let doc = StatusDoc {
+            connections: vec![conn("direct", Some(4096)), conn("assisted", None)],
+            counters: Counters { tcp_windows_grown: 3, ..Default::default() },
+            ..Default::default()
+        };
+        let text = doc.render();
+        let lines: Vec<&str> = text.lines().collect();
+        let header = lines.iter().position(|l| l.starts_with("camera ") && l.contains("from camera")).expect("connections header");
+        assert!(lines[header].trim_end().ends_with("window"), "{}", lines[header]);
+        assert!(lines[header + 1].contains("direct") && lines[header + 1].trim_end().ends_with("4096K"), "{}", lines[header + 1]);
+        assert!(lines[header + 2].contains("assisted") && lines[header + 2].trim_end().ends_with('-'), "{}", lines[header + 2]);
+        assert!(text.contains("windows grown 3"), "{text}");
+
+        let mut json = serde_json::to_value(&doc).unwrap();
+        json["connections"][0].as_object_mut().unwrap().remove("window_kib");
+        json["counters"].as_object_mut().unwrap().remove("tcp_windows_grown");
+        let old: StatusDoc = serde_json::from_value(json).unwrap();
+        assert_eq!((old.connections[0].window_kib, old.counters.tcp_windows_grown), (None, 0));
+    }
+}
