@@ -314,11 +314,13 @@ mod tests {
         // Without a declared maximum the scale cannot announce the larger buffer: refused.
         let (mut server, mut client) = (host_tx([198, 18, 0, 1], RING, 4096), host_tx([198, 18, 0, 2], 4096, 4096));
         connect(&mut server, &mut client);
+        assert_eq!(server.sock().rx_window_announceable(), 65535 << 1);
         assert!(server.sock().grow_rx_buffer(tcp::SocketBuffer::new(vec![0; GROWN])).is_err());
 
         let (mut server, mut client) = (host_tx([198, 18, 0, 1], RING, 4096), host_tx([198, 18, 0, 2], 4096, 2 * GROWN));
         server.sock().set_rx_capacity_max(GROWN);
         connect(&mut server, &mut client);
+        assert_eq!(server.sock().rx_window_announceable(), 65535 << 3);
         let deliver = |client: &mut Host, server: &mut Host| {
             for _ in 0..20 {
                 shuttle(client, server);

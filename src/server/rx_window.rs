@@ -66,6 +66,12 @@ impl RxWindowTuner {
     pub fn grown(&mut self, size: usize) {
         self.window = size;
     }
+
+    /// The window cannot grow any more (the connection's window scale cannot announce more):
+    /// no more proposals.
+    pub fn stop(&mut self) {
+        self.max = self.window;
+    }
 }
 
 #[cfg(test)]
@@ -190,6 +196,16 @@ mod tests {
                 proptest::prop_assert!(t.window() <= max);
             }
         }
+    }
+
+    #[test]
+    fn a_stopped_tuner_proposes_nothing() {
+        let now = Instant::now();
+        let mut t = RxWindowTuner::new(2 * MIB, 16 * MIB, RTT, 0, now);
+        assert_eq!(t.poll(2 * MIB as u64, now + RTT), Some(4 * MIB));
+        t.stop();
+        assert_eq!(t.poll(100 * MIB as u64, now + RTT * 2), None);
+        assert_eq!(t.window(), 2 * MIB);
     }
 
     #[test]

@@ -92,6 +92,15 @@ pub struct ConnInfo {
     pub note: Option<String>,
 }
 
+/// What became of a window's growth ([`Shard::grow_window`]).
+enum Growth {
+    Done,
+    /// Not now (the budget of all windows is taken, or bytes are buffered): ask again.
+    Later,
+    /// Never: the window scale agreed with the camera cannot announce it.
+    Never,
+}
+
 pub struct DirectParams {
     pub strategy: Strategy,
     pub site: String,
@@ -435,9 +444,13 @@ impl Shard {
                 break 'splice;
             }
             if let Some(size) = tuner.poll(self.record.from_camera.load(Ordering::Relaxed), Instant::now()) {
-                if self.grow_window(size) {
-                    tuner.grown(size);
-                    continue; // let smoltcp announce the larger window
+                match self.grow_window(size) {
+                    Growth::Done => {
+                        tuner.grown(size);
+                        continue; // let smoltcp announce the larger window
+                    }
+                    Growth::Later => {}
+                    Growth::Never => tuner.stop(),
                 }
             }
             let s = self.sockets.get_mut::<tcp::Socket>(self.handle);
@@ -522,15 +535,20 @@ impl Shard {
     }
 
     /// Give the connection a receive buffer (window) of `size` bytes, if the budget of all
-    /// windows has room and smoltcp's ring is empty now (else false: the tuner asks again).
-    fn grow_window(&mut self, size: usize) -> bool {
+    /// windows has room and smoltcp's ring is empty now (else `Later`: the tuner asks again).
+    /// `Never` where smoltcp refuses an empty ring's growth: the window scale agreed with the
+    /// camera cannot announce it (a camera without window scaling: 64 KiB at most).
+    fn grow_window(&mut self, size: usize) -> Growth {
         let old = self.window();
+        if size > self.sockets.get::<tcp::Socket>(self.handle).rx_window_announceable() {
+            return Growth::Never;
+        }
         let Some(more) = size.checked_sub(old).and_then(|extra| self.shared.windows.try_reserve(extra)) else {
-            return false;
+            return Growth::Later;
         };
         let s = self.sockets.get_mut::<tcp::Socket>(self.handle);
         if s.recv_queue() > 0 {
-            return false; // cheaper than allocating a ring smoltcp would refuse
+            return Growth::Later; // cheaper than allocating a ring smoltcp would refuse
         }
         match s.grow_rx_buffer(tcp::SocketBuffer::new(vec![0; size])) {
             Ok(()) => {
@@ -538,9 +556,9 @@ impl Shard {
                 self.record.window.store(size as u64, Ordering::Relaxed);
                 self.shared.stats.tcp_windows_grown.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(camera = %self.record.camera, client = %self.record.client, from_kib = old / 1024, to_kib = size / 1024, "receive window grown");
-                true
+                Growth::Done
             }
-            Err(_) => false,
+            Err(_) => Growth::Later, // bytes wait out of order
         }
     }
 

@@ -606,6 +606,12 @@ impl<'a> Socket<'a> {
         self.rx_capacity_max = capacity.min((1 << 30) - 1);
     }
 
+    /// beckon patch: the largest receive window the window scale in use can announce (64 KiB
+    /// with a peer that does not scale windows); a larger buffer could never be used whole.
+    pub fn rx_window_announceable(&self) -> usize {
+        (u16::MAX as usize) << self.remote_win_shift
+    }
+
     /// beckon patch: replace the receive buffer with a larger one, so that the window can grow
     /// with demand. Only while the buffer holds nothing and nothing waits out of order (then no
     /// byte is stored at any position, and the window, the free space, can only grow); otherwise,
@@ -613,11 +619,10 @@ impl<'a> Socket<'a> {
     /// handed back unused. The grown window is announced with the next ACK (at once if it at
     /// least doubled, see `window_to_update`).
     pub fn grow_rx_buffer(&mut self, buffer: SocketBuffer<'a>) -> Result<(), SocketBuffer<'a>> {
-        let announceable = (u16::MAX as usize) << self.remote_win_shift;
         if !self.rx_buffer.is_empty()
             || !self.assembler.is_empty()
             || buffer.capacity() <= self.rx_buffer.capacity()
-            || buffer.capacity() > announceable.max(self.rx_buffer.capacity())
+            || buffer.capacity() > self.rx_window_announceable().max(self.rx_buffer.capacity())
         {
             return Err(buffer);
         }
