@@ -377,8 +377,6 @@ fi
 # ------------------------------------------------------------------ 3. concurrent paced streams
 open_conns() { status_json | jq_py "len(d['connections'])"; }
 no_conns() { [ "$(open_conns)" = 0 ]; }
-# streams_phase LABEL PORT BUDGET LEVELS : N paced streams through one exposure, N from LEVELS
-# while they hold, then one midpoint; results in RUN/streams-LABEL*.json
 # The kernel's orphaned TCP sockets (closed by their process, still sending: a stalled level
 # leaves thousands, each holding its unsent data) count against the one TCP memory budget
 # (`tcp_mem`) of every namespace on this host; left over, they push the next measurement into
@@ -394,6 +392,8 @@ settle_tcp() {
   done
   log "still $orphans orphaned TCP sockets after 120 s; measuring on"
 }
+# streams_phase LABEL PORT BUDGET LEVELS : N paced streams through one exposure, N from LEVELS
+# while they hold, then one midpoint; results in RUN/streams-LABEL*.json
 streams_phase() {
   local label=$1 port=$2 budget=$3 levels=$4 t0 n last_ok=0 first_bad=""
   t0=$(date +%s)

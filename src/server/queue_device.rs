@@ -120,6 +120,17 @@ mod tests {
         (out, take)
     }
 
+    /// Carry packets across until the client's sends are all acknowledged (at most 20 rounds:
+    /// a window that stays closed leaves them queued, which the caller checks).
+    fn deliver(client: &mut Host, server: &mut Host) {
+        for _ in 0..20 {
+            shuttle(client, server);
+            if client.sock().send_queue() == 0 {
+                break;
+            }
+        }
+    }
+
     /// Poll both hosts and carry their packets across until neither has anything to say.
     fn shuttle(a: &mut Host, b: &mut Host) {
         for _ in 0..50 {
@@ -278,12 +289,7 @@ mod tests {
 
         // Twice the ring through the sink, nobody reading the ring: the window stays open.
         assert_eq!(client.sock().send_slice(&data[..2 * RING]).unwrap(), 2 * RING);
-        for _ in 0..20 {
-            shuttle(&mut client, &mut server);
-            if client.sock().send_queue() == 0 {
-                break;
-            }
-        }
+        deliver(&mut client, &mut server);
         assert_eq!(client.sock().send_queue(), 0, "all acknowledged");
         assert_eq!(server.sock().recv_queue(), 0);
 
@@ -321,14 +327,6 @@ mod tests {
         server.sock().set_rx_capacity_max(GROWN);
         connect(&mut server, &mut client);
         assert_eq!(server.sock().rx_window_announceable(), 65535 << 3);
-        let deliver = |client: &mut Host, server: &mut Host| {
-            for _ in 0..20 {
-                shuttle(client, server);
-                if client.sock().send_queue() == 0 {
-                    break;
-                }
-            }
-        };
         let mut got = Vec::new();
 
         // 100 KiB, nobody reading: 64 KiB fill the ring (less what the scale's unit of 8 bytes
