@@ -205,6 +205,8 @@ public_ip = "203.0.113.100"
 wan_interface = "eth0"
 state_dir = "$STATE"
 keepalive_secs = 20
+# The streams phase looks for the host's limit, not for the configured one.
+max_tcp_clients = 100000
 [[site]]
 name = "site-a"
 token = "bench-token-a-4c1d"

@@ -44,6 +44,12 @@ fn default_admin() -> SocketAddr {
 fn default_keepalive() -> u64 {
     20
 }
+/// `max_tcp_clients`: the default and the largest accepted.
+pub const DEFAULT_MAX_TCP_CLIENTS: usize = 4096;
+pub const MAX_TCP_CLIENTS: usize = 100_000;
+fn default_max_tcp_clients() -> usize {
+    DEFAULT_MAX_TCP_CLIENTS
+}
 fn default_tun() -> String {
     "beckon0".into()
 }
@@ -68,6 +74,11 @@ pub struct ServerConfig {
     pub tun_name: String,
     #[serde(default)]
     pub tls: Option<TlsFiles>,
+    /// TCP clients of all exposures together (direct and assisted) the server serves at once;
+    /// one more is reset at once. Past what the host can carry, every stream would stall
+    /// together; this refuses the newcomer instead (size it with `scripts/bench.sh`).
+    #[serde(default = "default_max_tcp_clients")]
+    pub max_tcp_clients: usize,
     #[serde(default, rename = "site")]
     pub sites: Vec<SiteConfig>,
     #[serde(default, rename = "expose")]
@@ -157,6 +168,9 @@ impl ServerConfig {
         }
         if self.tun_name.is_empty() || self.tun_name.len() > 15 {
             return Err(err(path, "key `tun_name`: must be 1-15 characters (a Linux interface name)"));
+        }
+        if !(1..=MAX_TCP_CLIENTS).contains(&self.max_tcp_clients) {
+            return Err(err(path, format!("key `max_tcp_clients`: must be 1-{MAX_TCP_CLIENTS} (TCP clients served at once)")));
         }
         let mut names = HashSet::new();
         for (i, s) in self.sites.iter().enumerate() {
@@ -330,6 +344,7 @@ listen = "127.0.0.1:15060"
         let c: ServerConfig = parse(p, SERVER).unwrap();
         c.validate(p).unwrap();
         assert_eq!(c.keepalive_secs, 20);
+        assert_eq!(c.max_tcp_clients, DEFAULT_MAX_TCP_CLIENTS);
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:7480");
         assert_eq!(c.exposes[0].site(), "site-a");
         assert_eq!(c.exposes[0].camera_name(), "cam1");
@@ -383,6 +398,21 @@ listen = "127.0.0.1:15060"
         assert!(with("proto = \"tcp\"\nrate_mbit = 500", true).is_ok());
         assert!(with("proto = \"tcp\"\nrate_mbit = 0", true).unwrap_err().contains("expose[1].rate_mbit"));
         assert!(with("proto = \"udp\"\nrate_mbit = 8", true).unwrap_err().contains("for tcp exposures"));
+    }
+
+    #[test]
+    fn max_tcp_clients_is_bounded() {
+        let p = Path::new("server.toml");
+        let with = |v: &str| {
+            let text = SERVER.replace("state_dir = \"/tmp/x\"", &format!("state_dir = \"/tmp/x\"\nmax_tcp_clients = {v}"));
+            parse::<ServerConfig>(p, &text).map_err(|e| e.to_string())?.validate(p).map_err(|e| e.to_string())
+        };
+        assert!(with("1").is_ok());
+        assert!(with("100000").is_ok());
+        assert!(with("0").unwrap_err().contains("key `max_tcp_clients`: must be 1-100000"));
+        assert!(with("100001").unwrap_err().contains("max_tcp_clients"));
+        let negative = with("-1").unwrap_err();
+        assert!(negative.contains("line 5") && negative.contains("invalid value"), "{negative}");
     }
 
     #[test]

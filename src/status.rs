@@ -185,6 +185,9 @@ pub struct Counters {
     /// round trip).
     #[serde(default)]
     pub tcp_windows_grown: u64,
+    /// TCP clients reset at once because `max_tcp_clients` were being served.
+    #[serde(default)]
+    pub tcp_clients_refused: u64,
     #[serde(default)]
     pub tcp_bytes_direct: u64,
     /// Bytes the triggers carried on the assisted path.
@@ -317,7 +320,7 @@ impl StatusDoc {
         );
         let _ = writeln!(
             s,
-            "tcp: direct {} ({} pre-opened; {} bytes), assisted {} ({} bytes carried by triggers), failed {}, direct fallbacks {}, windows grown {}",
+            "tcp: direct {} ({} pre-opened; {} bytes), assisted {} ({} bytes carried by triggers), failed {}, direct fallbacks {}, windows grown {}, clients refused {}",
             c.tcp_connections_direct,
             c.tcp_connections_warm,
             c.tcp_bytes_direct,
@@ -325,7 +328,8 @@ impl StatusDoc {
             c.tcp_bytes_assisted,
             c.tcp_connections_failed,
             c.tcp_direct_fallbacks,
-            c.tcp_windows_grown
+            c.tcp_windows_grown,
+            c.tcp_clients_refused
         );
         let _ = writeln!(s, "camera packets dropped (server behind): {}", c.camera_packets_dropped);
         let _ = writeln!(s, "control: auth failures {}, bad frames {}", c.auth_failures, c.bad_frames);

@@ -320,6 +320,9 @@ fn lossy_wan_twenty_connections_per_site_all_succeed() {
 /// A NAT with a short TCP timeout (established entries expire after 8 s idle): an idle direct
 /// RTSP connection survives 25 s of silence because the server's TCP keepalives (every
 /// keepalive_secs = 5 s, answered by the camera's own stack) refresh the NAT's entry.
+/// The server serves one TCP client at a time (`max_tcp_clients = 1`): while the idle one is
+/// open, a client of another exposure is reset at once (the limit is the server's), and one is
+/// admitted again after the first has left.
 #[test]
 fn idle_direct_tcp_survives_a_short_nat_tcp_timeout() {
     let mut lab = Lab::up("bk-t5", &["--rtsp"]);
@@ -328,8 +331,8 @@ fn idle_direct_tcp_survives_a_short_nat_tcp_timeout() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    start(&mut lab, true);
-    let answers = lab.in_ns("srv", || {
+    start_with(&mut lab, tcp_server_toml(true).max_tcp_clients(1));
+    let idle = lab.spawn_in_ns("srv", || {
         let mut s = TcpStream::connect(("127.0.0.1", 18080)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut ask = |cseq: u32| {
@@ -343,10 +346,32 @@ fn idle_direct_tcp_survives_a_short_nat_tcp_timeout() {
         let second = ask(2);
         (first, second)
     });
+    wait_for(Duration::from_secs(10), "the idle client's connection in status", || {
+        lab.status()["connections"].as_array().unwrap().len() == 1
+    });
+    let refused = lab.in_ns("srv", || {
+        let mut s = TcpStream::connect(("127.0.0.1", 18090)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).map(|_| out).map_err(|e| e.kind())
+    });
+    assert_eq!(refused, Err(std::io::ErrorKind::ConnectionReset), "a second client while max_tcp_clients = 1 is served");
+    let st = lab.status();
+    assert_eq!(counter(&st, "tcp_clients_refused"), 1, "{:#}", st["counters"]);
+    assert_eq!(lab.log_lines("server", &["TCP client refused (reset): max_tcp_clients are being served"]).len(), 1);
+
+    let answers = idle.join().unwrap();
     assert!(answers.0.starts_with("RTSP/1.0 200 OK") && answers.0.contains("CSeq: 1"), "{}", answers.0);
     assert!(answers.1.starts_with("RTSP/1.0 200 OK") && answers.1.contains("CSeq: 2"), "after 25 s idle: {:?}", answers.1);
     let st = lab.status();
     assert_eq!(st["counters"]["tcp_connections_direct"], 1, "one connection, direct, kept alive: {:#}", st["counters"]);
+
+    // The idle client has left: the next one is served.
+    wait_for(Duration::from_secs(20), "the idle client's connection closed", || lab.status()["connections"].as_array().unwrap().is_empty());
+    let page = get(&lab, 18090, "/");
+    assert!(page.contains("<h1>camera cam-a</h1>"), "{page}");
+    let st = lab.status();
+    assert_eq!((counter(&st, "tcp_clients_refused"), counter(&st, "tcp_connections_direct")), (1, 2), "{:#}", st["counters"]);
 }
 
 /// Server ports of the direct connections to site a's camera web server that site a's NAT holds

@@ -62,6 +62,7 @@ pub struct ControlStats {
     pub tcp_connections_failed: AtomicU64,
     pub tcp_direct_fallbacks: AtomicU64,
     pub tcp_windows_grown: AtomicU64,
+    pub tcp_clients_refused: AtomicU64,
     /// Bytes of connections that have closed (open ones are summed from their records).
     pub tcp_bytes_direct_closed: AtomicU64,
     pub tcp_bytes_assisted_closed: AtomicU64,
@@ -91,6 +92,9 @@ pub struct Shared {
     pub site_rtt: Mutex<HashMap<String, std::time::Duration>>,
     /// Receive buffers of all open direct connections (`DIRECT_WINDOWS_TOTAL`).
     pub windows: byte_budget::ByteBudget,
+    /// One permit per TCP client being served, of all exposures (`max_tcp_clients`).
+    pub tcp_clients: Arc<tokio::sync::Semaphore>,
+    pub refusals: Mutex<tcp_expose::RefusalLog>,
     /// Per-camera addresses inside the userspace stack (never on the wire).
     virt: Mutex<HashMap<(String, String), std::net::Ipv4Addr>>,
 }
@@ -117,6 +121,8 @@ impl Shared {
             strategy_failed: cooldown::Cooldown::new(tcp_expose::FAILURE_BACKOFF),
             site_rtt: Mutex::new(HashMap::new()),
             windows: byte_budget::ByteBudget::new(tcp_expose::DIRECT_WINDOWS_TOTAL),
+            tcp_clients: Arc::new(tokio::sync::Semaphore::new(cfg.max_tcp_clients)),
+            refusals: Mutex::new(tcp_expose::RefusalLog::default()),
             virt: Mutex::new(HashMap::new()),
             cfg,
         }
@@ -249,6 +255,7 @@ impl Shared {
                 tcp_connections_failed: st.tcp_connections_failed.load(Ordering::Relaxed),
                 tcp_direct_fallbacks: st.tcp_direct_fallbacks.load(Ordering::Relaxed),
                 tcp_windows_grown: st.tcp_windows_grown.load(Ordering::Relaxed),
+                tcp_clients_refused: st.tcp_clients_refused.load(Ordering::Relaxed),
                 tcp_bytes_direct: st.tcp_bytes_direct_closed.load(Ordering::Relaxed) + open_direct,
                 tcp_bytes_assisted: st.tcp_bytes_assisted_closed.load(Ordering::Relaxed) + open_assisted,
                 indications_sent: st.indications_sent.load(Ordering::Relaxed),

@@ -202,6 +202,8 @@ ports = ["udp/5060"]
 /// configurations differ only where they say so.
 pub struct ServerToml {
     keepalive_secs: u64,
+    /// None leaves the key out (the server's default).
+    max_tcp_clients: Option<usize>,
     sites: Vec<SiteToml>,
     exposes: Vec<ExposeToml>,
 }
@@ -226,7 +228,7 @@ struct ExposeToml {
 
 impl ServerToml {
     pub fn new(keepalive_secs: u64) -> ServerToml {
-        ServerToml { keepalive_secs, sites: Vec::new(), exposes: Vec::new() }
+        ServerToml { keepalive_secs, max_tcp_clients: None, sites: Vec::new(), exposes: Vec::new() }
     }
 
     /// A `[[site]]`; `direct_tcp` None omits the key.
@@ -245,6 +247,12 @@ impl ServerToml {
             warm: None,
             rate_mbit: None,
         });
+        self
+    }
+
+    /// `max_tcp_clients = n`.
+    pub fn max_tcp_clients(mut self, n: usize) -> ServerToml {
+        self.max_tcp_clients = Some(n);
         self
     }
 
@@ -271,6 +279,9 @@ keepalive_secs = {}
 "#,
             self.keepalive_secs
         );
+        if let Some(n) = self.max_tcp_clients {
+            t += &format!("max_tcp_clients = {n}\n");
+        }
         for s in &self.sites {
             t += &format!(
                 r#"[[site]]
