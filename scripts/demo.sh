@@ -3,8 +3,8 @@
 # behind its own strict Linux NAT router (nftables masquerade + conntrack, `ct state invalid drop`;
 # site b with `random,fully-random` ports), a trigger on each LAN, a server on the "internet".
 # Unchanged clients on the server host (curl, ffmpeg, a SIP client) reach both cameras through
-# beckon; then both triggers are killed and the live streams go on: the triggers only sent a few
-# packets per connection.
+# beckon; then both triggers are killed, one after the other, and the live streams go on: the
+# triggers only sent a few packets per connection.
 #   sudo ./scripts/demo.sh            (snapshots are left in ./beckon-demo/)
 # Everything runs in network namespaces named bk-demo-*; all of it is removed on exit or Ctrl-C.
 set -euo pipefail
@@ -44,13 +44,16 @@ echo "building beckon (release)…"
 (cd "$ROOT" && cargo build --release --quiet)
 BECKON=$ROOT/target/release/beckon
 
-say "2/6 lab: two sites, same camera IP 198.18.1.10, each behind a strict Linux NAT; RTSP + web cameras"
-"$ROOT/scripts/lab/lab.sh" up "$PREFIX" --mode-a invdrop --mode-b random-invdrop --rtsp
+say "2/6 lab: two sites, same camera IP 198.18.1.10, each behind a strict Linux NAT; RTSP + web cameras; a WAN with delay"
+"$ROOT/scripts/lab/lab.sh" up "$PREFIX" --mode-a invdrop --mode-b random-invdrop --rtsp --delay-ms 10
 nsx() { local ns=$1; shift; ip netns exec "$PREFIX-$ns" "$@"; }
+WAN_RTT=$(nsx srv ping -c 3 -i 0.2 -q 203.0.113.2 | awk -F/ '/^rtt/ { printf "%.0f", $5 }')
+export WAN_RTT
+echo "WAN: 10 ms each way between the server and the site routers (ping server -> site a's router: ${WAN_RTT} ms)"
 status_json() { nsx srv "$BECKON" status --json; }
 cat >"$WORK/show.py" <<'EOT'
 # Renders parts of `beckon status --json` (stdin) for the demo.
-import json, sys
+import json, os, re, sys
 s = json.load(sys.stdin)
 what = sys.argv[1]
 if what == "ready":
@@ -65,21 +68,46 @@ elif what == "profiles":
         print("      udp: port preserved %s, mapping %s, filtering %s" % (u.get("port_preserved"), u.get("mapping"), u.get("filtering")))
 elif what == "connections":
     for c in s["connections"]:
-        st = c["strategy"] + ("/" + c["steering"] if c.get("steering") else "")
-        print("  %s %s: %s via %s, NAT mapping %s, setup %s ms (%s WAN round trips), %s trigger packets, %s bytes so far"
-              % (c["camera"], c["service"], c["path"], st, c["public_endpoint"], c["setup_ms"], c["round_trips"], c["trigger_packets"], c["bytes_from_camera"]))
+        if c["path"] == "direct":
+            via = "direct via %s%s, NAT mapping %s" % (c.get("strategy") or "?", "/" + c["steering"] if c.get("steering") else "",
+                                                     c.get("public_endpoint") or "?")
+        else:  # assisted (the trigger carries the bytes) or still connecting
+            via = c["path"]
+        print("  %s %s: %s, setup %s ms (%s WAN round trips), %s trigger packets, %s bytes so far"
+              % (c["camera"], c["service"], via, c.get("setup_ms"), c.get("round_trips"), c.get("trigger_packets"), c.get("bytes_from_camera")))
 elif what == "summary":
     c = s["counters"]
+    # Every TCP connection of the run, from the server's log lines "direct TCP connection up"
+    # and "assisted TCP connection up" (key=value fields of tracing's format).
+    ups = {}
+    for line in open(sys.argv[2], errors="replace"):
+        m = re.search(r"(direct|assisted) TCP connection up", line)
+        if m:
+            f = {k: v.strip('"') for k, v in re.findall(r'(\w+)=("[^"]*"|\S+)', line)}
+            ups.setdefault(f.get("camera", "?"), []).append((m.group(1), f))
     for x in s["sites"]:
-        print("  %s: trigger %s, last seen from %s; direct strategy: %s"
-              % (x["name"], "connected" if x["connected"] else "offline", x["trigger_public"], x["profile"]["direct_strategy"]))
+        p = x["profile"] or {}
+        print("  %s: trigger %s, last seen from %s; profile's direct strategy: %s"
+              % (x["name"], "connected" if x["connected"] else "offline", x["trigger_public"], p.get("direct_strategy")))
+        for cam, conns in sorted(ups.items()):
+            if not cam.startswith(x["name"] + "/"):
+                continue
+            setup = sorted(int(f.get("setup_ms", "0")) for _, f in conns)
+            trips = sorted(int(f.get("round_trips", "0")) for _, f in conns)
+            strategies = sorted({f.get("strategy", path) for path, f in conns})
+            mappings = sorted({f["public"] for path, f in conns if f.get("public", "-") != "-"})
+            print("    %s: %d TCP connections (%s); setup %d-%d ms (median %d) from the client's connect until the camera"
+                  " connection was up; WAN round trip %s ms, %d-%d of them waited for (the rest timed)"
+                  % (cam, len(conns), ", ".join(strategies), setup[0], setup[-1], setup[len(setup) // 2],
+                     os.environ.get("WAN_RTT", "?"), trips[0], trips[-1]))
+            print("      NAT mappings learned from the cameras' answers: %s" % ", ".join(mappings or ["none"]))
     delivered = c["tcp_bytes_direct"] + c["tcp_bytes_assisted"]
     print("  TCP connections: %d direct, %d trigger-assisted, %d failed" % (c["tcp_connections_direct"], c["tcp_connections_assisted"], c["tcp_connections_failed"]))
     print("  bytes delivered: %d (%d direct); bytes the triggers carried: %d" % (delivered, c["tcp_bytes_direct"], c["tcp_bytes_assisted"]))
     print("  UDP mappings learned: %d; trigger packets injected: %d (%d bytes, NAT profiles included)"
           % (c["mappings_learned"], c["trigger_packets_injected"], c["bytes_injected_by_triggers"]))
 EOT
-show() { status_json | /usr/bin/python3 "$WORK/show.py" "$1"; }
+show() { status_json | /usr/bin/python3 "$WORK/show.py" "$1" "$WORK/server.log"; }
 
 cat >"$WORK/server.toml" <<EOT
 control_listen = "203.0.113.1:7443"
@@ -182,22 +210,41 @@ for s in a b; do
   echo "  $OUT/snapshot-site-$s.png ($(stat -c %s "$OUT/snapshot-site-$s.png") bytes)"
 done
 
-say "6/6 live streams from both sites; both triggers are killed 4 s in"
+say "6/6 live streams from both sites; site a's trigger is killed 4 s in, site b's 7 s in"
 for p in 15541 15542; do
-  ip netns exec "$PREFIX-srv" ffmpeg -nostdin -rtsp_transport tcp -i "rtsp://127.0.0.1:$p/stream" -t 12 -f null - >"$WORK/ff-$p.log" 2>&1 &
+  # (bounded: a stream that stalled would otherwise keep ffmpeg waiting)
+  ip netns exec "$PREFIX-srv" timeout 40 ffmpeg -nostdin -rtsp_transport tcp -i "rtsp://127.0.0.1:$p/stream" -t 12 -f null \
+    -progress "$WORK/progress-$p.txt" - >"$WORK/ff-$p.log" 2>&1 &
   eval "FF_$p=\$!"
 done
+# Frames ffmpeg has decoded so far (its -progress file, updated every 0.5 s).
+frames() { { grep -o '^frame=[0-9]*' "$WORK/progress-$1.txt" 2>/dev/null || echo frame=0; } | tail -1 | cut -d= -f2; }
 sleep 4
 show connections
-kill "$TRG_A" "$TRG_B"
-echo "  triggers of site-a and site-b killed"
-wait "$FF_15541" "$FF_15542" || true
+kill "$TRG_A"
+KILLED_15541=$(frames 15541)
+echo "  site-a's trigger killed (its stream had $KILLED_15541 frames)"
+sleep 3
+kill "$TRG_B"
+KILLED_15542=$(frames 15542)
+echo "  site-b's trigger killed (its stream had $KILLED_15542 frames)"
+FF_OK=1
 for p in 15541 15542; do
   site=$([ $p = 15541 ] && echo a || echo b)
-  echo "  site-$site: $(grep -o 'frame= *[0-9]*' "$WORK/ff-$p.log" | tail -1 | tr -s ' ') decoded in 12 s (25 fps camera)"
+  eval "pid=\$FF_$p killed=\$KILLED_$p"
+  rc=0; wait "$pid" || rc=$?
+  total=$(frames $p)
+  echo "  site-$site: $total frames decoded in 12 s of stream (25 fps camera), $((total - killed)) of them after its trigger was killed; ffmpeg exit $rc"
+  # 12 s at 25 fps is 301 frames: the stream must have run to its end after its trigger died.
+  if [ "$rc" != 0 ] || [ "$total" -lt 290 ] || [ "$total" -le "$killed" ]; then FF_OK=0; fi
 done
 
 say "summary"
 show summary
 echo
+if [ "$FF_OK" != 1 ]; then
+  echo "demo FAILED: a stream stopped after its trigger was killed (see above); server log:" >&2
+  tail -20 "$WORK/server.log" >&2
+  exit 1
+fi
 echo "demo done; cleaning up (namespaces $PREFIX-*); snapshots stay in $OUT"

@@ -336,25 +336,90 @@ for t in (t1, t8):
             ab += r["counters"].get("tcp_bytes_assisted", 0)
 out(f"| trigger share, assisted TCP | 100 % (the trigger relayed {ab} B in the throughput runs) | 0 | – | – | – |")
 
-if udp:
-    c1, c2 = udp["counters_round1"], udp["counters_round2"]
+UDP_NEED = ("flows", "mapped", "answered_round2", "round1_s", "round2_s")
+UDP_RSS_MAX_MIB = 1024.0  # < 1 GiB; `*_rss_mb` is VmRSS kB / 1024, i.e. MiB
+UDP_KA_CPU_MAX_PCT = 10.0  # < 10 % of one core for keepalives
+
+
+def udp_row(udp):
+    """F flows mapped and kept alive by one server. Target: all mapped (and answered directly),
+    server RSS < 1 GiB, keepalives < 10 % of a core."""
+    if not udp:
+        out("| UDP mappings | not measured (the client failed or ran out of time; see run/udp.json) | | | | |")
+        return
+    missing = [k for k in UDP_NEED if udp.get(k) is None]
+    if missing:
+        out(f"| UDP mappings | not measured (run/udp.json incomplete: no {', '.join(missing)}) | | | | |")
+        return
+    c1, c2 = udp.get("counters_round1") or {}, udp.get("counters_round2") or {}
     inj = c1.get("bytes_injected_by_triggers", 0) + c2.get("bytes_injected_by_triggers", 0)
     dl = sum(c.get("bytes_direct_to_cameras", 0) + c.get("bytes_direct_from_cameras", 0) for c in (c1, c2))
-    cpu1 = udp["cpu_round1"]
-    out(f"| UDP mappings: {udp['flows']} flows (emulated cameras) to one exposure: mapped in round 1 "
-        f"(p50 {f1(udp['round1_ms_p50'])} ms, p99 {f1(udp['round1_ms_p99'])} ms per flow), answered directly in round 2 "
-        f"(p50 {f1(udp['round2_ms_p50'])} ms); server RSS {f1(udp.get('cpu_idle', {}).get('server_rss_mb'))} MB "
-        f"after the keepalive-only period ({f1(udp['cpu_round2'].get('server_rss_mb'))} MB at the end of round 2: "
-        f"the process's, incl. what earlier phases left allocated, which goes back to the kernel within 30 s), "
-        f"CPU {f1(cpu1.get('server_cpu_s'))} s for round 1, {f1(udp['cpu_round2'].get('server_cpu_s'))} s for round 2; "
-        f"keepalives only ({udp.get('keepalives_idle', '?')} in {f1(udp.get('cpu_idle', {}).get('wall_s'))} s): server "
-        f"{f1(udp.get('cpu_idle', {}).get('server_cpu_pct'))} % of a core; "
+    cpu1, cpu2, idle = udp.get("cpu_round1") or {}, udp.get("cpu_round2") or {}, udp.get("cpu_idle") or {}
+    flows, mapped, answered = udp["flows"], udp["mapped"], udp["answered_round2"]
+    # RSS against the target: the sample after the keepalive-only period, with the mappings
+    # still held. The earlier ones can include what an earlier phase (10,000s of streams) freed
+    # but the allocator has not given back yet: beckon trims its heap every 30 s. Without that
+    # sample, the largest one taken.
+    rss = [x for x in (cpu1.get("server_rss_mb"), cpu2.get("server_rss_mb"), idle.get("server_rss_mb")) if x is not None]
+    rss_peak = idle.get("server_rss_mb") if idle.get("server_rss_mb") is not None else (max(rss) if rss else None)
+    # keepalives/s: the server's own count (sum of the mappings' `keepalives_sent`) between two
+    # status snapshots, over the time between them; CPU: the keepalive-only window inside them
+    n_ka, win = udp.get("keepalives_idle"), udp.get("keepalive_window_s")
+    approx = False
+    if n_ka is not None and not win and idle.get("wall_s"):
+        # udp.json of an older udp_flows.py: no window of its own; the count's snapshots lay
+        # just outside the CPU window, so per CPU-window second slightly overestimates
+        win, approx = idle["wall_s"], True
+    rate = n_ka / win if n_ka is not None and win else None
+    ka_cpu = idle.get("server_cpu_pct")
+    every = udp.get("keepalive_secs")
+    m0, m1 = udp.get("mappings_idle_start"), udp.get("mappings_idle_end")
+    ka = (f"keepalive-only period: the server sent {n_ka if n_ka is not None else '?'} keepalives"
+          + (f" ({udp['keepalives_answered_idle']} answered)" if udp.get("keepalives_answered_idle") is not None else "")
+          + (f" to {m0} mappings" + (f" ({m1} at the end)" if m1 is not None and m1 != m0 else "") if m0 is not None else "")
+          + f" in {f1(win)} s = **{'≈ ' if approx else ''}{f1(rate)} keepalives/s** (the server's per-mapping "
+          "`keepalives_sent` of `beckon status --json`, counted when it queues a keepalive for the camera's mapping"
+          + ("; over the CPU window, the count's snapshots lay just outside it)" if approx
+             else ", between two snapshots around the CPU window)"))
+    if every and (m1 or mapped):
+        ka += f"; one per mapping every keepalive_secs = {every} s would be {(m1 or mapped) / every:.0f}/s"
+    tun, tun_w = (udp.get("net_idle") or {}).get("server_tun_from_beckon_packets"), udp.get("net_idle_window_s")
+    if tun is not None and tun_w:
+        ka += (f"; beckon wrote {tun} packets ({tun / tun_w:.0f}/s) into its TUN in the {f1(tun_w)} s CPU window "
+               "(keepalives and any other traffic)")
+    ka += f"; server CPU {f1(ka_cpu)} % of a core over {f1(idle.get('wall_s'))} s"
+    # the targets: a failed one makes it **no**; one not recorded (and none failed) makes it –
+    all_mapped = mapped == flows and answered == flows
+    checks = (
+        (all_mapped, f"{flows - mapped} of {flows} flows not mapped, {flows - answered} not answered directly",
+         "mapping"),
+        (None if rss_peak is None else rss_peak < UDP_RSS_MAX_MIB, f"RSS {f1(rss_peak)} MiB ≥ 1 GiB", "RSS"),
+        (None if ka_cpu is None else ka_cpu < UDP_KA_CPU_MAX_PCT,
+         f"keepalive CPU {f1(ka_cpu)} % ≥ {UDP_KA_CPU_MAX_PCT:.0f} % of a core", "keepalive CPU"),
+    )
+    failed = [why for ok, why, _ in checks if ok is False]
+    unknown = [name for ok, _, name in checks if ok is None]
+    if failed:
+        verdict = f"**no** ({'; '.join(failed)})"
+    elif unknown:
+        verdict = f"– ({', '.join(unknown)} not recorded)"
+    else:
+        verdict = "yes"
+    out(f"| UDP mappings: {flows} flows (emulated cameras) to one exposure: mapped in round 1 "
+        f"(p50 {f1(udp.get('round1_ms_p50'))} ms, p99 {f1(udp.get('round1_ms_p99'))} ms per flow), answered directly "
+        f"in round 2 (p50 {f1(udp.get('round2_ms_p50'))} ms); server RSS (VmRSS) {f1(idle.get('server_rss_mb'))} MiB "
+        f"after the keepalive-only period ({f1(cpu2.get('server_rss_mb'))} MiB at the end of round 2, "
+        f"{f1(cpu1.get('server_rss_mb'))} MiB of round 1: the process's, incl. what earlier phases left allocated, "
+        f"which goes back to the kernel within 30 s), CPU {f1(cpu1.get('server_cpu_s'))} s for round 1, "
+        f"{f1(cpu2.get('server_cpu_s'))} s for round 2; {ka}; "
         f"{udp.get('nat_a_conntrack_entries', '?')} conntrack entries in site a's router; "
         f"trigger share {pct(inj / dl) if dl else '–'} ({inj} B / {dl} B) | "
-        f"{udp['mapped']} mapped in {udp['round1_s']} s, {udp['answered_round2']} answered in {udp['round2_s']} s | – | – | "
-        f"{udp['flows']} | {met(udp['mapped'] == udp['flows'] and udp['answered_round2'] == udp['flows'])} |")
-else:
-    out("| UDP mappings | not measured (the client failed or ran out of time; see run/udp.json) | | | | |")
+        f"{mapped} mapped in {udp['round1_s']} s, {answered} answered in {udp['round2_s']} s; "
+        f"RSS {f1(rss_peak)} MiB; keepalives {'≈ ' if approx else ''}{f1(rate)}/s at {f1(ka_cpu)} % of a core | "
+        f"– | – | all {flows} mapped; RSS < 1 GiB; keepalives < {UDP_KA_CPU_MAX_PCT:.0f} % of a core | {verdict} |")
+
+
+udp_row(udp)
 out("")
 
 # ------------------------------------------------------------------ diagnosis table
@@ -451,10 +516,11 @@ if prof and prof.get("perf", {}).get("dso"):
         + ". In this lab the packets written into the TUN are forwarded through "
         f"the veth, bridge, router NAT and into the camera's TCP stack inside that `write` call (softirq in "
         f"the writer's context), so part of the server's kernel time is the emulated network's.")
-if udp and udp.get("perf_round2", {}).get("top_self"):
+udp_full = udp if udp and all(udp.get(k) is not None for k in UDP_NEED) else None
+if udp_full and (udp.get("perf_round2") or {}).get("top_self"):
     top = udp["perf_round2"]["top_self"][:5]
     own = udp["perf_round2"].get("dso", {}).get("beckon", 0)
-    c2 = udp["cpu_round2"]
+    c2 = udp.get("cpu_round2") or {}
     per = (c2.get("server_cpu_s", 0) / (2 * udp["answered_round2"]) * 1e6) if udp.get("answered_round2") else None
     slower = ("round 2 (direct) took longer than round 1 (through the trigger) and "
               if udp["round2_s"] > udp["round1_s"] else "round 2 (direct) ")
@@ -463,9 +529,9 @@ if udp and udp.get("perf_round2", {}).get("top_self"):
         f"cost the server ≈ {f1(per)} µs CPU per datagram; {own:.0f} % of the server's samples during round 2 were "
         f"in its own code, top: " + "; ".join(f"{x[1].split('] ', 1)[-1]} {x[0]:.0f} %" for x in top)
         + ". A flow is its server port, looked up in a hash map (O(1) per datagram, whatever the number "
-        "of flows); keepalives alone (one per mapping every keepalive_secs = 20 s) kept "
-        f"{f1(udp.get('cpu_idle', {}).get('server_cpu_pct'))} % of a core busy.")
-if udp and udp["counters_round1"].get("indication_errors"):
+        f"of flows); keepalives alone (one per mapping every keepalive_secs = {udp.get('keepalive_secs') or 20} s) kept "
+        f"{f1((udp.get('cpu_idle') or {}).get('server_cpu_pct'))} % of a core busy.")
+if udp_full and (udp.get("counters_round1") or {}).get("indication_errors"):
     import re
     limited, rate = 0, None
     try:

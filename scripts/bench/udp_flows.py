@@ -122,15 +122,42 @@ def main():
     print(f"udp round 2: {len(done2)} of {len(done1)} mapped flows answered directly in {t2 - t1:.1f} s",
           file=sys.stderr)
     # keepalive cost: all mappings go silent now; each gets a keepalive keepalive_secs after
-    # its camera last spoke, so this window holds one keepalive round of every mapping
-    ka = lambda: sum(m.get("keepalives_sent", 0) for m in bl.beckon_status(a.beckon)["mappings"])  # noqa: E731
-    ka0 = ka()
+    # its camera last spoke, so this window holds one keepalive round of every mapping.
+    # Counted: the server's own per-mapping `keepalives_sent` / `keepalives_answered` of
+    # `beckon status --json` (a keepalive is counted when the server queues its datagram for
+    # the camera's mapping), between two snapshots (each at the midpoint of its status call),
+    # summed over the mappings of the second one (a mapping dropped in between takes its count
+    # with it: mappings_idle_start/_end show whether any was). The CPU window lies inside
+    # (the status calls, which serialise every mapping, are not keepalive cost). Cross-check:
+    # packets beckon wrote into its TUN over the CPU window (keepalives and anything else).
+    def ka_snapshot():
+        ts = time.monotonic()
+        st = bl.beckon_status(a.beckon)
+        te = time.monotonic()
+        m = {x["server_port"]: (x.get("keepalives_sent", 0), x.get("keepalives_answered", 0))
+             for x in st.get("mappings", [])}
+        return (ts + te) / 2, te - ts, m, st.get("counters", {}), st.get("keepalive_secs")
+
+    ka_t0, ka_d0, ka0, ci0, ka_every = ka_snapshot()
+    ni0 = bl.net_snapshot()
+    ni_t0 = time.monotonic()
     probe.start()
     time.sleep(max(0.0, min(a.idle, deadline + 60 - time.monotonic())))
     cpu_idle = probe.stop()
-    ka1 = ka()
-    print(f"udp idle {cpu_idle['wall_s']:.0f} s with {len(done1)} mappings: {ka1 - ka0} keepalives, "
-          f"server {cpu_idle.get('server_cpu_s')} CPU s", file=sys.stderr)
+    ni_t1 = time.monotonic()
+    ni1 = bl.net_snapshot()
+    ka_t1, ka_d1, ka1, ci1, _ = ka_snapshot()
+    ka_sent = ka_ans = 0
+    for port, (s1, a1) in ka1.items():
+        s0, a0 = ka0.get(port, (0, 0))
+        if s1 < s0 or a1 < a0:  # the port went to a new flow in between: all of its count is new
+            s0 = a0 = 0
+        ka_sent += s1 - s0
+        ka_ans += a1 - a0
+    ka_win = ka_t1 - ka_t0
+    print(f"udp idle {ka_win:.1f} s with {len(ka0)}..{len(ka1)} mappings: {ka_sent} keepalives sent "
+          f"({ka_sent / ka_win:.0f}/s), {ka_ans} answered; server {cpu_idle.get('server_cpu_s')} CPU s "
+          f"in {cpu_idle['wall_s']:.1f} s", file=sys.stderr)
     pct = lambda xs, q: round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 2) if xs else None  # noqa: E731
     res = {
         "flows": a.flows, "mapped": len(done1), "failed_round1": len(failed1),
@@ -139,7 +166,14 @@ def main():
         "round2_ms_p50": pct(lat2, 0.5), "round2_ms_p99": pct(lat2, 0.99),
         "budget_exceeded": time.monotonic() >= deadline,
         "counters_round1": bl.delta(c0, c1), "counters_round2": bl.delta(c1, c2),
-        "cpu_round1": cpu1, "cpu_round2": cpu2, "cpu_idle": cpu_idle, "keepalives_idle": ka1 - ka0,
+        "cpu_round1": cpu1, "cpu_round2": cpu2, "cpu_idle": cpu_idle,
+        "keepalives_idle": ka_sent, "keepalives_answered_idle": ka_ans,
+        "keepalive_window_s": round(ka_win, 3), "keepalives_per_s_idle": round(ka_sent / ka_win, 1),
+        "status_call_s": [round(ka_d0, 3), round(ka_d1, 3)], "keepalive_secs": ka_every,
+        "mappings_idle_start": len(ka0), "mappings_idle_end": len(ka1),
+        "mappings_idle_both": len(ka0.keys() & ka1.keys()),
+        "counters_idle": bl.delta(ci0, ci1), "net_idle": bl.delta(ni0, ni1),
+        "net_idle_window_s": round(ni_t1 - ni_t0, 3),
         "perf_round2": perf_sum, "net": bl.delta(n0, bl.net_snapshot()),
     }
     bl.write_json(a.out, res)
