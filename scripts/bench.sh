@@ -17,7 +17,7 @@
 # Raw results (JSON per phase) and logs: target/bench/run/. Everything runs in network
 # namespaces bk-bench-*; all of it is removed on exit, Ctrl-C or failure. Needs root, curl,
 # nftables, conntrack, iproute2, ping, /usr/bin/python3, cargo; perf (optional: profiles).
-# Takes about 7-8 minutes.
+# Takes about 11 minutes (--quick: about 4).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -910,7 +910,8 @@ fn fifty_sites_register_and_reconnect_together() {
     assert!(t_all <= bound, "reconnected after {t_all:?}, bound {bound:?}");
     assert!(spread >= 0.1, "all {N} reconnected within {spread:.3} s: no jitter");
     assert!(most_in_100ms < N * 4 / 5, "{most_in_100ms} of {N} reconnected within one 100 ms");
-    assert!(worst_status < Duration::from_secs(2), "status took {worst_status:?}");
+    // (How fast status answers during the storm is printed above, not asserted: a speed, not a
+    // behaviour. That it answers at all is asserted in the loop.)
     let c = udp_client(&lab, 16000);
     assert_eq!(c.request(b"again", 3).as_deref(), Some(&b"cam-a: again"[..]));
 

@@ -78,7 +78,7 @@ out(f"* **Setup**: `curl -w %{{time_starttransfer}}` (from the start of the clie
     "targets interleaved. Run once with no WAN delay and once with "
     f"{s20['delay_ms'] if s20 else '?'} ms one-way delay between the server and both routers "
     "(`lab.sh delay`). The host kernel has no `sch_netem`, so the delay is a userspace L2 relay "
-    "(Python) in the WAN switch: fine for latency, but it caps WAN throughput at ≈ 70 MB/s, so "
+    "(Python) in the WAN switch: fine for latency, but it caps WAN throughput (the port-forward measured 53-55 MB/s through it), so "
     "it is switched off (server port back on the plain bridge) for everything after the setup "
     "measurement. RTT = median `ping` RTT server → router. Extra round trips = (beckon − "
     "port-forward) / RTT. The port-forward's first byte costs 2 RTT (TCP handshake + request); "
