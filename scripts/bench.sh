@@ -473,7 +473,7 @@ if phase udp; then
   settle_tcp
   log "udp: $UDP_FLOWS flows (one client socket each) to one exposure, budget ${UDP_BUDGET}s + 30 s keepalive-only"
   in_ns "$SRV_NS" $((UDP_BUDGET + 120)) "$PY" "$BDIR/udp_flows.py" --beckon "$BECKON" --port 15060 \
-    --flows "$UDP_FLOWS" --budget "$UDP_BUDGET" --idle 30 --pid server="$SERVER_PID" --pid trigger_a="$TRG_A_PID" \
+    --flows "$UDP_FLOWS" --budget "$UDP_BUDGET" --idle 60 --pid server="$SERVER_PID" --pid trigger_a="$TRG_A_PID" \
     --perf-pid "$SERVER_PID" --perf-data "$RUN/perf-udp.data" \
     --out "$RUN/udp.json" || log "udp flows: client failed (reported as not measured)"
   if [ -f "$RUN/udp.json" ]; then

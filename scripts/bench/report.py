@@ -390,9 +390,14 @@ def udp_row(udp):
     ka += f"; server CPU {f1(ka_cpu)} % of a core over {f1(idle.get('wall_s'))} s"
     # the targets: a failed one makes it **no**; one not recorded (and none failed) makes it –
     all_mapped = mapped == flows and answered == flows
+    # kept alive: a mapping whose keepalives went unanswered twice is dropped two intervals
+    # after its camera last spoke, so the keepalive-only period (60 s at keepalive_secs = 20)
+    # shows it
+    kept = None if m0 is None or m1 is None else m1 >= m0
     checks = (
         (all_mapped, f"{flows - mapped} of {flows} flows not mapped, {flows - answered} not answered directly",
          "mapping"),
+        (kept, f"{(m0 or 0) - (m1 or 0)} of {m0} mappings dropped while only keepalives held them", "mappings kept"),
         (None if rss_peak is None else rss_peak < UDP_RSS_MAX_MIB, f"RSS {f1(rss_peak)} MiB ≥ 1 GiB", "RSS"),
         (None if ka_cpu is None else ka_cpu < UDP_KA_CPU_MAX_PCT,
          f"keepalive CPU {f1(ka_cpu)} % ≥ {UDP_KA_CPU_MAX_PCT:.0f} % of a core", "keepalive CPU"),
