@@ -4,6 +4,7 @@
 //! on a console of a box they just dropped on a camera LAN.
 
 use crate::catalog::{self, Proto, Service};
+use crate::wire::control::{body_len, Probe, MAX_CAMERAS, MAX_FRAME, MAX_NAME, MAX_SERVICES};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -44,6 +45,8 @@ fn default_admin() -> SocketAddr {
 fn default_keepalive() -> u64 {
     20
 }
+/// `keepalive_secs`: the largest accepted (no NAT keeps an idle mapping for an hour).
+pub const MAX_KEEPALIVE_SECS: u64 = 3600;
 /// `max_tcp_clients`: the default and the largest accepted.
 pub const DEFAULT_MAX_TCP_CLIENTS: usize = 4096;
 pub const MAX_TCP_CLIENTS: usize = 100_000;
@@ -169,6 +172,12 @@ impl ServerConfig {
         if self.tun_name.is_empty() || self.tun_name.len() > 15 {
             return Err(err(path, "key `tun_name`: must be 1-15 characters (a Linux interface name)"));
         }
+        if self.keepalive_secs > MAX_KEEPALIVE_SECS {
+            return Err(err(
+                path,
+                format!("key `keepalive_secs`: must be 0-{MAX_KEEPALIVE_SECS} (0 = no keepalives); keep it below the NATs' UDP timeout"),
+            ));
+        }
         if !(1..=MAX_TCP_CLIENTS).contains(&self.max_tcp_clients) {
             return Err(err(path, format!("key `max_tcp_clients`: must be 1-{MAX_TCP_CLIENTS} (TCP clients served at once)")));
         }
@@ -284,10 +293,21 @@ impl TriggerConfig {
         if self.tun_name.is_empty() || self.tun_name.len() > 15 {
             return Err(err(path, "key `tun_name`: must be 1-15 characters (a Linux interface name)"));
         }
+        // The server's limits on a report (which it refuses whole, closing the link): checked
+        // here, so that a trigger over them says so at start instead of reconnecting forever.
+        if self.cameras.len() > MAX_CAMERAS {
+            return Err(err(path, format!("[[camera]]: {} cameras listed; one trigger reports at most {MAX_CAMERAS}", self.cameras.len())));
+        }
         let mut names = HashSet::new();
         for (i, c) in self.cameras.iter().enumerate() {
-            if c.name.is_empty() || c.name.contains('/') {
-                return Err(err(path, format!("key `camera[{i}].name`: must be non-empty and contain no '/'")));
+            if c.name.is_empty() || c.name.len() > MAX_NAME || c.name.contains('/') {
+                return Err(err(path, format!("key `camera[{i}].name`: must be 1-{MAX_NAME} bytes and contain no '/'")));
+            }
+            if c.device_type.len() > MAX_NAME {
+                return Err(err(path, format!("key `camera[{i}].device_type`: longer than {MAX_NAME} bytes")));
+            }
+            if c.services().len() > MAX_SERVICES {
+                return Err(err(path, format!("key `camera[{i}].ports`: more than {MAX_SERVICES} services")));
             }
             if !names.insert(c.name.as_str()) {
                 return Err(err(path, format!("key `camera[{i}].name`: camera {:?} is listed twice", c.name)));
@@ -310,6 +330,15 @@ impl TriggerConfig {
             if c.ip.is_unspecified() || c.ip.is_loopback() || c.ip.is_broadcast() || c.ip.is_multicast() {
                 return Err(err(path, format!("key `camera[{i}].ip`: {} is not a camera's unicast LAN address", c.ip)));
             }
+        }
+        // The whole report (with the largest probe) must fit one frame.
+        let probe = Probe { ip: Ipv4Addr::BROADCAST, tcp_port: u16::MAX, udp_port: Some(u16::MAX) };
+        let len = body_len(&crate::trigger::report::report(self, Some(probe)));
+        if len > MAX_FRAME {
+            return Err(err(
+                path,
+                format!("[[camera]]: the camera report would be {len} bytes, over the {MAX_FRAME}-byte frame limit; list fewer cameras or services"),
+            ));
         }
         Ok(())
     }
@@ -401,6 +430,19 @@ listen = "127.0.0.1:15060"
     }
 
     #[test]
+    fn keepalive_secs_is_bounded() {
+        let p = Path::new("server.toml");
+        let with = |v: &str| {
+            let text = SERVER.replace("state_dir = \"/tmp/x\"", &format!("state_dir = \"/tmp/x\"\nkeepalive_secs = {v}"));
+            parse::<ServerConfig>(p, &text).map_err(|e| e.to_string())?.validate(p).map_err(|e| e.to_string())
+        };
+        assert!(with("0").is_ok());
+        assert!(with("3600").is_ok());
+        // (A huge interval would overflow the timers' arithmetic.)
+        assert!(with("9223372036854775807").unwrap_err().contains("key `keepalive_secs`: must be 0-3600"));
+    }
+
+    #[test]
     fn max_tcp_clients_is_bounded() {
         let p = Path::new("server.toml");
         let with = |v: &str| {
@@ -427,6 +469,31 @@ listen = "127.0.0.1:15060"
         let e = c.validate(p).unwrap_err().to_string();
         assert!(e.contains("expose[0].camera") && e.contains("site-b"), "{e}");
         assert_eq!(e.lines().count(), 1);
+    }
+
+    /// A trigger whose report the server would refuse says so at start.
+    #[test]
+    fn trigger_config_keeps_to_the_servers_report_limits() {
+        let p = Path::new("trigger.toml");
+        let head = "server = \"203.0.113.1:7443\"\nca = \"/tmp/ca.pem\"\nsite = \"site-a\"\ntoken = \"0123456789abcdef\"\n";
+        let camera = |name: &str, ip: u32, ports: usize| {
+            let ports: Vec<String> = (1..=ports).map(|p| format!("\"tcp/{}\"", 10000 + p)).collect();
+            format!(
+                "[[camera]]\nname = \"{name}\"\nip = \"{}\"\ndevice_type = \"generic-rtsp\"\nports = [{}]\n",
+                Ipv4Addr::from(0xc612_0000 + ip),
+                ports.join(",")
+            )
+        };
+        let check = |text: String| parse::<TriggerConfig>(p, &text).unwrap().validate(p).map_err(|e| e.to_string());
+        assert!(check(format!("{head}{}", camera("cam1", 10, 3))).is_ok());
+        let long = "c".repeat(MAX_NAME + 1);
+        assert!(check(format!("{head}{}", camera(&long, 10, 1))).unwrap_err().contains("camera[0].name"));
+        assert!(check(format!("{head}{}", camera("cam1", 10, MAX_SERVICES + 1))).unwrap_err().contains("more than 64 services"));
+        let many: String = (0..=MAX_CAMERAS as u32).map(|i| camera(&format!("cam{i}"), 10 + i, 1)).collect();
+        assert!(check(format!("{head}{many}")).unwrap_err().contains("at most 256"));
+        // Within every per-camera limit, but too much for one frame together.
+        let big: String = (0..200u32).map(|i| camera(&format!("camera-with-a-long-name-{i:040}"), 10 + i, 40)).collect();
+        assert!(check(format!("{head}{big}")).unwrap_err().contains("frame limit"));
     }
 
     #[test]

@@ -123,6 +123,45 @@ fn server_refuses_bad_tokens_and_bad_frames_without_crashing() {
     });
     assert_eq!(flood.1, Some(ErrorCode::RateLimited), "{flood:?}");
     assert!(flood.2, "link closed after the rate-limit error: {flood:?}");
+    // A trigger reports once per link: a second report right after the first (each one is
+    // written to disk) is refused and the link closed; the first one counts.
+    let ca = format!("{}/ca.pem", lab.state_dir());
+    let reports = lab.in_ns("srv", move || {
+        let mut s = client(&ca);
+        s.write_all(&encode(&Message::Register { site: "site-a".into(), token: "token-a-0123456789".into(), agent: "reports".into() }))
+            .unwrap();
+        assert!(matches!(read_msg(&mut s), Some(Message::Registered { .. })));
+        let report = Message::Report {
+            cameras: vec![beckon::wire::control::CameraReport {
+                name: "cam1".into(),
+                ip: "198.18.1.10".parse().unwrap(),
+                device_type: "gb28181".into(),
+                services: vec!["udp/5060".parse().unwrap()],
+            }],
+            probe: None,
+        };
+        s.write_all(&encode(&report)).unwrap();
+        let mut got = Vec::new();
+        // (Pings may come in between.)
+        while let Some(m) = read_msg(&mut s) {
+            if matches!(m, Message::ReportAck { .. }) {
+                got.push(m);
+                break;
+            }
+        }
+        s.write_all(&encode(&report)).unwrap();
+        while let Some(m) = read_msg(&mut s) {
+            if !matches!(m, Message::Ping { .. }) {
+                got.push(m);
+            }
+        }
+        got
+    });
+    assert!(
+        matches!(&reports[..], [Message::ReportAck { cameras: 1 }, Message::Error { code: ErrorCode::RateLimited, .. }]),
+        "{reports:?}"
+    );
+    assert_eq!(lab.site_status("site-a")["cameras"][0]["name"], "cam1");
     // The server is alive and serves a good trigger.
     lab.start_trigger("b");
     lab.wait_registered("b");

@@ -8,6 +8,7 @@ use common::*;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -727,6 +728,58 @@ fn nat_router_loses_its_state() {
     assert!(stream_det <= two_k, "stream flow re-triggered after {stream_det:.2} s");
     assert!(counter(&st2, "retriggers") > counter(&base, "retriggers"));
     assert!(flow["indications"].as_u64().unwrap() >= 2, "{flow:#}");
+}
+
+/// A trigger that vanishes without a word (its host loses power: no FIN, no RST reaches the
+/// server; modelled by dropping everything from the trigger host at its NAT while the trigger is
+/// killed) leaves a control link and an assist link open at the server. The server closes both:
+/// the control link by its idle timeout, the assist link (silent while idle: yamux sends
+/// nothing) by TCP keepalive, so that `beckon status` stops showing an assist link for a site
+/// whose trigger is gone. The trigger, back, gets both links again.
+#[test]
+fn a_vanished_triggers_links_are_closed_by_the_server() {
+    let mut lab = Lab::up("bk-f6", &[]);
+    let cfg = server_toml(K).write(&mut lab, "server.toml");
+    start_server(&mut lab, "server", &cfg);
+    start_trigger(&mut lab, "trigger-a", "a");
+    let connected = |lab: &Lab| lab.site_status("site-a")["assist_link"] == true && links_from(lab, "203.0.113.2") == 2;
+    wait_for(Duration::from_secs(20), "site a's control and assist links", || connected(&lab));
+    let nat_ns = lab.ns("nat-a");
+    let nft = |args: &[&str]| {
+        let out = Command::new("ip").args(["netns", "exec", &nat_ns, "nft"]).args(args).output().unwrap();
+        assert!(out.status.success(), "nft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    nft(&["insert", "rule", "inet", "bk_filter", "forward", "ip", "saddr", "198.18.1.20", "counter", "drop", "comment", "\"vanished\""]);
+    let t_gone = now_unix();
+    lab.kill("trigger-a");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(links_from(&lab, "203.0.113.2"), 2, "the server did not see the trigger go");
+
+    // (The drop rule stays while the host is "dead": its kernel's FIN retransmissions and its
+    // answers to keepalive probes never arrive, as from a host without power.)
+    wait_for(Duration::from_secs(60), "the vanished trigger's links closed at the server", || {
+        links_from(&lab, "203.0.113.2") == 0 && lab.site_status("site-a")["assist_link"] == false
+    });
+    let closed = first_log_after(&lab, "server", &["assist link closed"], t_gone);
+    eprintln!("bk-f6: the vanished trigger's assist link closed {closed:?} s after it was killed");
+    assert!(closed.is_some(), "the assist link's end is logged");
+
+    let rules = nft(&["-a", "list", "chain", "inet", "bk_filter", "forward"]);
+    let handle = rules.lines().find(|l| l.contains("vanished")).and_then(|l| l.rsplit("# handle ").next()).expect("the drop rule");
+    nft(&["delete", "rule", "inet", "bk_filter", "forward", "handle", handle.trim()]);
+    start_trigger(&mut lab, "trigger-a2", "a");
+    wait_for(Duration::from_secs(20), "the trigger's links again", || connected(&lab));
+}
+
+/// Established TCP connections at the server's control port (control and assist links) from
+/// `peer_ip` (a site's NAT).
+fn links_from(lab: &Lab, peer_ip: &str) -> usize {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.ns("srv"), "ss", "-Htn", "state", "established", "( sport = :7443 )"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.split_whitespace().any(|w| w.starts_with(&format!("{peer_ip}:")))).count()
 }
 
 /// The WAN link of site a's NAT router goes down for 10 s (which also drops its masquerade

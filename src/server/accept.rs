@@ -3,7 +3,7 @@
 
 use super::{Shared, SiteSession};
 use crate::link::{write_frame, FrameReader, LinkError};
-use crate::wire::control::{CameraReport, ErrorCode, Message, MAX_CAMERAS};
+use crate::wire::control::{CameraReport, ErrorCode, Message, MAX_CAMERAS, MAX_NAME, MAX_SERVICES};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,6 +21,11 @@ pub const OUT_QUEUE: usize = 256;
 /// indication the server sent stay far below; a flood closes the link.
 pub const FRAMES_PER_SEC: u32 = 2500;
 pub const FRAME_BURST: u32 = 5000;
+/// A trigger reports once per link; a second `report` on the same link this soon closes it.
+/// Why: every report is written to disk (fsync) and, with a probe, starts a measurement of the
+/// site's NAT that takes server ports for seconds: a trigger sending reports in a loop would
+/// take ports and disk time from every other site.
+pub const REPORT_MIN_INTERVAL: Duration = Duration::from_secs(10);
 
 pub async fn run(
     shared: Arc<Shared>,
@@ -48,6 +53,7 @@ pub async fn run(
         tokio::spawn(async move {
             let _permit = permit;
             let _ = tcp.set_nodelay(true);
+            watch_liveness(&tcp);
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -61,6 +67,33 @@ pub async fn run(
             };
             session(shared, tls, peer, shutdown).await;
         });
+    }
+}
+
+/// TCP keepalive of a trigger's link: idle this long, then probes this often, this many.
+const LINK_KEEPALIVE_IDLE: Duration = Duration::from_secs(20);
+const LINK_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const LINK_KEEPALIVE_PROBES: u32 = 3;
+/// A link whose sent data stays unacknowledged this long is closed (`TCP_USER_TIMEOUT`). With
+/// keepalive on, Linux also takes it as the limit for unanswered probes: the silence after
+/// which a link is closed, counted from the last thing the trigger sent.
+const LINK_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Let the kernel close a link whose trigger vanished without a word (the site's NAT lost its
+/// state, the trigger's host lost power): the trigger's FIN or RST then never arrives. The
+/// control link would notice by its own idle timeout, but an assist link has none (yamux sends
+/// nothing while idle): it stayed open until the trigger came back, holding a `MAX_LINKS` slot, and
+/// the site's status showed an assist link of a trigger long gone. Now a link that hears
+/// nothing from its trigger for 30 s is closed (probes from 20 s of silence on; a reset in
+/// answer to one closes it at once).
+fn watch_liveness(tcp: &tokio::net::TcpStream) {
+    let s = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(LINK_KEEPALIVE_IDLE)
+        .with_interval(LINK_KEEPALIVE_INTERVAL)
+        .with_retries(LINK_KEEPALIVE_PROBES);
+    if let Err(e) = s.set_tcp_keepalive(&keepalive).and_then(|_| s.set_tcp_user_timeout(Some(LINK_USER_TIMEOUT))) {
+        tracing::warn!("control link: TCP keepalive not set ({e}); a vanished trigger's link stays open");
     }
 }
 
@@ -135,9 +168,8 @@ async fn session(
             let _ = k.send(());
         }
     }
-    if let Err(e) = shared.registry.lock().unwrap().record_registration(&site, peer.to_string()) {
-        tracing::error!("registry write failed: {e:#}");
-    }
+    let unsaved = shared.registry.lock().unwrap().record_registration(&site, peer.to_string());
+    persist(unsaved);
     tracing::info!(site = %site, trigger_public = %peer, "trigger registered");
     let _ =
         tx.try_send(Message::Registered { site: site.clone(), trigger_public: peer.to_string(), public_ip: Some(shared.cfg.public_ip) });
@@ -152,6 +184,7 @@ async fn session(
     });
 
     let mut budget = crate::rate_limit::TokenBucket::new(FRAMES_PER_SEC, FRAME_BURST, Instant::now());
+    let mut last_report = None;
     let reason = loop {
         let msg = tokio::select! {
             r = tokio::time::timeout(IDLE_TIMEOUT, reader.next()) => r,
@@ -162,7 +195,7 @@ async fn session(
             Err(_) => break format!("silent for {IDLE_TIMEOUT:?}"),
             Ok(Err(LinkError::Frame(e))) => {
                 shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                let _ = tx.try_send(Message::Error { code: e.code(), message: e.to_string(), id: None });
+                let _ = tx.try_send(Message::error(e.code(), e.to_string(), None));
                 break format!("bad frame: {e}");
             }
             Ok(Err(e)) => break e.to_string(),
@@ -172,10 +205,19 @@ async fn session(
                 let _ = tx.try_send(Message::Error { code: ErrorCode::RateLimited, message: message.clone(), id: None });
                 break message;
             }
+            Ok(Ok(Message::Report { .. })) if last_report.is_some_and(|t: Instant| t.elapsed() < REPORT_MIN_INTERVAL) => {
+                shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                let message = format!("more than one report per {}s", REPORT_MIN_INTERVAL.as_secs());
+                let _ = tx.try_send(Message::Error { code: ErrorCode::RateLimited, message: message.clone(), id: None });
+                break message;
+            }
             Ok(Ok(m)) => {
+                if matches!(m, Message::Report { .. }) {
+                    last_report = Some(Instant::now());
+                }
                 if let Err(why) = handle(&shared, &site, &tx, m) {
                     shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                    let _ = tx.try_send(Message::Error { code: ErrorCode::BadFrame, message: why.clone(), id: None });
+                    let _ = tx.try_send(Message::error(ErrorCode::BadFrame, why.clone(), None));
                     break why;
                 }
             }
@@ -209,6 +251,15 @@ fn kind(m: &Message) -> &'static str {
     }
 }
 
+/// Write a registry change to disk on a blocking thread, without the registry's lock.
+fn persist(unsaved: super::record::Unsaved) {
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = unsaved.save() {
+            tracing::error!("registry write failed: {e:#}");
+        }
+    });
+}
+
 /// One frame from a registered trigger. `Err` closes the link.
 fn handle(shared: &Arc<Shared>, site: &str, tx: &mpsc::Sender<Message>, m: Message) -> Result<(), String> {
     match m {
@@ -230,9 +281,8 @@ fn handle(shared: &Arc<Shared>, site: &str, tx: &mpsc::Sender<Message>, m: Messa
                 tracing::info!(site, camera = %c.name, ip = %c.ip, device_type = %c.device_type,
                     services = %c.services.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","), "camera reported");
             }
-            if let Err(e) = shared.registry.lock().unwrap().record_report(site, cameras) {
-                tracing::error!("registry write failed: {e:#}");
-            }
+            let unsaved = shared.registry.lock().unwrap().record_report(site, cameras);
+            persist(unsaved);
             let _ = tx.try_send(Message::ReportAck { cameras: n });
         }
         Message::IndicationResult { id, injected_bytes } => {
@@ -259,13 +309,13 @@ fn validate_report(cameras: &[CameraReport]) -> Result<(), String> {
     }
     let mut names = std::collections::HashSet::new();
     for c in cameras {
-        if c.name.is_empty() || c.name.len() > 64 || c.name.contains('/') {
-            return Err(format!("camera name {:?} is invalid (1-64 characters, no '/')", c.name));
+        if c.name.is_empty() || c.name.len() > MAX_NAME || c.name.contains('/') {
+            return Err(format!("camera name {:?} is invalid (1-{MAX_NAME} bytes, no '/')", c.name));
         }
         if !names.insert(&c.name) {
             return Err(format!("camera {:?} reported twice", c.name));
         }
-        if c.device_type.len() > 64 || c.services.len() > 64 {
+        if c.device_type.len() > MAX_NAME || c.services.len() > MAX_SERVICES {
             return Err(format!("camera {:?}: device type or service list too long", c.name));
         }
     }

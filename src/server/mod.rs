@@ -333,9 +333,25 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     tracing::info!(control = %cfg.control_listen, public_ip = %cfg.public_ip, admin = %cfg.admin_listen,
         keepalive_secs = cfg.keepalive_secs, "server running");
 
-    crate::signals::wait().await;
+    // The data path runs on its own thread: if it ends before a signal (a panic there), the
+    // server must not stay up with its control links open and no data path. Exit with an error
+    // (the service manager restarts it) instead.
+    let mut stack_task = stack_task;
+    let stack_died = tokio::select! {
+        _ = crate::signals::wait() => false,
+        _ = &mut stack_task => true,
+    };
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
+    if stack_died {
+        tracing::error!("the data path (TUN thread) stopped unexpectedly; exiting");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), async {
+            let _ = accept_task.await;
+            let _ = admin_task.await;
+        })
+        .await;
+        anyhow::bail!("the data path (TUN thread) stopped unexpectedly (see the log above)");
+    }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(3), async {
         let _ = stack_task.await;
         let _ = accept_task.await;

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct SiteRecord {
@@ -33,6 +34,53 @@ impl Registry {
 pub struct RegistryStore {
     path: PathBuf,
     pub registry: Registry,
+    /// Changes made so far; the last one written to disk (shared with every [`Unsaved`]).
+    changes: u64,
+    written: Arc<Mutex<u64>>,
+}
+
+/// A change of the registry, still to be written to disk, outside the registry's lock. Why: a
+/// write ends with fsyncs (milliseconds, more on a busy disk), and the TUN thread looks
+/// cameras up under that lock for new UDP clients, as new TCP clients do: every registration
+/// or report held the data path of every site for that long.
+#[must_use = "a change is only on disk once saved"]
+pub struct Unsaved {
+    change: u64,
+    data: Vec<u8>,
+    path: PathBuf,
+    written: Arc<Mutex<u64>>,
+}
+
+impl Unsaved {
+    /// Write the registry as it was at this change, unless a later change is on disk already
+    /// (changes saved from different tasks can come in either order).
+    pub fn save(self) -> Result<()> {
+        let mut written = self.written.lock().unwrap();
+        if *written >= self.change {
+            return Ok(());
+        }
+        write_atomically(&self.path, &self.data)?;
+        *written = self.change;
+        Ok(())
+    }
+}
+
+/// Write `data` to `path` so that a crash leaves the old file or the new one, never half of one:
+/// a temporary file, fsync, rename, fsync of the directory.
+fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }
 
 impl RegistryStore {
@@ -47,36 +95,27 @@ impl RegistryStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::default(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        Ok(RegistryStore { path, registry })
+        Ok(RegistryStore { path, registry, changes: 0, written: Arc::new(Mutex::new(0)) })
     }
 
-    pub fn save(&self) -> Result<()> {
-        let tmp = self.path.with_extension("json.tmp");
-        let data = serde_json::to_vec_pretty(&self.registry)?;
-        {
-            let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-            f.write_all(&data)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &self.path).with_context(|| format!("renaming to {}", self.path.display()))?;
-        if let Some(dir) = self.path.parent() {
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
+    /// The registry as it is now, to be written by [`Unsaved::save`].
+    fn changed(&mut self) -> Unsaved {
+        self.changes += 1;
+        // (Serialising a registry cannot fail: string keys, plain data.)
+        let data = serde_json::to_vec_pretty(&self.registry).unwrap_or_default();
+        Unsaved { change: self.changes, data, path: self.path.clone(), written: self.written.clone() }
     }
 
-    pub fn record_registration(&mut self, site: &str, public: String) -> Result<()> {
+    pub fn record_registration(&mut self, site: &str, public: String) -> Unsaved {
         let rec = self.registry.sites.entry(site.to_string()).or_default();
         rec.trigger_public = Some(public);
         rec.last_registered_unix = Some(unix_now());
-        self.save()
+        self.changed()
     }
 
-    pub fn record_report(&mut self, site: &str, cameras: Vec<CameraReport>) -> Result<()> {
+    pub fn record_report(&mut self, site: &str, cameras: Vec<CameraReport>) -> Unsaved {
         self.registry.sites.entry(site.to_string()).or_default().cameras = cameras;
-        self.save()
+        self.changed()
     }
 }
 
@@ -93,7 +132,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("beckon-reg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut s = RegistryStore::open(&dir).unwrap();
-        s.record_registration("site-a", "203.0.113.2:40000".into()).unwrap();
+        s.record_registration("site-a", "203.0.113.2:40000".into()).save().unwrap();
         s.record_report(
             "site-a",
             vec![CameraReport {
@@ -103,6 +142,7 @@ mod tests {
                 services: vec!["udp/5060".parse().unwrap()],
             }],
         )
+        .save()
         .unwrap();
         let again = RegistryStore::open(&dir).unwrap();
         assert_eq!(again.registry, s.registry);
@@ -110,6 +150,25 @@ mod tests {
         std::fs::write(dir.join("registry.json"), b"{half").unwrap();
         let e = RegistryStore::open(&dir).err().unwrap().to_string();
         assert!(e.contains("corrupt registry"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Changes saved out of order: the later one stays on disk.
+    #[test]
+    fn an_older_change_never_overwrites_a_newer_one() {
+        let dir = std::env::temp_dir().join(format!("beckon-reg-order-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = RegistryStore::open(&dir).unwrap();
+        let first = s.record_registration("site-a", "203.0.113.2:1".into());
+        let second = s.record_registration("site-a", "203.0.113.2:2".into());
+        second.save().unwrap();
+        first.save().unwrap();
+        let on_disk = RegistryStore::open(&dir).unwrap();
+        assert_eq!(on_disk.registry.sites["site-a"].trigger_public.as_deref(), Some("203.0.113.2:2"));
+        // In order, both are written.
+        let third = s.record_registration("site-a", "203.0.113.2:3".into());
+        third.save().unwrap();
+        assert_eq!(RegistryStore::open(&dir).unwrap().registry.sites["site-a"].trigger_public.as_deref(), Some("203.0.113.2:3"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -53,7 +53,16 @@ pub struct Stack {
     bytes_to_cameras: u64,
     bytes_from_cameras: u64,
     client_queue_drops: u64,
+    /// Client datagrams of an exposure whose camera is not (yet) reported with its service, and
+    /// when each exposure last logged one: a client sending many such datagrams must not make
+    /// this thread write a log line each (at most one per [`UNSERVED_LOG_EVERY`]).
+    unserved: u64,
+    unserved_logged: Vec<Option<Instant>>,
 }
+
+/// How often an exposure logs client datagrams it cannot serve (they are counted in
+/// `dropped_client_datagrams`).
+const UNSERVED_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Stack {
     pub fn new(shared: Arc<Shared>, tun: Arc<super::tun::ServerTun>, exposes: Vec<Exposure>) -> Self {
@@ -68,6 +77,8 @@ impl Stack {
             bytes_to_cameras: 0,
             bytes_from_cameras: 0,
             client_queue_drops: 0,
+            unserved: 0,
+            unserved_logged: Vec::new(),
         }
     }
 
@@ -163,17 +174,28 @@ impl Stack {
     }
 
     /// Resolve an exposure to its camera from the registry (what the trigger reported).
-    fn target(&self, expose: usize) -> Option<Target> {
+    fn target(&mut self, expose: usize) -> Option<Target> {
         let e = &self.exposes.get(expose)?.cfg;
         let reg = self.shared.registry.lock().unwrap();
-        let Some(cam) = reg.registry.camera(e.site(), e.camera_name()) else {
-            tracing::warn!(camera = %e.camera, "client datagram dropped: camera not reported by its trigger (yet)");
-            return None;
+        let why = match reg.registry.camera(e.site(), e.camera_name()) {
+            None => Some("camera not reported by its trigger (yet)"),
+            Some(cam) if !cam.services.contains(&e.service()) => Some("the camera's report does not list this service"),
+            Some(_) => None,
         };
-        if !cam.services.contains(&e.service()) {
-            tracing::warn!(camera = %e.camera, service = %e.service(), "client datagram dropped: the camera's report does not list this service");
+        if let Some(why) = why {
+            self.unserved += 1;
+            if self.unserved_logged.len() < self.exposes.len() {
+                self.unserved_logged.resize(self.exposes.len(), None);
+            }
+            let now = Instant::now();
+            let last = &mut self.unserved_logged[expose];
+            if last.is_none_or(|t| now.saturating_duration_since(t) >= UNSERVED_LOG_EVERY) {
+                *last = Some(now);
+                tracing::warn!(camera = %e.camera, service = %e.service(), "client datagram dropped: {why} (logged at most every 10 s; counted in dropped_client_datagrams)");
+            }
             return None;
         }
+        let cam = reg.registry.camera(e.site(), e.camera_name())?;
         Some(Target {
             site: e.site().to_string(),
             camera: e.camera_name().to_string(),
@@ -257,7 +279,7 @@ impl Stack {
             counters: self.table.counters,
             bytes_to_cameras: self.bytes_to_cameras,
             bytes_from_cameras: self.bytes_from_cameras,
-            client_queue_drops: self.client_queue_drops,
+            client_queue_drops: self.client_queue_drops + self.unserved,
         }
     }
 }

@@ -166,7 +166,7 @@ async fn session(
         let reply = match msg {
             Err(_) => return lost(true, format!("server silent for {IDLE_TIMEOUT:?}")),
             Ok(Err(LinkError::Frame(e))) => {
-                let _ = write_frame(&mut wr, &Message::Error { code: e.code(), message: e.to_string(), id: None }).await;
+                let _ = write_frame(&mut wr, &Message::error(e.code(), e.to_string(), None)).await;
                 return lost(true, format!("bad frame from server: {e}"));
             }
             Ok(Err(e)) => return lost(true, e.to_string()),

@@ -15,8 +15,14 @@ pub async fn start(lan_ip: Ipv4Addr) -> anyhow::Result<Probe> {
     tokio::spawn(async move {
         let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
         loop {
-            let Ok((mut s, peer)) = l.accept().await else {
-                continue;
+            let (mut s, peer) = match l.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // E.g. out of file descriptors: retrying at once would spin.
+                    tracing::warn!("probe listener accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let Ok(permit) = limit.clone().try_acquire_owned() else {
                 continue;

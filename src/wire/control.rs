@@ -17,6 +17,12 @@ pub const MAX_FRAME: usize = 64 * 1024;
 pub const MAX_CAMERAS: usize = 256;
 /// Largest PD1 (transport header + payload) in an indication: fits a 1500-byte MTU with IPv4.
 pub const MAX_PD1: usize = 1480;
+/// Longest camera name and device type in a report, and most services per camera.
+pub const MAX_NAME: usize = 64;
+pub const MAX_SERVICES: usize = 64;
+/// Longest `message` of an `error` frame built by [`Message::error`]: such a message can quote
+/// what the peer sent (a decoder's complaint, a name), and must not make the frame oversized.
+pub const MAX_ERROR_MESSAGE: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -196,6 +202,28 @@ impl FrameError {
 }
 
 /// Encode one message as a length-prefixed frame.
+impl Message {
+    /// An `error` frame whose message is cut to [`MAX_ERROR_MESSAGE`] bytes (at a character
+    /// boundary, marked with "…").
+    pub fn error(code: ErrorCode, message: impl Into<String>, id: Option<u64>) -> Message {
+        let mut message = message.into();
+        if message.len() > MAX_ERROR_MESSAGE {
+            let mut end = MAX_ERROR_MESSAGE - '…'.len_utf8();
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push('…');
+        }
+        Message::Error { code, message, id }
+    }
+}
+
+/// Bytes of a message's frame body (what [`MAX_FRAME`] bounds).
+pub fn body_len(msg: &Message) -> usize {
+    serde_json::to_vec(&Envelope { v: VERSION, msg: msg.clone() }).map(|b| b.len()).unwrap_or(usize::MAX)
+}
+
 pub fn encode(msg: &Message) -> Vec<u8> {
     let body = serde_json::to_vec(&Envelope { v: VERSION, msg: msg.clone() }).expect("control messages always serialize");
     debug_assert!(body.len() <= MAX_FRAME, "sender built an oversized frame");
@@ -282,6 +310,17 @@ mod tests {
             pd1: "AAAA".into(),
             direction: Direction::ToCamera,
         })
+    }
+
+    #[test]
+    fn error_messages_quoting_a_peer_stay_within_the_frame() {
+        let long = "é".repeat(40_000); // 80 KB of two-byte characters
+        let Message::Error { message, .. } = Message::error(ErrorCode::BadFrame, long, None) else { panic!() };
+        assert!(message.len() <= MAX_ERROR_MESSAGE && message.ends_with('…'), "{}", message.len());
+        let frame = encode(&Message::error(ErrorCode::BadFrame, "x".repeat(MAX_FRAME), Some(1)));
+        assert!(frame.len() < 2 * MAX_ERROR_MESSAGE);
+        let Message::Error { message, .. } = Message::error(ErrorCode::RateLimited, "short", None) else { panic!() };
+        assert_eq!(message, "short");
     }
 
     #[test]
