@@ -738,7 +738,7 @@ fn nat_router_loses_its_state() {
 /// whose trigger is gone. The trigger, back, gets both links again.
 #[test]
 fn a_vanished_triggers_links_are_closed_by_the_server() {
-    let mut lab = Lab::up("bk-f6", &[]);
+    let mut lab = Lab::up("bk-f7", &[]);
     let cfg = server_toml(K).write(&mut lab, "server.toml");
     start_server(&mut lab, "server", &cfg);
     start_trigger(&mut lab, "trigger-a", "a");
@@ -762,7 +762,7 @@ fn a_vanished_triggers_links_are_closed_by_the_server() {
         links_from(&lab, "203.0.113.2") == 0 && lab.site_status("site-a")["assist_link"] == false
     });
     let closed = first_log_after(&lab, "server", &["assist link closed"], t_gone);
-    eprintln!("bk-f6: the vanished trigger's assist link closed {closed:?} s after it was killed");
+    eprintln!("bk-f7: the vanished trigger's assist link closed {closed:?} s after it was killed");
     assert!(closed.is_some(), "the assist link's end is logged");
 
     let rules = nft(&["-a", "list", "chain", "inet", "bk_filter", "forward"]);
