@@ -429,13 +429,16 @@ listen = "127.0.0.1:15060"
         assert!(with("proto = \"udp\"\nrate_mbit = 8", true).unwrap_err().contains("for tcp exposures"));
     }
 
+    /// The example server.toml with a top-level `key = value` added, parsed and validated.
+    fn server_with(key: &str, value: &str) -> Result<(), String> {
+        let p = Path::new("server.toml");
+        let text = SERVER.replace("state_dir = \"/tmp/x\"", &format!("state_dir = \"/tmp/x\"\n{key} = {value}"));
+        parse::<ServerConfig>(p, &text).map_err(|e| e.to_string())?.validate(p).map_err(|e| e.to_string())
+    }
+
     #[test]
     fn keepalive_secs_is_bounded() {
-        let p = Path::new("server.toml");
-        let with = |v: &str| {
-            let text = SERVER.replace("state_dir = \"/tmp/x\"", &format!("state_dir = \"/tmp/x\"\nkeepalive_secs = {v}"));
-            parse::<ServerConfig>(p, &text).map_err(|e| e.to_string())?.validate(p).map_err(|e| e.to_string())
-        };
+        let with = |v: &str| server_with("keepalive_secs", v);
         assert!(with("0").is_ok());
         assert!(with("3600").is_ok());
         // (A huge interval would overflow the timers' arithmetic.)
@@ -444,11 +447,7 @@ listen = "127.0.0.1:15060"
 
     #[test]
     fn max_tcp_clients_is_bounded() {
-        let p = Path::new("server.toml");
-        let with = |v: &str| {
-            let text = SERVER.replace("state_dir = \"/tmp/x\"", &format!("state_dir = \"/tmp/x\"\nmax_tcp_clients = {v}"));
-            parse::<ServerConfig>(p, &text).map_err(|e| e.to_string())?.validate(p).map_err(|e| e.to_string())
-        };
+        let with = |v: &str| server_with("max_tcp_clients", v);
         assert!(with("1").is_ok());
         assert!(with("100000").is_ok());
         assert!(with("0").unwrap_err().contains("key `max_tcp_clients`: must be 1-100000"));

@@ -32,6 +32,14 @@ fn client(ca: &str) -> Tls<rustls::ClientConnection> {
     rustls::StreamOwned::new(conn, tcp)
 }
 
+/// A control link registered as site a's trigger.
+fn registered_client(ca: &str, agent: &str) -> Tls<rustls::ClientConnection> {
+    let mut s = client(ca);
+    s.write_all(&encode(&Message::Register { site: "site-a".into(), token: "token-a-0123456789".into(), agent: agent.into() })).unwrap();
+    assert!(matches!(read_msg(&mut s), Some(Message::Registered { .. })));
+    s
+}
+
 /// Whatever an unauthenticated peer sends, it gets a closed link and nothing else; an
 /// authenticated one that floods gets an error frame; the server keeps serving.
 #[test]
@@ -99,10 +107,7 @@ fn server_refuses_bad_tokens_and_bad_frames_without_crashing() {
     // An authenticated trigger that floods frames is cut off with a rate-limit error.
     let ca = format!("{}/ca.pem", lab.state_dir());
     let flood = lab.in_ns("srv", move || {
-        let mut s = client(&ca);
-        s.write_all(&encode(&Message::Register { site: "site-a".into(), token: "token-a-0123456789".into(), agent: "flood".into() }))
-            .unwrap();
-        assert!(matches!(read_msg(&mut s), Some(Message::Registered { .. })));
+        let mut s = registered_client(&ca, "flood");
         // Pongs need no answer: the flood does not fill the server's queue towards us.
         let pong = encode(&Message::Pong { nonce: 1 });
         let mut burst = Vec::new();
@@ -127,10 +132,7 @@ fn server_refuses_bad_tokens_and_bad_frames_without_crashing() {
     // written to disk) is refused and the link closed; the first one counts.
     let ca = format!("{}/ca.pem", lab.state_dir());
     let reports = lab.in_ns("srv", move || {
-        let mut s = client(&ca);
-        s.write_all(&encode(&Message::Register { site: "site-a".into(), token: "token-a-0123456789".into(), agent: "reports".into() }))
-            .unwrap();
-        assert!(matches!(read_msg(&mut s), Some(Message::Registered { .. })));
+        let mut s = registered_client(&ca, "reports");
         let report = Message::Report {
             cameras: vec![beckon::wire::control::CameraReport {
                 name: "cam1".into(),

@@ -739,7 +739,7 @@ fn nat_router_loses_its_state() {
 #[test]
 fn a_vanished_triggers_links_are_closed_by_the_server() {
     let mut lab = Lab::up("bk-f7", &[]);
-    let cfg = server_toml(K).write(&mut lab, "server.toml");
+    let cfg = server_toml(K).write(&lab, "server.toml");
     start_server(&mut lab, "server", &cfg);
     start_trigger(&mut lab, "trigger-a", "a");
     let connected = |lab: &Lab| lab.site_status("site-a")["assist_link"] == true && links_from(lab, "203.0.113.2") == 2;
