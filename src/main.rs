@@ -76,12 +76,19 @@ fn main() {
     }
 }
 
+/// Largest status document `beckon status` reads. ureq's default (10 MB) is about 25,000
+/// connections of ≈ 400 bytes of JSON each; `max_tcp_clients` allows 100,000 (≈ 40 MB), and
+/// there can be 10,000 UDP mappings besides.
+const STATUS_MAX_BYTES: u64 = 256 * 1024 * 1024;
+
 fn status(admin: &str, json: bool) -> Result<()> {
     let url = format!("{}/status", admin.trim_end_matches('/'));
     let body = ureq::get(&url)
         .call()
         .with_context(|| format!("cannot reach the server's admin endpoint at {url} (is `beckon server` running? see admin_listen)"))?
         .body_mut()
+        .with_config()
+        .limit(STATUS_MAX_BYTES)
         .read_to_string()
         .context("reading the status document")?;
     if json {
