@@ -102,11 +102,14 @@ impl AssistHandle {
     /// Ask the trigger for a TCP connection to `camera`. Returns the stream (raw bytes from now
     /// on) and any camera bytes that arrived together with the trigger's answer.
     pub async fn open(&self, camera: SocketAddrV4) -> Result<(AssistStream, Vec<u8>), String> {
-        let (tx, rx) = oneshot::channel();
-        self.open.send(tx).await.map_err(|_| "assist link is down".to_string())?;
-        let stream = rx.await.map_err(|_| "assist link is down".to_string())??;
-        let mut s = stream.compat();
+        // The whole open is bounded, getting the yamux stream included: yamux holds back new
+        // streams while 256 of its own are unacknowledged, and a client must not wait on that
+        // without end.
         let fut = async {
+            let (tx, rx) = oneshot::channel();
+            self.open.send(tx).await.map_err(|_| "assist link is down".to_string())?;
+            let stream = rx.await.map_err(|_| "assist link is down".to_string())??;
+            let mut s = stream.compat();
             write_frame(&mut s, &Message::Open { camera_ip: *camera.ip(), port: camera.port() }).await.map_err(|e| e.to_string())?;
             let mut reader = FrameReader::new(s);
             match reader.next().await {
