@@ -361,7 +361,7 @@ def udp_row(udp):
     # but the allocator has not given back yet: beckon trims its heap every 30 s. Without that
     # sample, the largest one taken.
     rss = [x for x in (cpu1.get("server_rss_mb"), cpu2.get("server_rss_mb"), idle.get("server_rss_mb")) if x is not None]
-    rss_peak = idle.get("server_rss_mb") if idle.get("server_rss_mb") is not None else (max(rss) if rss else None)
+    rss_checked = idle.get("server_rss_mb") if idle.get("server_rss_mb") is not None else (max(rss) if rss else None)
     # keepalives/s: the server's own count (sum of the mappings' `keepalives_sent`) between two
     # status snapshots, over the time between them; CPU: the keepalive-only window inside them
     n_ka, win = udp.get("keepalives_idle"), udp.get("keepalive_window_s")
@@ -398,7 +398,7 @@ def udp_row(udp):
         (all_mapped, f"{flows - mapped} of {flows} flows not mapped, {flows - answered} not answered directly",
          "mapping"),
         (kept, f"{(m0 or 0) - (m1 or 0)} of {m0} mappings dropped while only keepalives held them", "mappings kept"),
-        (None if rss_peak is None else rss_peak < UDP_RSS_MAX_MIB, f"RSS {f1(rss_peak)} MiB ≥ 1 GiB", "RSS"),
+        (None if rss_checked is None else rss_checked < UDP_RSS_MAX_MIB, f"RSS {f1(rss_checked)} MiB ≥ 1 GiB", "RSS"),
         (None if ka_cpu is None else ka_cpu < UDP_KA_CPU_MAX_PCT,
          f"keepalive CPU {f1(ka_cpu)} % ≥ {UDP_KA_CPU_MAX_PCT:.0f} % of a core", "keepalive CPU"),
     )
@@ -420,7 +420,7 @@ def udp_row(udp):
         f"{udp.get('nat_a_conntrack_entries', '?')} conntrack entries in site a's router; "
         f"trigger share {pct(inj / dl) if dl else '–'} ({inj} B / {dl} B) | "
         f"{mapped} mapped in {udp['round1_s']} s, {answered} answered in {udp['round2_s']} s; "
-        f"RSS {f1(rss_peak)} MiB; keepalives {'≈ ' if approx else ''}{f1(rate)}/s at {f1(ka_cpu)} % of a core | "
+        f"RSS {f1(rss_checked)} MiB; keepalives {'≈ ' if approx else ''}{f1(rate)}/s at {f1(ka_cpu)} % of a core | "
         f"– | – | all {flows} mapped; RSS < 1 GiB; keepalives < {UDP_KA_CPU_MAX_PCT:.0f} % of a core | {verdict} |")
 
 

@@ -193,32 +193,21 @@ async fn session(
         };
         match msg {
             Err(_) => break format!("silent for {IDLE_TIMEOUT:?}"),
-            Ok(Err(LinkError::Frame(e))) => {
-                shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                let _ = tx.try_send(Message::error(e.code(), e.to_string(), None));
-                break format!("bad frame: {e}");
-            }
+            Ok(Err(LinkError::Frame(e))) => break format!("bad frame: {}", refuse_frame(&shared, &tx, e.code(), e.to_string())),
             Ok(Err(e)) => break e.to_string(),
             Ok(Ok(_)) if !budget.allow(Instant::now()) => {
-                shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                let message = format!("more than {FRAMES_PER_SEC} frames/s");
-                let _ = tx.try_send(Message::Error { code: ErrorCode::RateLimited, message: message.clone(), id: None });
-                break message;
+                break refuse_frame(&shared, &tx, ErrorCode::RateLimited, format!("more than {FRAMES_PER_SEC} frames/s"));
             }
             Ok(Ok(Message::Report { .. })) if last_report.is_some_and(|t: Instant| t.elapsed() < REPORT_MIN_INTERVAL) => {
-                shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
                 let message = format!("more than one report per {}s", REPORT_MIN_INTERVAL.as_secs());
-                let _ = tx.try_send(Message::Error { code: ErrorCode::RateLimited, message: message.clone(), id: None });
-                break message;
+                break refuse_frame(&shared, &tx, ErrorCode::RateLimited, message);
             }
             Ok(Ok(m)) => {
                 if matches!(m, Message::Report { .. }) {
                     last_report = Some(Instant::now());
                 }
                 if let Err(why) = handle(&shared, &site, &tx, m) {
-                    shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-                    let _ = tx.try_send(Message::error(ErrorCode::BadFrame, why.clone(), None));
-                    break why;
+                    break refuse_frame(&shared, &tx, ErrorCode::BadFrame, why);
                 }
             }
         }
@@ -249,6 +238,15 @@ fn kind(m: &Message) -> &'static str {
         Message::Open { .. } => "open",
         Message::OpenResult { .. } => "open_result",
     }
+}
+
+/// A frame (or a rate) the server does not accept from a registered trigger: counted in
+/// `bad_frames`, answered with an `error` frame; returns `message`, the reason the caller closes
+/// the link with.
+fn refuse_frame(shared: &Shared, tx: &mpsc::Sender<Message>, code: ErrorCode, message: String) -> String {
+    shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+    let _ = tx.try_send(Message::error(code, message.clone(), None));
+    message
 }
 
 /// Write a registry change to disk on a blocking thread, without the registry's lock.

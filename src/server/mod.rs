@@ -94,7 +94,8 @@ pub struct Shared {
     pub windows: byte_budget::ByteBudget,
     /// One permit per TCP client being served, of all exposures (`max_tcp_clients`).
     pub tcp_clients: Arc<tokio::sync::Semaphore>,
-    pub refusals: Mutex<tcp_expose::RefusalLog>,
+    /// When a refused TCP client is logged (`tcp_expose::REFUSAL_LOG_EVERY`).
+    pub refusals: Mutex<crate::rate_limit::LogThrottle>,
     /// Per-camera addresses inside the userspace stack (never on the wire).
     virt: Mutex<HashMap<(String, String), std::net::Ipv4Addr>>,
 }
@@ -122,7 +123,7 @@ impl Shared {
             site_rtt: Mutex::new(HashMap::new()),
             windows: byte_budget::ByteBudget::new(tcp_expose::DIRECT_WINDOWS_TOTAL),
             tcp_clients: Arc::new(tokio::sync::Semaphore::new(cfg.max_tcp_clients)),
-            refusals: Mutex::new(tcp_expose::RefusalLog::default()),
+            refusals: Mutex::new(crate::rate_limit::LogThrottle::new(tcp_expose::REFUSAL_LOG_EVERY)),
             virt: Mutex::new(HashMap::new()),
             cfg,
         }
@@ -269,7 +270,7 @@ impl Shared {
                 mappings_dropped: t.mappings_dropped,
                 retriggers: t.retriggers,
                 unsolicited_datagrams: t.unsolicited_datagrams,
-                dropped_client_datagrams: t.dropped_client_datagrams + stack.client_queue_drops,
+                dropped_client_datagrams: t.dropped_client_datagrams + stack.client_drops,
                 auth_failures: st.auth_failures.load(Ordering::Relaxed),
                 bad_frames: st.bad_frames.load(Ordering::Relaxed),
                 camera_packets_dropped: self.port_routes.dropped_packets(),
@@ -342,18 +343,14 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
         _ = &mut stack_task => true,
     };
     tracing::info!("shutting down");
-    let _ = shutdown_tx.send(true);
     if stack_died {
         tracing::error!("the data path (TUN thread) stopped unexpectedly; exiting");
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), async {
-            let _ = accept_task.await;
-            let _ = admin_task.await;
-        })
-        .await;
-        anyhow::bail!("the data path (TUN thread) stopped unexpectedly (see the log above)");
     }
+    let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(3), async {
-        let _ = stack_task.await;
+        if !stack_died {
+            let _ = stack_task.await;
+        }
         let _ = accept_task.await;
         let _ = admin_task.await;
         for t in warm_tasks {
@@ -361,6 +358,9 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
         }
     })
     .await;
+    if stack_died {
+        anyhow::bail!("the data path (TUN thread) stopped unexpectedly (see the log above)");
+    }
     // Dropping the TUN (inside the stack) removes its route; guards undo the rest.
     Ok(())
 }

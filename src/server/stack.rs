@@ -14,6 +14,7 @@ use super::keepalive::KeepaliveKind;
 use super::tun::{Checksum, RxBuf};
 use super::udp_mapping::{Action, FlowState, TableCounters, Target, UdpMappings};
 use super::Shared;
+use crate::rate_limit::LogThrottle;
 use crate::status::MappingStatus;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
@@ -40,7 +41,9 @@ pub struct StackSnapshot {
     pub counters: TableCounters,
     pub bytes_to_cameras: u64,
     pub bytes_from_cameras: u64,
-    pub client_queue_drops: u64,
+    /// Client datagrams the stack dropped: its queue towards a client full, or its exposure's
+    /// camera or service not reported.
+    pub client_drops: u64,
 }
 
 pub struct Stack {
@@ -54,10 +57,10 @@ pub struct Stack {
     bytes_from_cameras: u64,
     client_queue_drops: u64,
     /// Client datagrams of an exposure whose camera is not (yet) reported with its service, and
-    /// when each exposure last logged one: a client sending many such datagrams must not make
-    /// this thread write a log line each (at most one per [`UNSERVED_LOG_EVERY`]).
+    /// per exposure when to log one: a client sending many such datagrams must not make this
+    /// thread write a log line each (at most one per [`UNSERVED_LOG_EVERY`]).
     unserved: u64,
-    unserved_logged: Vec<Option<Instant>>,
+    unserved_log: Vec<LogThrottle>,
 }
 
 /// How often an exposure logs client datagrams it cannot serve (they are counted in
@@ -67,6 +70,7 @@ const UNSERVED_LOG_EVERY: Duration = Duration::from_secs(10);
 impl Stack {
     pub fn new(shared: Arc<Shared>, tun: Arc<super::tun::ServerTun>, exposes: Vec<Exposure>) -> Self {
         let table = UdpMappings::new(shared.cfg.keepalive(), IDLE_TIMEOUT, MAX_FLOWS, rand::random());
+        let unserved_log = vec![LogThrottle::new(UNSERVED_LOG_EVERY); exposes.len()];
         Stack {
             public_ip: shared.cfg.public_ip,
             shared,
@@ -78,7 +82,7 @@ impl Stack {
             bytes_from_cameras: 0,
             client_queue_drops: 0,
             unserved: 0,
-            unserved_logged: Vec::new(),
+            unserved_log,
         }
     }
 
@@ -177,25 +181,20 @@ impl Stack {
     fn target(&mut self, expose: usize) -> Option<Target> {
         let e = &self.exposes.get(expose)?.cfg;
         let reg = self.shared.registry.lock().unwrap();
-        let why = match reg.registry.camera(e.site(), e.camera_name()) {
-            None => Some("camera not reported by its trigger (yet)"),
-            Some(cam) if !cam.services.contains(&e.service()) => Some("the camera's report does not list this service"),
-            Some(_) => None,
+        let cam = match reg.registry.camera(e.site(), e.camera_name()) {
+            Some(cam) if cam.services.contains(&e.service()) => cam,
+            unserved => {
+                let why = match unserved {
+                    None => "camera not reported by its trigger (yet)",
+                    Some(_) => "the camera's report does not list this service",
+                };
+                self.unserved += 1;
+                if self.unserved_log[expose].hit(Instant::now()).is_some() {
+                    tracing::warn!(camera = %e.camera, service = %e.service(), "client datagram dropped: {why} (logged at most every 10 s; counted in dropped_client_datagrams)");
+                }
+                return None;
+            }
         };
-        if let Some(why) = why {
-            self.unserved += 1;
-            if self.unserved_logged.len() < self.exposes.len() {
-                self.unserved_logged.resize(self.exposes.len(), None);
-            }
-            let now = Instant::now();
-            let last = &mut self.unserved_logged[expose];
-            if last.is_none_or(|t| now.saturating_duration_since(t) >= UNSERVED_LOG_EVERY) {
-                *last = Some(now);
-                tracing::warn!(camera = %e.camera, service = %e.service(), "client datagram dropped: {why} (logged at most every 10 s; counted in dropped_client_datagrams)");
-            }
-            return None;
-        }
-        let cam = reg.registry.camera(e.site(), e.camera_name())?;
         Some(Target {
             site: e.site().to_string(),
             camera: e.camera_name().to_string(),
@@ -279,7 +278,7 @@ impl Stack {
             counters: self.table.counters,
             bytes_to_cameras: self.bytes_to_cameras,
             bytes_from_cameras: self.bytes_from_cameras,
-            client_queue_drops: self.client_queue_drops + self.unserved,
+            client_drops: self.client_queue_drops + self.unserved,
         }
     }
 }

@@ -43,28 +43,7 @@ pub const DIRECT_TX_BUFFER: usize = 64 * 1024;
 pub const FAILURE_BACKOFF: Duration = Duration::from_secs(600);
 /// A client refused for `max_tcp_clients` is logged at most once per this (a flood of clients
 /// must not flood the log); each line counts the refusals since the one before.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// When a refused client is worth a log line (sans-IO): the first refusal, then at most one
-/// line per [`REFUSAL_LOG_EVERY`]. `counters.tcp_clients_refused` counts every one.
-#[derive(Default)]
-pub struct RefusalLog {
-    last_line: Option<Instant>,
-    unlogged: u64,
-}
-
-impl RefusalLog {
-    /// Count a refusal at `now`: `Some(n)` to log it now, with `n` refusals (this one
-    /// included) since the last line.
-    pub fn refused(&mut self, now: Instant) -> Option<u64> {
-        self.unlogged += 1;
-        if self.last_line.is_some_and(|t| now.saturating_duration_since(t) < REFUSAL_LOG_EVERY) {
-            return None;
-        }
-        self.last_line = Some(now);
-        Some(std::mem::take(&mut self.unlogged))
-    }
-}
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// How long a busy host may keep beckon from a connection's received data. The window has to
 /// cover this as well as the path: while the shard waits for a core, the camera keeps sending
@@ -127,7 +106,7 @@ async fn accept_loop(shared: Arc<Shared>, e: ExposeConfig, l: TcpListener, pool:
 fn refuse(shared: &Shared, e: &ExposeConfig, client: &TcpStream, peer: SocketAddr) {
     shared.stats.tcp_clients_refused.fetch_add(1, Ordering::Relaxed);
     crate::splice::reset_on_drop(client);
-    if let Some(refused) = shared.refusals.lock().unwrap().refused(Instant::now()) {
+    if let Some(refused) = shared.refusals.lock().unwrap().hit(Instant::now()) {
         tracing::warn!(
             listen = %e.listen,
             %peer,
@@ -432,19 +411,6 @@ async fn warm_loop(shared: Arc<Shared>, e: ExposeConfig, pool: Arc<WarmPool>, mu
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn refusals_are_logged_first_then_once_per_interval_with_the_count() {
-        let mut log = RefusalLog::default();
-        let t0 = Instant::now();
-        assert_eq!(log.refused(t0), Some(1), "the first refusal is logged");
-        assert_eq!(log.refused(t0 + Duration::from_secs(1)), None);
-        assert_eq!(log.refused(t0 + Duration::from_secs(9)), None);
-        // The next line counts the two kept back and itself.
-        assert_eq!(log.refused(t0 + REFUSAL_LOG_EVERY), Some(3));
-        assert_eq!(log.refused(t0 + REFUSAL_LOG_EVERY + Duration::from_secs(2)), None);
-        assert_eq!(log.refused(t0 + 5 * REFUSAL_LOG_EVERY), Some(2));
-    }
 
     #[test]
     fn the_window_carries_the_rate_over_the_path_within_bounds() {

@@ -201,7 +201,6 @@ impl FrameError {
     }
 }
 
-/// Encode one message as a length-prefixed frame.
 impl Message {
     /// An `error` frame whose message is cut to [`MAX_ERROR_MESSAGE`] bytes (at a character
     /// boundary, marked with "…").
@@ -219,13 +218,19 @@ impl Message {
     }
 }
 
-/// Bytes of a message's frame body (what [`MAX_FRAME`] bounds).
-pub fn body_len(msg: &Message) -> usize {
-    serde_json::to_vec(&Envelope { v: VERSION, msg: msg.clone() }).map(|b| b.len()).unwrap_or(usize::MAX)
+/// A message's frame body: the JSON of its envelope.
+fn body(msg: &Message) -> Vec<u8> {
+    serde_json::to_vec(&Envelope { v: VERSION, msg: msg.clone() }).expect("control messages always serialize")
 }
 
+/// Bytes of a message's frame body (what [`MAX_FRAME`] bounds).
+pub fn body_len(msg: &Message) -> usize {
+    body(msg).len()
+}
+
+/// Encode one message as a length-prefixed frame.
 pub fn encode(msg: &Message) -> Vec<u8> {
-    let body = serde_json::to_vec(&Envelope { v: VERSION, msg: msg.clone() }).expect("control messages always serialize");
+    let body = body(msg);
     debug_assert!(body.len() <= MAX_FRAME, "sender built an oversized frame");
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
