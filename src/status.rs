@@ -42,6 +42,9 @@ pub struct ProfileStatus {
     pub measured_unix: u64,
     /// The trigger's probe listener the strategies were tried against.
     pub probe: String,
+    /// The trigger's public address (its NAT's) when this was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger_ip: Option<String>,
     pub tcp: Vec<StrategyResult>,
     /// The strategy camera connections use directly, if any works.
     pub direct_strategy: Option<String>,

@@ -304,6 +304,7 @@ fn trigger_killed_and_restarted() {
     start_trigger(&mut lab, "trigger-a", "a");
     wait_profiled(&lab, "site-a", 0);
     let reg0 = lab.site_status("site-a")["last_registered_unix"].as_u64().unwrap();
+    let profile0 = lab.site_status("site-a")["profile"].clone();
 
     const RATE: u64 = 2_000_000;
     let dl = Download::start(&lab, 18090, RATE);
@@ -399,6 +400,12 @@ fn trigger_killed_and_restarted() {
         + lab.log_lines("server", &["camera reported", "site=site-a"]).len();
     assert_eq!(regs.len(), 2, "{regs:#?}");
     assert_eq!(reports, 2, "{}", lab.log("server"));
+    // The NAT was measured once: the restarted trigger reported from the same address within
+    // PROFILE_REUSE, so the site's profile (which found a direct strategy) was kept.
+    assert_eq!(lab.log_lines("server", &["measuring the site's NAT", "site-a"]).len(), 1, "{}", lab.log("server"));
+    assert_eq!(lab.log_lines("server", &["site profile kept", "site-a"]).len(), 1, "{}", lab.log("server"));
+    assert_eq!(site["profile"]["measured_unix"], profile0["measured_unix"], "{site:#}");
+    assert_eq!(site["profile"]["trigger_ip"], "203.0.113.2", "{site:#}");
 }
 
 // ---------------------------------------------------------------- 2. server death

@@ -206,7 +206,7 @@ async fn session(
                 if matches!(m, Message::Report { .. }) {
                     last_report = Some(Instant::now());
                 }
-                if let Err(why) = handle(&shared, &site, &tx, m) {
+                if let Err(why) = handle(&shared, &site, peer, &tx, m) {
                     break refuse_frame(&shared, &tx, ErrorCode::BadFrame, why);
                 }
             }
@@ -259,15 +259,13 @@ fn persist(unsaved: super::record::Unsaved) {
 }
 
 /// One frame from a registered trigger. `Err` closes the link.
-fn handle(shared: &Arc<Shared>, site: &str, tx: &mpsc::Sender<Message>, m: Message) -> Result<(), String> {
+fn handle(shared: &Arc<Shared>, site: &str, peer: SocketAddr, tx: &mpsc::Sender<Message>, m: Message) -> Result<(), String> {
     match m {
         Message::Report { cameras, probe } => {
             validate_report(&cameras)?;
             let direct_tcp = shared.cfg.sites.iter().any(|s| s.name == site && s.direct_tcp);
             match probe {
-                Some(probe) if direct_tcp => {
-                    tokio::spawn(super::profile::run(shared.clone(), site.to_string(), probe));
-                }
+                Some(probe) if direct_tcp => super::profile::on_report(shared, site, probe, peer.ip()),
                 _ => super::profile::record_without_measuring(
                     shared,
                     site,
@@ -279,8 +277,10 @@ fn handle(shared: &Arc<Shared>, site: &str, tx: &mpsc::Sender<Message>, m: Messa
                 tracing::info!(site, camera = %c.name, ip = %c.ip, device_type = %c.device_type,
                     services = %c.services.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","), "camera reported");
             }
-            let unsaved = shared.registry.lock().unwrap().record_report(site, cameras);
-            persist(unsaved);
+            // An unchanged report (a trigger that reconnected) is not written again.
+            if let Some(unsaved) = shared.registry.lock().unwrap().record_report(site, cameras) {
+                persist(unsaved);
+            }
             let _ = tx.try_send(Message::ReportAck { cameras: n });
         }
         Message::IndicationResult { id, injected_bytes } => {

@@ -12,8 +12,39 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A site's profile is measured again when its trigger reports, unless one that found a direct
+/// strategy was measured less than this long ago against the same trigger (its LAN address;
+/// the probe listener's port is new at every start), behind the same public address. Why: a trigger whose link drops and reconnects
+/// (a flapping uplink, a restart loop) would otherwise start a measurement on every report,
+/// each taking server ports and sending trigger packets for seconds, for a NAT that has not
+/// changed. A profile that found nothing working is always measured again: it may have been
+/// measured while the trigger was going away.
+pub const PROFILE_REUSE: Duration = Duration::from_secs(600);
 
-pub async fn run(shared: Arc<Shared>, site: String, probe: Probe) {
+/// Why `profile` (of age `age_secs`) can stand for a new report's measurement, or `None` if
+/// the site must be measured again.
+pub fn reusable(profile: &ProfileStatus, now_unix: u64, probe: SocketAddrV4, trigger_ip: std::net::IpAddr) -> Option<u64> {
+    let age = now_unix.checked_sub(profile.measured_unix)?;
+    let same_trigger = profile.probe.parse::<SocketAddrV4>().is_ok_and(|p| p.ip() == probe.ip());
+    let same_place = same_trigger && profile.trigger_ip.as_deref() == Some(trigger_ip.to_string().as_str());
+    (same_place && profile.direct_strategy.is_some() && age < PROFILE_REUSE.as_secs()).then_some(age)
+}
+
+/// A report's probe: measure the site's NAT, or keep its profile if that is [`reusable`].
+pub fn on_report(shared: &Arc<Shared>, site: &str, probe: Probe, trigger_ip: std::net::IpAddr) {
+    let target = SocketAddrV4::new(probe.ip, probe.tcp_port);
+    let kept = shared.profiles.lock().unwrap().get(site).and_then(|p| reusable(p, super::record::unix_now(), target, trigger_ip));
+    match kept {
+        Some(age_secs) => {
+            tracing::info!(site, probe = %target, age_secs, "site profile kept: measured recently from the same address (not measured again)")
+        }
+        None => {
+            tokio::spawn(run(shared.clone(), site.to_string(), probe, trigger_ip));
+        }
+    }
+}
+
+async fn run(shared: Arc<Shared>, site: String, probe: Probe, trigger_ip: std::net::IpAddr) {
     let target = SocketAddrV4::new(probe.ip, probe.tcp_port);
     tracing::info!(site = %site, probe = %target, "measuring the site's NAT (direct TCP strategies against the trigger's probe listener)");
     // Each attempt has its own server port and conntrack entry: run them side by side.
@@ -48,6 +79,7 @@ pub async fn run(shared: Arc<Shared>, site: String, probe: Probe) {
         ProfileStatus {
             measured_unix: super::record::unix_now(),
             probe: target.to_string(),
+            trigger_ip: Some(trigger_ip.to_string()),
             tcp: results,
             direct_strategy: direct.first().map(|s| s.label()),
             direct_order: direct.iter().map(|s| s.label()).collect(),
@@ -207,6 +239,29 @@ pub fn choose(results: &[StrategyResult]) -> Vec<Strategy> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fresh_working_profile_from_the_same_place_is_kept() {
+        let probe: SocketAddrV4 = "198.18.1.2:7700".parse().unwrap();
+        let nat: std::net::IpAddr = "203.0.113.2".parse().unwrap();
+        let p = ProfileStatus {
+            measured_unix: 1000,
+            probe: probe.to_string(),
+            trigger_ip: Some(nat.to_string()),
+            direct_strategy: Some("patent-syn".into()),
+            ..Default::default()
+        };
+        assert_eq!(reusable(&p, 1000 + 599, probe, nat), Some(599));
+        assert_eq!(reusable(&p, 1000 + 600, probe, nat), None, "too old");
+        assert_eq!(reusable(&p, 999, probe, nat), None, "measured in the future (clock stepped back)");
+        assert_eq!(reusable(&p, 1001, "198.18.1.2:7701".parse().unwrap(), nat), Some(1), "the same trigger, restarted");
+        assert_eq!(reusable(&p, 1001, "198.18.1.3:7700".parse().unwrap(), nat), None, "another trigger host");
+        assert_eq!(reusable(&p, 1001, probe, "203.0.113.3".parse().unwrap()), None, "the trigger moved behind another address");
+        let nothing_worked = ProfileStatus { direct_strategy: None, ..p.clone() };
+        assert_eq!(reusable(&nothing_worked, 1001, probe, nat), None, "a profile without a direct strategy is measured again");
+        let unmeasured = ProfileStatus { trigger_ip: None, ..p };
+        assert_eq!(reusable(&unmeasured, 1001, probe, nat), None);
+    }
 
     fn r(s: Strategy, works: bool) -> StrategyResult {
         StrategyResult { strategy: s.label(), works, ..Default::default() }

@@ -113,9 +113,14 @@ impl RegistryStore {
         self.changed()
     }
 
-    pub fn record_report(&mut self, site: &str, cameras: Vec<CameraReport>) -> Unsaved {
-        self.registry.sites.entry(site.to_string()).or_default().cameras = cameras;
-        self.changed()
+    /// `None` if the site's recorded cameras are exactly these (nothing to write).
+    pub fn record_report(&mut self, site: &str, cameras: Vec<CameraReport>) -> Option<Unsaved> {
+        let rec = self.registry.sites.entry(site.to_string()).or_default();
+        if rec.cameras == cameras {
+            return None;
+        }
+        rec.cameras = cameras;
+        Some(self.changed())
     }
 }
 
@@ -133,17 +138,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let mut s = RegistryStore::open(&dir).unwrap();
         s.record_registration("site-a", "203.0.113.2:40000".into()).save().unwrap();
-        s.record_report(
-            "site-a",
-            vec![CameraReport {
-                name: "cam1".into(),
-                ip: "198.18.1.10".parse().unwrap(),
-                device_type: "gb28181".into(),
-                services: vec!["udp/5060".parse().unwrap()],
-            }],
-        )
-        .save()
-        .unwrap();
+        let cameras = vec![CameraReport {
+            name: "cam1".into(),
+            ip: "198.18.1.10".parse().unwrap(),
+            device_type: "gb28181".into(),
+            services: vec!["udp/5060".parse().unwrap()],
+        }];
+        s.record_report("site-a", cameras.clone()).expect("a new report is a change").save().unwrap();
+        assert!(s.record_report("site-a", cameras).is_none(), "the same report again is no change");
         let again = RegistryStore::open(&dir).unwrap();
         assert_eq!(again.registry, s.registry);
         assert!(again.registry.camera("site-a", "cam1").is_some());
