@@ -13,17 +13,18 @@ pub const DEFAULT_SERVER_NAME: &str = "beckon-server";
 
 pub fn install_crypto_provider() {
     // Err means it was installed already (e.g. twice in tests): fine.
-    let _ = provider().install_default();
+    let _ = Arc::unwrap_or_clone(provider()).install_default();
 }
 
 /// ring's provider with AES-128-GCM as the first TLS 1.3 suite (ring's own order starts with
-/// AES-256-GCM). Why: the assist link carries every byte of an assisted connection, and the
-/// trigger (the client, whose order the server follows) encrypts them all; AES-128 does 10
-/// rounds where AES-256 does 14, and is as good a suite for a link that lives for days.
-fn provider() -> rustls::crypto::CryptoProvider {
+/// AES-256-GCM). Why: the assist link carries every byte of an assisted connection, and both
+/// ends encrypt or decrypt them all; AES-128 does 10 rounds where AES-256 does 14, and is as
+/// good a suite for a link that lives for days. Both configs below are built on it, whatever
+/// provider the process has installed.
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
     p.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
-    p
+    Arc::new(p)
 }
 
 /// Create `ca.pem`, `ca.key`, `server.pem`, `server.key` in `state_dir` unless present.
@@ -90,7 +91,9 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
 }
 
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
-    let mut cfg = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 with the ring provider")?
         .with_no_client_auth()
         .with_single_cert(load_certs(cert)?, load_key(key)?)
         .context("server certificate and key do not match")?;
@@ -105,7 +108,9 @@ pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
     for c in load_certs(ca)? {
         roots.add(c).with_context(|| format!("{}: not a usable CA certificate", ca.display()))?;
     }
-    let cfg = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 with the ring provider")?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(cfg))

@@ -14,15 +14,16 @@ use std::time::{Duration, Instant};
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A site's profile is measured again when its trigger reports, unless one that found a direct
 /// strategy was measured less than this long ago against the same trigger (its LAN address;
-/// the probe listener's port is new at every start), behind the same public address. Why: a trigger whose link drops and reconnects
-/// (a flapping uplink, a restart loop) would otherwise start a measurement on every report,
-/// each taking server ports and sending trigger packets for seconds, for a NAT that has not
-/// changed. A profile that found nothing working is always measured again: it may have been
+/// the probe listener's port is new at every start), behind the same public address. Why: a
+/// trigger whose link drops and reconnects (a flapping uplink, a restart loop) would otherwise
+/// start a measurement on every report, each taking server ports and sending trigger packets
+/// for seconds, for a NAT that has not changed. A profile that found nothing working is always measured again: it may have been
 /// measured while the trigger was going away.
 pub const PROFILE_REUSE: Duration = Duration::from_secs(600);
 
-/// Why `profile` (of age `age_secs`) can stand for a new report's measurement, or `None` if
-/// the site must be measured again.
+/// The age in seconds of `profile` if it can stand for the measurement of a report from the
+/// trigger whose probe is `probe` and whose public address is `trigger_ip`; `None` if the site
+/// must be measured again.
 pub fn reusable(profile: &ProfileStatus, now_unix: u64, probe: SocketAddrV4, trigger_ip: std::net::IpAddr) -> Option<u64> {
     let age = now_unix.checked_sub(profile.measured_unix)?;
     let same_trigger = profile.probe.parse::<SocketAddrV4>().is_ok_and(|p| p.ip() == probe.ip());
