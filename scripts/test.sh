@@ -11,10 +11,10 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 missing=""
-for c in ip nft conntrack python3 cargo; do command -v "$c" >/dev/null || missing="$missing $c"; done
+for c in ip nft conntrack ping python3 cargo; do command -v "$c" >/dev/null || missing="$missing $c"; done
 [ -e /usr/bin/python3 ] || missing="$missing /usr/bin/python3"
 if [ -n "$missing" ]; then
-  echo "test.sh: missing:$missing (apt-get install nftables conntrack iproute2 python3; cargo from rustup)" >&2
+  echo "test.sh: missing:$missing (apt-get install nftables conntrack iproute2 iputils-ping python3; cargo from rustup)" >&2
   exit 1
 fi
 
