@@ -124,12 +124,18 @@ pub fn server_name(name: &str) -> Result<ServerName<'static>> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn dev_material_is_generated_once_and_loads() {
+    /// A fresh `state_dir` named `name` with dev material: (dir, cert, key).
+    fn dev_dir(name: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
         install_crypto_provider();
-        let dir = std::env::temp_dir().join(format!("beckon-tls-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("beckon-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (c, k) = ensure_dev_material(&dir).unwrap();
+        (dir, c, k)
+    }
+
+    #[test]
+    fn dev_material_is_generated_once_and_loads() {
+        let (dir, c, k) = dev_dir("tls");
         let first = std::fs::read(&c).unwrap();
         ensure_dev_material(&dir).unwrap();
         assert_eq!(first, std::fs::read(&c).unwrap(), "material must be reused");
@@ -140,10 +146,7 @@ mod tests {
 
     #[test]
     fn links_use_aes_128_gcm() {
-        install_crypto_provider();
-        let dir = std::env::temp_dir().join(format!("beckon-tls-suite-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (c, k) = ensure_dev_material(&dir).unwrap();
+        let (dir, c, k) = dev_dir("tls-suite");
         let mut server = rustls::ServerConnection::new(server_config(&c, &k).unwrap()).unwrap();
         let mut client =
             rustls::ClientConnection::new(client_config(&dir.join("ca.pem")).unwrap(), server_name(DEFAULT_SERVER_NAME).unwrap()).unwrap();
