@@ -383,16 +383,19 @@ no_conns() { [ "$(open_conns)" = 0 ]; }
 # leaves thousands, each holding its unsent data) count against the one TCP memory budget
 # (`tcp_mem`) of every namespace on this host; left over, they push the next measurement into
 # memory pressure (a port-forward run after a collapsed level measured 176 MB/s instead of
-# 1.8 GB/s). Wait, at most 120 s, until fewer than 50 are left.
+# 1.8 GB/s). Wait, at most 120 s, until fewer than 50 are left and the host's TCP memory is
+# below `tcp_mem`'s low mark (where the kernel leaves memory pressure).
 settle_tcp() {
-  local i orphans
+  local i orphans mem low
+  low=$(awk '{ print $1 }' /proc/sys/net/ipv4/tcp_mem)
   for i in $(seq 1 120); do
     orphans=$(awk '/^TCP:/ { for (i = 2; i < NF; i++) if ($i == "orphan") print $(i + 1) }' /proc/net/sockstat)
-    [ "${orphans:-0}" -lt 50 ] && return 0
-    [ "$i" = 1 ] && log "waiting for $orphans orphaned TCP sockets to go (they hold TCP memory of the whole host)"
+    mem=$(awk '/^TCP:/ { for (i = 2; i < NF; i++) if ($i == "mem") print $(i + 1) }' /proc/net/sockstat)
+    [ "${orphans:-0}" -lt 50 ] && [ "${mem:-0}" -lt "$low" ] && return 0
+    [ "$i" = 1 ] && log "waiting for $orphans orphaned TCP sockets to go and TCP memory ($mem pages) to fall below $low pages (the whole host's)"
     sleep 1
   done
-  log "still $orphans orphaned TCP sockets after 120 s; measuring on"
+  log "still $orphans orphaned TCP sockets and $mem pages of TCP memory (low mark $low) after 120 s; measuring on"
 }
 # streams_phase LABEL PORT BUDGET LEVELS : N paced streams through one exposure, N from LEVELS
 # while they hold, then one midpoint; results in RUN/streams-LABEL*.json
