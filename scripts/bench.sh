@@ -378,6 +378,9 @@ fi
 
 # ------------------------------------------------------------------ 3. concurrent paced streams
 open_conns() { status_json | jq_py "len(d['connections'])"; }
+# The server's overload guard refuses new TCP clients while it drops camera packets (and for
+# 5 s after): a level that collapsed leaves the next one refused unless it waits.
+not_overloaded() { [ "$(status_json | jq_py "d.get('overloaded', False)")" = False ]; }
 no_conns() { [ "$(open_conns)" = 0 ]; }
 # The kernel's orphaned TCP sockets (closed by their process, still sending: a stalled level
 # leaves thousands, each holding its unsent data) count against the one TCP memory budget
@@ -404,6 +407,12 @@ streams_phase() {
   t0=$(date +%s)
   run_level() {
     local n=$1 f="$RUN/streams-$label-$1.json"
+    local w
+    for w in $(seq 1 120); do
+      not_overloaded && break
+      [ "$w" = 1 ] && log "waiting (at most 120 s) for the server to leave overload (its guard refuses new TCP clients)"
+      sleep 1
+    done
     status_json >"$RUN/streams-$label-$n.c0.json"
     in_ns "$SRV_NS" $((90 + n / 5)) "$PY" "$BDIR/streams.py" --port "$port" --n "$n" \
       --rate "$STREAM_RATE" --measure "$STREAM_MEASURE" --setup-timeout 20 \

@@ -82,6 +82,10 @@ pub struct ServerConfig {
     /// together; this refuses the newcomer instead (size it with `scripts/bench.sh`).
     #[serde(default = "default_max_tcp_clients")]
     pub max_tcp_clients: usize,
+    /// Refuse new TCP clients (reset) for a few seconds whenever the server drops camera packets
+    /// because it cannot read them fast enough (`server::overload`).
+    #[serde(default = "default_true")]
+    pub overload_guard: bool,
     #[serde(default, rename = "site")]
     pub sites: Vec<SiteConfig>,
     #[serde(default, rename = "expose")]

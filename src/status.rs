@@ -9,6 +9,10 @@ pub struct StatusDoc {
     pub public_ip: String,
     pub uptime_secs: u64,
     pub keepalive_secs: u64,
+    /// New TCP clients are being refused: the server is dropping camera packets now
+    /// (`overload_guard`).
+    #[serde(default)]
+    pub overloaded: bool,
     pub sites: Vec<SiteStatus>,
     pub mappings: Vec<MappingStatus>,
     #[serde(default)]
@@ -191,6 +195,9 @@ pub struct Counters {
     /// TCP clients reset at once because `max_tcp_clients` were being served.
     #[serde(default)]
     pub tcp_clients_refused: u64,
+    /// TCP clients reset at once because the server was dropping camera packets (`overload_guard`).
+    #[serde(default)]
+    pub tcp_clients_refused_overloaded: u64,
     #[serde(default)]
     pub tcp_bytes_direct: u64,
     /// Bytes the triggers carried on the assisted path.
@@ -213,6 +220,9 @@ impl StatusDoc {
             "beckon {}  public_ip {}  up {}s  keepalive {}s",
             self.version, self.public_ip, self.uptime_secs, self.keepalive_secs
         );
+        if self.overloaded {
+            let _ = writeln!(s, "OVERLOADED: dropping camera packets; new TCP clients are refused");
+        }
         let _ = writeln!(s, "\nSITES");
         let _ = writeln!(s, "{:<16} {:<10} {:<22} cameras", "site", "trigger", "public endpoint");
         for site in &self.sites {
@@ -323,7 +333,7 @@ impl StatusDoc {
         );
         let _ = writeln!(
             s,
-            "tcp: direct {} ({} pre-opened; {} bytes), assisted {} ({} bytes carried by triggers), failed {}, direct fallbacks {}, windows grown {}, clients refused {}",
+            "tcp: direct {} ({} pre-opened; {} bytes), assisted {} ({} bytes carried by triggers), failed {}, direct fallbacks {}, windows grown {}, clients refused {} (+{} while overloaded)",
             c.tcp_connections_direct,
             c.tcp_connections_warm,
             c.tcp_bytes_direct,
@@ -332,7 +342,8 @@ impl StatusDoc {
             c.tcp_connections_failed,
             c.tcp_direct_fallbacks,
             c.tcp_windows_grown,
-            c.tcp_clients_refused
+            c.tcp_clients_refused,
+            c.tcp_clients_refused_overloaded
         );
         let _ = writeln!(s, "camera packets dropped (server behind): {}", c.camera_packets_dropped);
         let _ = writeln!(s, "control: auth failures {}, bad frames {}", c.auth_failures, c.bad_frames);

@@ -562,3 +562,44 @@ fn a_camera_that_never_answers_through_the_nat_resets_the_client_and_the_site_mo
     assert_eq!(counter(&st, "tcp_connections_direct"), 3, "{:#}", st["counters"]);
     assert_eq!(counter(&st, "tcp_connections_failed"), 3, "{:#}", st["counters"]);
 }
+
+/// The overload guard. The server is stopped (SIGSTOP) for a moment while 3,000 datagrams to
+/// `public_ip` arrive: the kernel queues 1,000 in front of its TUN and drops the rest, as it
+/// does in front of a server that cannot keep up. Once the server runs again it sees the drops:
+/// new TCP clients are reset (counter, status, log) until 5 s pass without drops, and then
+/// served again.
+#[test]
+fn a_server_that_drops_camera_packets_refuses_new_tcp_clients_for_a_while() {
+    let mut lab = Lab::up("bk-t9", &[]);
+    start(&mut lab, true);
+    assert!(get(&lab, 18090, "/").contains("<h1>camera cam-a</h1>"));
+    assert_eq!(lab.status()["overloaded"], false);
+    let pid = lab.pid("server").unwrap().to_string();
+    let signal = |sig: &str| assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    signal("-STOP");
+    lab.in_ns("srv", || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..3000 {
+            s.send_to(&[0u8; 64], "203.0.113.100:9").unwrap();
+        }
+    });
+    signal("-CONT");
+    let stats = lab.ip("srv", &["-s", "link", "show", "beckon0"]);
+    wait_for(Duration::from_secs(3), "the server overloaded", || lab.status()["overloaded"] == true);
+    let refused = lab.in_ns("srv", || {
+        let mut s = TcpStream::connect(("127.0.0.1", 18090)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).map(|_| out).map_err(|e| e.kind())
+    });
+    assert_eq!(refused, Err(std::io::ErrorKind::ConnectionReset), "a new client while overloaded; TUN: {stats}");
+    let st = lab.status();
+    assert_eq!(counter(&st, "tcp_clients_refused_overloaded"), 1, "{:#}", st["counters"]);
+    assert_eq!(counter(&st, "tcp_clients_refused"), 0, "{:#}", st["counters"]);
+    assert_eq!(lab.log_lines("server", &["server overloaded: dropping camera packets"]).len(), 1, "{}", lab.log("server"));
+    assert_eq!(lab.log_lines("server", &["TCP client refused (reset): the server is overloaded"]).len(), 1);
+    // No more drops: after the guard's 5 s, clients are served again.
+    wait_for(Duration::from_secs(10), "the overload over", || lab.status()["overloaded"] == false);
+    assert!(get(&lab, 18090, "/").contains("<h1>camera cam-a</h1>"));
+    assert_eq!(counter(&lab.status(), "tcp_clients_refused_overloaded"), 1);
+}

@@ -127,7 +127,11 @@ out("* **Concurrent streams**: a paced camera service (`scripts/bench/paced_cam.
     "stream got ≥ 90 % of 4 Mbit/s in every sliding 5 s window (1 s steps; so a stall of "
     "≈ 0.5 s fails it, jitter of a few 100 ms does not). N doubles from 50 until it fails or "
     "the phase's time budget is used, then two bisection steps. Server CPU = utime+stime delta "
-    "of the beckon server process over the measured window (% of one core), RSS = VmRSS at its end.")
+    "of the beckon server process over the measured window (% of one core), RSS = VmRSS at its end. "
+    "The server runs with its overload guard on (the default): past the host's limit it resets new "
+    "clients while it drops camera packets, so such a level fails (not all N came up); the row "
+    "lists, for each such level, the clients served and refused and whether every served stream "
+    "held. Each level starts once the server's status no longer says `overloaded` (at most 120 s).")
 out("* **Trigger share**: bytes the triggers injected (`bytes_injected_by_triggers`, trigger "
     "packets incl. IP headers, as confirmed by the triggers) per payload byte beckon delivered "
     "directly (`tcp_bytes_direct`, or UDP `bytes_direct_to/from_cameras`), as counter deltas "
@@ -264,6 +268,27 @@ def level_paths(label, n):
             b["tcp_connections_assisted"] - a["tcp_connections_assisted"])
 
 
+def refused_overloaded(path, n):
+    """TCP clients the server's overload guard refused during level N (None if not known)."""
+    a, b = load(f"streams-{path}-{n}.c0.json"), load(f"streams-{path}-{n}.c1.json")
+    if not a or not b:
+        return None
+    key = "tcp_clients_refused_overloaded"
+    return b["counters"].get(key, 0) - a["counters"].get(key, 0)
+
+
+def guarded_levels(path):
+    """Levels where the overload guard refused clients: (N, served, refused, served held, worst)."""
+    rows = []
+    for f in sorted(glob.glob(os.path.join(RUN, f"streams-{path}-[0-9]*.c0.json"))):
+        n = int(f.rsplit("-", 1)[1].split(".")[0])
+        refused, lvl = refused_overloaded(path, n), load(f"streams-{path}-{n}.json")
+        if refused and lvl:
+            held = lvl["streams_below_keep"] == 0 and lvl["lost"] == 0
+            rows.append((n, lvl["up"], refused, held, lvl["worst_window_ratio"]))
+    return sorted(rows)
+
+
 def streams_row(s, path, title=None):
     title = title or path
     if not s:
@@ -286,9 +311,18 @@ def streams_row(s, path, title=None):
             desc += f", trigger CPU {f1(tb)} %, RSS {f1(cpu.get('trigger_b_rss_mb'))} MB"
         desc += f", {lvl['aggregate_MBps']} MB/s total, machine {f1(cpu.get('machine_busy_pct'))} % busy"
     if bad:
-        desc += (f"; N={bad['n']} failed: {bad['up']}/{bad['n']} up, {bad['streams_below_keep']} below 90 %, "
+        refused = refused_overloaded(path, bad["n"])
+        desc += (f"; N={bad['n']} failed: {bad['up']}/{bad['n']} up"
+                 + (f" ({refused} refused by the overload guard)" if refused else "")
+                 + f", {bad['streams_below_keep']} below 90 %, "
                  f"{bad['lost']} connections lost, worst 5 s window {bad['worst_window_ratio']} of the rate, "
                  f"server CPU {f1(bad['cpu'].get('server_cpu_pct'))} %")
+    guarded = guarded_levels(path)
+    if guarded:
+        desc += "; overload guard: " + ", ".join(
+            f"N={n}: {up} served, {refused} refused, the served "
+            + ("all held" if held else "did not all hold") + f" (worst window {worst})"
+            for n, up, refused, held, worst in guarded)
     elif s.get("first_stall") is None:
         top = max(int(x) for x in str(s.get("levels", "0")).split()) if s.get("levels") else None
         desc += (f" (levels tried up to {top}, the strict run's failing level)" if path.endswith("liberal") and top

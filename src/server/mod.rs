@@ -12,6 +12,7 @@ pub mod cooldown;
 pub mod expose;
 pub mod indicate;
 pub mod keepalive;
+pub mod overload;
 pub mod port_routes;
 pub mod profile;
 pub mod queue_device;
@@ -63,6 +64,7 @@ pub struct ControlStats {
     pub tcp_direct_fallbacks: AtomicU64,
     pub tcp_windows_grown: AtomicU64,
     pub tcp_clients_refused: AtomicU64,
+    pub tcp_clients_refused_overloaded: AtomicU64,
     /// Bytes of connections that have closed (open ones are summed from their records).
     pub tcp_bytes_direct_closed: AtomicU64,
     pub tcp_bytes_assisted_closed: AtomicU64,
@@ -96,6 +98,8 @@ pub struct Shared {
     pub tcp_clients: Arc<tokio::sync::Semaphore>,
     /// When a refused TCP client is logged (`tcp_expose::REFUSAL_LOG_EVERY`).
     pub refusals: Mutex<crate::rate_limit::LogThrottle>,
+    /// Whether the server is dropping camera packets now (fed by the stack's tick).
+    pub overload: Mutex<overload::OverloadGuard>,
     /// Per-camera addresses inside the userspace stack (never on the wire).
     virt: Mutex<HashMap<(String, String), std::net::Ipv4Addr>>,
 }
@@ -124,6 +128,7 @@ impl Shared {
             windows: byte_budget::ByteBudget::new(tcp_expose::DIRECT_WINDOWS_TOTAL),
             tcp_clients: Arc::new(tokio::sync::Semaphore::new(cfg.max_tcp_clients)),
             refusals: Mutex::new(crate::rate_limit::LogThrottle::new(tcp_expose::REFUSAL_LOG_EVERY)),
+            overload: Mutex::new(overload::OverloadGuard::default()),
             virt: Mutex::new(HashMap::new()),
             cfg,
         }
@@ -246,6 +251,7 @@ impl Shared {
             public_ip: self.cfg.public_ip.to_string(),
             uptime_secs: self.started.elapsed().as_secs(),
             keepalive_secs: self.cfg.keepalive_secs,
+            overloaded: self.cfg.overload_guard && self.overload.lock().unwrap().overloaded(Instant::now()),
             sites,
             mappings: stack.mappings,
             connections,
@@ -257,6 +263,7 @@ impl Shared {
                 tcp_direct_fallbacks: st.tcp_direct_fallbacks.load(Ordering::Relaxed),
                 tcp_windows_grown: st.tcp_windows_grown.load(Ordering::Relaxed),
                 tcp_clients_refused: st.tcp_clients_refused.load(Ordering::Relaxed),
+                tcp_clients_refused_overloaded: st.tcp_clients_refused_overloaded.load(Ordering::Relaxed),
                 tcp_bytes_direct: st.tcp_bytes_direct_closed.load(Ordering::Relaxed) + open_direct,
                 tcp_bytes_assisted: st.tcp_bytes_assisted_closed.load(Ordering::Relaxed) + open_assisted,
                 indications_sent: st.indications_sent.load(Ordering::Relaxed),

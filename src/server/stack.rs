@@ -61,6 +61,8 @@ pub struct Stack {
     /// thread write a log line each (at most one per [`UNSERVED_LOG_EVERY`]).
     unserved: u64,
     unserved_log: Vec<LogThrottle>,
+    /// The kernel's count of packets it dropped in front of the TUN (its queue full).
+    tun_drops_path: std::path::PathBuf,
 }
 
 /// How often an exposure logs client datagrams it cannot serve (they are counted in
@@ -71,6 +73,7 @@ impl Stack {
     pub fn new(shared: Arc<Shared>, tun: Arc<super::tun::ServerTun>, exposes: Vec<Exposure>) -> Self {
         let table = UdpMappings::new(shared.cfg.keepalive(), IDLE_TIMEOUT, MAX_FLOWS, rand::random());
         let unserved_log = vec![LogThrottle::new(UNSERVED_LOG_EVERY); exposes.len()];
+        let tun_drops_path = format!("/sys/class/net/{}/statistics/tx_dropped", shared.cfg.tun_name).into();
         Stack {
             public_ip: shared.cfg.public_ip,
             shared,
@@ -83,6 +86,7 @@ impl Stack {
             client_queue_drops: 0,
             unserved: 0,
             unserved_log,
+            tun_drops_path,
         }
     }
 
@@ -101,8 +105,10 @@ impl Stack {
                     None => return,
                 },
                 _ = tick.tick() => {
-                    let acts = self.table.tick(Instant::now());
+                    let now = Instant::now();
+                    let acts = self.table.tick(now);
                     self.apply(acts);
+                    self.watch_overload(now);
                 }
                 _ = shutdown.changed() => return,
             }
@@ -111,6 +117,20 @@ impl Stack {
                     tracing::debug!("TUN write: {e}");
                 }
             }
+        }
+    }
+
+    /// Feed the overload guard the camera packets dropped so far: by the kernel in front of the
+    /// TUN (its queue was full) and by the reader in front of the connections' queues.
+    fn watch_overload(&mut self, now: Instant) {
+        let kernel = std::fs::read_to_string(&self.tun_drops_path).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+        let total = kernel + self.shared.port_routes.dropped_packets();
+        if self.shared.overload.lock().unwrap().observe(now, total) && self.shared.cfg.overload_guard {
+            tracing::warn!(
+                drops_per_tick = super::overload::DROPS_PER_TICK,
+                hold_secs = super::overload::HOLD.as_secs(),
+                "server overloaded: dropping camera packets (more than drops_per_tick in 250 ms); new TCP clients are refused for hold_secs"
+            );
         }
     }
 

@@ -87,8 +87,12 @@ async fn accept_loop(shared: Arc<Shared>, e: ExposeConfig, l: TcpListener, pool:
             },
             _ = shutdown.changed() => return,
         };
+        if shared.cfg.overload_guard && shared.overload.lock().unwrap().overloaded(Instant::now()) {
+            refuse(&shared, &e, &client, peer, Refusal::Overloaded);
+            continue;
+        }
         let Ok(permit) = shared.tcp_clients.clone().try_acquire_owned() else {
-            refuse(&shared, &e, &client, peer);
+            refuse(&shared, &e, &client, peer, Refusal::Full);
             continue;
         };
         let shared = shared.clone();
@@ -101,19 +105,40 @@ async fn accept_loop(shared: Arc<Shared>, e: ExposeConfig, l: TcpListener, pool:
     }
 }
 
-/// Turn a client away because `max_tcp_clients` are being served: with a reset, so that it
-/// cannot take an empty answer for a complete one (the socket is closed as `client` drops).
-fn refuse(shared: &Shared, e: &ExposeConfig, client: &TcpStream, peer: SocketAddr) {
-    shared.stats.tcp_clients_refused.fetch_add(1, Ordering::Relaxed);
+/// Why a TCP client is turned away.
+#[derive(Clone, Copy)]
+enum Refusal {
+    /// `max_tcp_clients` are being served.
+    Full,
+    /// The server is dropping camera packets (`overload_guard`, [`super::overload`]).
+    Overloaded,
+}
+
+/// Turn a client away: with a reset, so that it cannot take an empty answer for a complete one
+/// (the socket is closed as `client` drops).
+fn refuse(shared: &Shared, e: &ExposeConfig, client: &TcpStream, peer: SocketAddr, why: Refusal) {
+    let counter = match why {
+        Refusal::Full => &shared.stats.tcp_clients_refused,
+        Refusal::Overloaded => &shared.stats.tcp_clients_refused_overloaded,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
     crate::splice::reset_on_drop(client);
     if let Some(refused) = shared.refusals.lock().unwrap().hit(Instant::now()) {
-        tracing::warn!(
-            listen = %e.listen,
-            %peer,
-            refused,
-            max_tcp_clients = shared.cfg.max_tcp_clients,
-            "TCP client refused (reset): max_tcp_clients are being served"
-        );
+        match why {
+            Refusal::Full => tracing::warn!(
+                listen = %e.listen,
+                %peer,
+                refused,
+                max_tcp_clients = shared.cfg.max_tcp_clients,
+                "TCP client refused (reset): max_tcp_clients are being served"
+            ),
+            Refusal::Overloaded => tracing::warn!(
+                listen = %e.listen,
+                %peer,
+                refused,
+                "TCP client refused (reset): the server is overloaded (it is dropping camera packets)"
+            ),
+        }
     }
 }
 

@@ -74,6 +74,11 @@ impl Lab {
         }
     }
 
+    /// The PID of a process started with `spawn` (`ip netns exec` execs it: the PID is beckon's).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs.iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
+    }
+
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
     }
