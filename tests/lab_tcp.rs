@@ -51,6 +51,17 @@ fn site<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     st["sites"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()
 }
 
+/// Connect to an exposure (from inside the server namespace) without sending anything and read
+/// until the end: what arrived, or how the connection failed (a refused client is reset).
+fn read_to_end(lab: &Lab, port: u16) -> Result<Vec<u8>, std::io::ErrorKind> {
+    lab.in_ns("srv", move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).map(|_| out).map_err(|e| e.kind())
+    })
+}
+
 /// HTTP/1.0 GET through an exposure (from inside the server namespace), half-closing after the
 /// request: raw response bytes.
 fn get_raw(lab: &Lab, port: u16, path: &str) -> Vec<u8> {
@@ -349,12 +360,7 @@ fn idle_direct_tcp_survives_a_short_nat_tcp_timeout() {
     wait_for(Duration::from_secs(10), "the idle client's connection in status", || {
         lab.status()["connections"].as_array().unwrap().len() == 1
     });
-    let refused = lab.in_ns("srv", || {
-        let mut s = TcpStream::connect(("127.0.0.1", 18090)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).map(|_| out).map_err(|e| e.kind())
-    });
+    let refused = read_to_end(&lab, 18090);
     assert_eq!(refused, Err(std::io::ErrorKind::ConnectionReset), "a second client while max_tcp_clients = 1 is served");
     let st = lab.status();
     assert_eq!(counter(&st, "tcp_clients_refused"), 1, "{:#}", st["counters"]);
@@ -586,12 +592,7 @@ fn a_server_that_drops_camera_packets_refuses_new_tcp_clients_for_a_while() {
     signal("-CONT");
     let stats = lab.ip("srv", &["-s", "link", "show", "beckon0"]);
     wait_for(Duration::from_secs(3), "the server overloaded", || lab.status()["overloaded"] == true);
-    let refused = lab.in_ns("srv", || {
-        let mut s = TcpStream::connect(("127.0.0.1", 18090)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).map(|_| out).map_err(|e| e.kind())
-    });
+    let refused = read_to_end(&lab, 18090);
     assert_eq!(refused, Err(std::io::ErrorKind::ConnectionReset), "a new client while overloaded; TUN: {stats}");
     let st = lab.status();
     assert_eq!(counter(&st, "tcp_clients_refused_overloaded"), 1, "{:#}", st["counters"]);
