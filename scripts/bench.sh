@@ -411,6 +411,7 @@ streams_phase() {
     for w in $(seq 1 120); do
       not_overloaded && break
       [ "$w" = 1 ] && log "waiting (at most 120 s) for the server to leave overload (its guard refuses new TCP clients)"
+      [ "$w" = 120 ] && log "the server still reports overload after 120 s (or its status failed); measuring on"
       sleep 1
     done
     status_json >"$RUN/streams-$label-$n.c0.json"

@@ -317,16 +317,16 @@ def streams_row(s, path, title=None):
                  + f", {bad['streams_below_keep']} below 90 %, "
                  f"{bad['lost']} connections lost, worst 5 s window {bad['worst_window_ratio']} of the rate, "
                  f"server CPU {f1(bad['cpu'].get('server_cpu_pct'))} %")
+    elif s.get("first_stall") is None:
+        top = max(int(x) for x in str(s.get("levels", "0")).split()) if s.get("levels") else None
+        desc += (f" (levels tried up to {top}, the strict run's failing level)" if path.endswith("liberal") and top
+                 else " (no level failed within the time budget)")
     guarded = guarded_levels(path)
     if guarded:
         desc += "; overload guard: " + ", ".join(
             f"N={n}: {up} served, {refused} refused, the served "
             + ("all held" if held else "did not all hold") + f" (worst window {worst})"
             for n, up, refused, held, worst in guarded)
-    elif s.get("first_stall") is None:
-        top = max(int(x) for x in str(s.get("levels", "0")).split()) if s.get("levels") else None
-        desc += (f" (levels tried up to {top}, the strict run's failing level)" if path.endswith("liberal") and top
-                 else " (no level failed within the time budget)")
     out(f"| concurrent 4 Mbit/s streams, {title}: {desc} | {n} | – (no beckon) | – | ≥ 1,000 | {met(n >= 1000)} |")
 
 

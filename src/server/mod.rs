@@ -96,8 +96,10 @@ pub struct Shared {
     pub windows: byte_budget::ByteBudget,
     /// One permit per TCP client being served, of all exposures (`max_tcp_clients`).
     pub tcp_clients: Arc<tokio::sync::Semaphore>,
-    /// When a refused TCP client is logged (`tcp_expose::REFUSAL_LOG_EVERY`).
+    /// When a refused TCP client is logged (`tcp_expose::REFUSAL_LOG_EVERY`): one throttle for
+    /// `max_tcp_clients`, one for the overload guard.
     pub refusals: Mutex<crate::rate_limit::LogThrottle>,
+    pub refusals_overloaded: Mutex<crate::rate_limit::LogThrottle>,
     /// Whether the server is dropping camera packets now (fed by the stack's tick).
     pub overload: Mutex<overload::OverloadGuard>,
     /// Per-camera addresses inside the userspace stack (never on the wire).
@@ -128,6 +130,7 @@ impl Shared {
             windows: byte_budget::ByteBudget::new(tcp_expose::DIRECT_WINDOWS_TOTAL),
             tcp_clients: Arc::new(tokio::sync::Semaphore::new(cfg.max_tcp_clients)),
             refusals: Mutex::new(crate::rate_limit::LogThrottle::new(tcp_expose::REFUSAL_LOG_EVERY)),
+            refusals_overloaded: Mutex::new(crate::rate_limit::LogThrottle::new(tcp_expose::REFUSAL_LOG_EVERY)),
             overload: Mutex::new(overload::OverloadGuard::default()),
             virt: Mutex::new(HashMap::new()),
             cfg,

@@ -15,10 +15,13 @@ pub const DROPS_PER_TICK: u64 = 50;
 /// How long clients are refused after the last observation with that many drops.
 pub const HOLD: Duration = Duration::from_secs(5);
 
+/// The interval the threshold is for (the stack's tick); a later observation scales it.
+const TICK: Duration = Duration::from_millis(250);
+
 #[derive(Debug, Default)]
 pub struct OverloadGuard {
-    /// The drop counters' total at the last observation.
-    last_total: Option<u64>,
+    /// The drop counters' total, and when, at the last observation.
+    last: Option<(u64, Instant)>,
     /// Refuse new clients until then.
     until: Option<Instant>,
 }
@@ -27,9 +30,15 @@ impl OverloadGuard {
     /// Feed the total of the drop counters at `now`; true if this starts a period of overload
     /// (for the log), false if none or one already running.
     pub fn observe(&mut self, now: Instant, total_drops: u64) -> bool {
-        let new = total_drops.saturating_sub(self.last_total.unwrap_or(total_drops));
-        self.last_total = Some(total_drops);
-        if new < DROPS_PER_TICK {
+        let (new, elapsed) = match self.last {
+            Some((total, at)) => (total_drops.saturating_sub(total), now.saturating_duration_since(at)),
+            None => (0, TICK),
+        };
+        self.last = Some((total_drops, now));
+        // More than DROPS_PER_TICK per TICK; a late observation (a busy thread) spans more time,
+        // and its drops count at that rate, not as one burst.
+        let span_ms = elapsed.max(TICK).as_millis() as u64;
+        if new.saturating_mul(TICK.as_millis() as u64) <= DROPS_PER_TICK.saturating_mul(span_ms) {
             return false;
         }
         let starts = !self.overloaded(now);
@@ -55,16 +64,20 @@ mod tests {
         // The first observation only learns the counters' start (drops from before count nothing).
         assert!(!g.observe(t0, 1_000_000));
         assert!(!g.overloaded(t0));
-        // A trickle below the threshold, tick after tick: never overloaded.
+        // A trickle at the threshold, tick after tick: never overloaded.
         let mut total = 1_000_000;
         for i in 1..=40 {
-            total += DROPS_PER_TICK - 1;
+            total += DROPS_PER_TICK;
             assert!(!g.observe(t0 + tick * i, total));
             assert!(!g.overloaded(t0 + tick * i));
         }
+        // After a late observation (2 s), the same number of drops is a slow rate, not a burst.
+        let late = t0 + tick * 40 + Duration::from_secs(2);
+        total += 4 * DROPS_PER_TICK;
+        assert!(!g.observe(late, total), "4 ticks' worth of drops over 8 ticks' time");
         // A burst: overloaded from now for HOLD, and only the first observation says it starts.
-        let t1 = t0 + tick * 41;
-        total += DROPS_PER_TICK;
+        let t1 = late + tick;
+        total += DROPS_PER_TICK + 1;
         assert!(g.observe(t1, total));
         assert!(g.overloaded(t1));
         total += 500;

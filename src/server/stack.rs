@@ -61,8 +61,10 @@ pub struct Stack {
     /// thread write a log line each (at most one per [`UNSERVED_LOG_EVERY`]).
     unserved: u64,
     unserved_log: Vec<LogThrottle>,
-    /// The kernel's count of packets it dropped in front of the TUN (its queue full).
+    /// The kernel's count of packets it dropped in front of the TUN (its queue full), and its
+    /// last value read (kept when a read fails, so that a failed read is no burst of drops).
     tun_drops_path: std::path::PathBuf,
+    tun_drops: Option<u64>,
 }
 
 /// How often an exposure logs client datagrams it cannot serve (they are counted in
@@ -87,6 +89,7 @@ impl Stack {
             unserved: 0,
             unserved_log,
             tun_drops_path,
+            tun_drops: None,
         }
     }
 
@@ -123,8 +126,16 @@ impl Stack {
     /// Feed the overload guard the camera packets dropped so far: by the kernel in front of the
     /// TUN (its queue was full) and by the reader in front of the connections' queues.
     fn watch_overload(&mut self, now: Instant) {
-        let kernel = std::fs::read_to_string(&self.tun_drops_path).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
-        let total = kernel + self.shared.port_routes.dropped_packets();
+        match std::fs::read_to_string(&self.tun_drops_path).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+            Some(n) => self.tun_drops = Some(n),
+            None if self.tun_drops.is_none() => {
+                // Once (then it stays 0): the guard sees only the drops inside beckon.
+                self.tun_drops = Some(0);
+                tracing::warn!(path = %self.tun_drops_path.display(), "cannot read the TUN's drop counter; the overload guard sees only drops inside beckon");
+            }
+            None => {}
+        }
+        let total = self.tun_drops.unwrap_or(0) + self.shared.port_routes.dropped_packets();
         if self.shared.overload.lock().unwrap().observe(now, total) && self.shared.cfg.overload_guard {
             tracing::warn!(
                 drops_per_tick = super::overload::DROPS_PER_TICK,

@@ -117,13 +117,14 @@ enum Refusal {
 /// Turn a client away: with a reset, so that it cannot take an empty answer for a complete one
 /// (the socket is closed as `client` drops).
 fn refuse(shared: &Shared, e: &ExposeConfig, client: &TcpStream, peer: SocketAddr, why: Refusal) {
-    let counter = match why {
-        Refusal::Full => &shared.stats.tcp_clients_refused,
-        Refusal::Overloaded => &shared.stats.tcp_clients_refused_overloaded,
+    let (counter, log) = match why {
+        Refusal::Full => (&shared.stats.tcp_clients_refused, &shared.refusals),
+        Refusal::Overloaded => (&shared.stats.tcp_clients_refused_overloaded, &shared.refusals_overloaded),
     };
     counter.fetch_add(1, Ordering::Relaxed);
     crate::splice::reset_on_drop(client);
-    if let Some(refused) = shared.refusals.lock().unwrap().hit(Instant::now()) {
+    let logged = log.lock().unwrap().hit(Instant::now());
+    if let Some(refused) = logged {
         match why {
             Refusal::Full => tracing::warn!(
                 listen = %e.listen,
