@@ -100,7 +100,8 @@ pub struct Shared {
     /// `max_tcp_clients`, one for the overload guard.
     pub refusals: Mutex<crate::rate_limit::LogThrottle>,
     pub refusals_overloaded: Mutex<crate::rate_limit::LogThrottle>,
-    /// Whether the server is dropping camera packets now (fed by the stack's tick).
+    /// Whether the server is dropping camera packets now (fed by the stack's tick, only with
+    /// `overload_guard`).
     pub overload: Mutex<overload::OverloadGuard>,
     /// Per-camera addresses inside the userspace stack (never on the wire).
     virt: Mutex<HashMap<(String, String), std::net::Ipv4Addr>>,
@@ -254,7 +255,7 @@ impl Shared {
             public_ip: self.cfg.public_ip.to_string(),
             uptime_secs: self.started.elapsed().as_secs(),
             keepalive_secs: self.cfg.keepalive_secs,
-            overloaded: self.cfg.overload_guard && self.overload.lock().unwrap().overloaded(Instant::now()),
+            overloaded: self.overload.lock().unwrap().overloaded(Instant::now()),
             sites,
             mappings: stack.mappings,
             connections,

@@ -61,9 +61,10 @@ pub struct Stack {
     /// thread write a log line each (at most one per [`UNSERVED_LOG_EVERY`]).
     unserved: u64,
     unserved_log: Vec<LogThrottle>,
-    /// The kernel's count of packets it dropped in front of the TUN (its queue full), and its
-    /// last value read (kept when a read fails, so that a failed read is no burst of drops).
-    tun_drops_path: std::path::PathBuf,
+    /// Where the kernel counts the packets it dropped in front of the TUN (its queue full);
+    /// `None` once it could not be read at all. And its last value read: a later failed read
+    /// keeps it, so that a failed read is no burst of drops.
+    tun_drops_path: Option<std::path::PathBuf>,
     tun_drops: Option<u64>,
 }
 
@@ -75,7 +76,7 @@ impl Stack {
     pub fn new(shared: Arc<Shared>, tun: Arc<super::tun::ServerTun>, exposes: Vec<Exposure>) -> Self {
         let table = UdpMappings::new(shared.cfg.keepalive(), IDLE_TIMEOUT, MAX_FLOWS, rand::random());
         let unserved_log = vec![LogThrottle::new(UNSERVED_LOG_EVERY); exposes.len()];
-        let tun_drops_path = format!("/sys/class/net/{}/statistics/tx_dropped", shared.cfg.tun_name).into();
+        let tun_drops_path = Some(format!("/sys/class/net/{}/statistics/tx_dropped", shared.cfg.tun_name).into());
         Stack {
             public_ip: shared.cfg.public_ip,
             shared,
@@ -124,19 +125,24 @@ impl Stack {
     }
 
     /// Feed the overload guard the camera packets dropped so far: by the kernel in front of the
-    /// TUN (its queue was full) and by the reader in front of the connections' queues.
+    /// TUN (its queue was full) and by the reader in front of the connections' queues. With
+    /// `overload_guard = false` it is never fed, so it never reports overload.
     fn watch_overload(&mut self, now: Instant) {
-        match std::fs::read_to_string(&self.tun_drops_path).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
-            Some(n) => self.tun_drops = Some(n),
-            None if self.tun_drops.is_none() => {
-                // Once (then it stays 0): the guard sees only the drops inside beckon.
-                self.tun_drops = Some(0);
-                tracing::warn!(path = %self.tun_drops_path.display(), "cannot read the TUN's drop counter; the overload guard sees only drops inside beckon");
+        if !self.shared.cfg.overload_guard {
+            return;
+        }
+        if let Some(path) = &self.tun_drops_path {
+            match std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+                Some(n) => self.tun_drops = Some(n),
+                None if self.tun_drops.is_none() => {
+                    tracing::warn!(path = %path.display(), "cannot read the TUN's drop counter; the overload guard sees only drops inside beckon");
+                    self.tun_drops_path = None;
+                }
+                None => {}
             }
-            None => {}
         }
         let total = self.tun_drops.unwrap_or(0) + self.shared.port_routes.dropped_packets();
-        if self.shared.overload.lock().unwrap().observe(now, total) && self.shared.cfg.overload_guard {
+        if self.shared.overload.lock().unwrap().observe(now, total) {
             tracing::warn!(
                 drops_per_tick = super::overload::DROPS_PER_TICK,
                 hold_secs = super::overload::HOLD.as_secs(),

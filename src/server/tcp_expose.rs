@@ -41,8 +41,9 @@ pub const DIRECT_TX_BUFFER: usize = 64 * 1024;
 /// long; after a connection failed past its handshake, the site's connections skip its strategy
 /// for this long.
 pub const FAILURE_BACKOFF: Duration = Duration::from_secs(600);
-/// A client refused for `max_tcp_clients` is logged at most once per this (a flood of clients
-/// must not flood the log); each line counts the refusals since the one before.
+/// A refused client (for `max_tcp_clients`, or by the overload guard) is logged at most once
+/// per this and reason (a flood of clients must not flood the log); each line counts the
+/// refusals since the one before.
 pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// How long a busy host may keep beckon from a connection's received data. The window has to
@@ -87,7 +88,7 @@ async fn accept_loop(shared: Arc<Shared>, e: ExposeConfig, l: TcpListener, pool:
             },
             _ = shutdown.changed() => return,
         };
-        if shared.cfg.overload_guard && shared.overload.lock().unwrap().overloaded(Instant::now()) {
+        if shared.overload.lock().unwrap().overloaded(Instant::now()) {
             refuse(&shared, &e, &client, peer, Refusal::Overloaded);
             continue;
         }
