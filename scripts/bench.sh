@@ -152,7 +152,7 @@ check_procs() {
 
 # ------------------------------------------------------------------ prerequisites
 [ "$(id -u)" = 0 ] || die "run as root (network namespaces, TUN, nftables): sudo $0"
-for t in ip nft conntrack curl ping timeout setsid awk socat; do
+for t in ip nft conntrack curl ping timeout setsid awk socat openssl; do
   command -v "$t" >/dev/null || die "missing tool: $t"
 done
 [ -x "$PY" ] || die "missing $PY"
@@ -195,7 +195,9 @@ BECKON=$RUN/beckon
 
 # ------------------------------------------------------------------ lab, server, triggers
 log "lab $PREFIX: two strict NAT sites (masquerade + ct state invalid drop), port-forward 8080->camera:80 on both"
-"$LAB" up "$PREFIX" --dnat-a 8080:80 --dnat-b 8080:80 >"$RUN/lab-up.log" 2>&1 \
+# site b also forwards 8443/8444 to its trigger host: the relay-pair references (throughput)
+"$LAB" up "$PREFIX" --dnat-a 8080:80 --dnat-b 8080:80 --dnat-b 8443:trigger:8443 --dnat-b 8444:trigger:8444 \
+  >"$RUN/lab-up.log" 2>&1 \
   || die "lab.sh up failed: $(tail -n 5 "$RUN/lab-up.log")"
 
 STATE=$RUN/state
@@ -361,19 +363,44 @@ fi
 
 # ------------------------------------------------------------------ 2. throughput
 TARGETS_ALL=(dnat-a=http://203.0.113.2:8080 direct=http://127.0.0.1:18090 direct-rate=http://127.0.0.1:18093
-  relay=http://127.0.0.1:18190 dnat-b=http://203.0.113.3:8080 assisted=http://127.0.0.1:18091)
+  relay=http://127.0.0.1:18190 dnat-b=http://203.0.113.3:8080 assisted=http://127.0.0.1:18091
+  relay-pair=http://127.0.0.1:18191 tls-pair=http://127.0.0.1:18192)
 if phase throughput; then
   # A second reference: the kernel's own sockets terminating the camera's TCP on the server and
   # sending the bytes on to the client (socat, read/write, 256 KiB buffer), through the same
   # port-forward. That is the shape of beckon's direct path (the server's stack ends the camera's
   # connection) without beckon: what terminating and re-sending costs on this machine.
   bg relay "$SRV_NS" socat -b 262144 TCP-LISTEN:18190,bind=127.0.0.1,reuseaddr,fork TCP:203.0.113.2:8080
-  RELAY_PID=$BG_PID
-  wait_for 10 "the socat relay" in_ns "$SRV_NS" 5 curl -sf -m 2 -o /dev/null http://127.0.0.1:18190/
-  log "throughput: /bulk ${TPUT_BYTES} B x1 (reps ${TPUT_REPS%%,*}) and ${TPUT_BYTES_MULTI} B x8; direct (two exposures), assisted, kernel relay, port-forward"
+  RELAY_PIDS=("$BG_PID")
+  # Two references of the assisted path's shape (site b): a relay on the trigger host and one
+  # on the server, the camera's bytes crossing the NAT between them: what a reverse tunnel does
+  # at least. relay-pair: plain TCP between the two; tls-pair: TLS 1.3 with AES-128-GCM (the
+  # assist link's cipher; OpenSSL, one connection per client, no multiplexing). The server-side
+  # relay reaches the trigger host through site b's port-forward 8443/8444 (a reverse tunnel is
+  # dialled from the trigger; which side dials does not change the work per byte).
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench-relay \
+    -keyout "$RUN/relay-key.pem" -out "$RUN/relay-cert.pem" >"$RUN/relay-cert.log" 2>&1 \
+    || die "openssl could not make the relay pair's certificate: $(tail -n 3 "$RUN/relay-cert.log")"
+  cat "$RUN/relay-key.pem" "$RUN/relay-cert.pem" >"$RUN/relay.pem"
+  printf '%s\n' 'openssl_conf = oc' '[oc]' 'ssl_conf = sc' '[sc]' 'system_default = sd' '[sd]' \
+    'Ciphersuites = TLS_AES_128_GCM_SHA256' >"$RUN/relay-openssl.cnf"
+  bg relay-pair-trg "$PREFIX-trg-b" socat -b 262144 TCP-LISTEN:8444,reuseaddr,fork TCP:198.18.1.10:80
+  RELAY_PIDS+=("$BG_PID")
+  bg relay-pair-srv "$SRV_NS" socat -b 262144 TCP-LISTEN:18191,bind=127.0.0.1,reuseaddr,fork TCP:203.0.113.3:8444
+  RELAY_PIDS+=("$BG_PID")
+  bg tls-pair-trg "$PREFIX-trg-b" OPENSSL_CONF="$RUN/relay-openssl.cnf" socat -b 262144 \
+    "OPENSSL-LISTEN:8443,cert=$RUN/relay.pem,verify=0,reuseaddr,fork" TCP:198.18.1.10:80
+  RELAY_PIDS+=("$BG_PID")
+  bg tls-pair-srv "$SRV_NS" OPENSSL_CONF="$RUN/relay-openssl.cnf" socat -b 262144 \
+    TCP-LISTEN:18192,bind=127.0.0.1,reuseaddr,fork OPENSSL:203.0.113.3:8443,verify=0
+  RELAY_PIDS+=("$BG_PID")
+  for port in 18190 18191 18192; do
+    wait_for 10 "the socat relay on $port" in_ns "$SRV_NS" 5 curl -sf -m 2 -o /dev/null "http://127.0.0.1:$port/"
+  done
+  log "throughput: /bulk ${TPUT_BYTES} B x1 (reps ${TPUT_REPS%%,*}) and ${TPUT_BYTES_MULTI} B x8; direct (two exposures), assisted, kernel relays, port-forward"
   tput_run throughput-1.json 1 "$TPUT_BYTES" "${TPUT_REPS%%,*}" "${TARGETS_ALL[@]}"
   tput_run throughput-8.json 8 "$TPUT_BYTES_MULTI" "${TPUT_REPS##*,}" "${TARGETS_ALL[@]}"
-  stop_pids "$RELAY_PID"
+  stop_pids "${RELAY_PIDS[@]}"
 fi
 
 # ------------------------------------------------------------------ 3. concurrent paced streams

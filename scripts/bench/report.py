@@ -114,6 +114,13 @@ out(f"* **Throughput**: `curl /bulk?bytes=N` from the camera's `cam_http.py` (Py
     "namespace ends the camera's TCP connection (through the same port-forward) and sends the bytes "
     "on to the client, as beckon's direct path does with its own stack; the difference between the "
     "port-forward and the relay is what terminating and re-sending costs on this machine. "
+    "The **relay pairs** are two more references, of the assisted path's shape, on site b: one socat "
+    "on the trigger host (it ends the camera's connection) and one in the server's namespace (it "
+    "serves the client), the bytes crossing the NAT between them (through the site's port-forward "
+    "8443/8444 to the trigger host: which side dials does not change the work per byte); "
+    "`relay pair` with plain TCP between them, `relay pair with TLS` with TLS 1.3, AES-128-GCM "
+    "(OpenSSL; one TLS connection per client, no multiplexing). That is the least any reverse "
+    "tunnel (ssh -R, a TLS tunnel) does per byte: two relays and, with TLS, encryption. "
     "Each repetition runs every target once, in turn; the ratio is of the medians, and the range "
     "beside it is the ratios of the single repetitions (how much this shared machine moves). "
     "**Work per GB** (notes): machine busy × cores × wall time / GB delivered, median of the runs; "
@@ -200,9 +207,15 @@ setup_rows(s0)
 setup_rows(s20)
 
 
-TPUT_PAIRS = (("direct", "dnat-a"), ("direct-rate", "dnat-a"), ("assisted", "dnat-b"), ("relay", "dnat-a"))
+TPUT_PAIRS = (("direct", "dnat-a"), ("direct-rate", "dnat-a"), ("assisted", "dnat-b"), ("relay", "dnat-a"),
+              ("relay-pair", "dnat-b"), ("tls-pair", "dnat-b"))
 TPUT_NAMES = {"direct": "direct (`rate_mbit` 128, the default)", "direct-rate": "direct (`rate_mbit = 10000`)",
-              "relay": "kernel-socket relay (socat, not beckon: a second reference)"}
+              "relay": "kernel-socket relay (socat, not beckon: a second reference)",
+              "relay-pair": "relay pair, plain TCP (socat on the trigger host and the server, not beckon: "
+                            "the assisted path's shape)",
+              "tls-pair": "relay pair with TLS (socat + OpenSSL, AES-128-GCM, not beckon: a reverse tunnel's work)"}
+# paths that are not beckon: shown beside the port-forward, no target
+REFERENCES = ("relay", "relay-pair", "tls-pair")
 
 
 def rep_ratios(t, path, ref, k):
@@ -215,7 +228,7 @@ def rep_ratios(t, path, ref, k):
     return [d[path] / d[ref] for d in by_rep.values() if d.get(path) and d.get(ref)]
 
 
-def tput_rows(t, k, only=("direct", "direct-rate", "assisted", "relay"), tag="", names=TPUT_NAMES):
+def tput_rows(t, k, only=("direct", "direct-rate", "assisted", *REFERENCES), tag="", names=TPUT_NAMES):
     if not t:
         out(f"| throughput, {k} stream(s){tag} | not measured | | | | |")
         return
@@ -238,12 +251,12 @@ def tput_rows(t, k, only=("direct", "direct-rate", "assisted", "relay"), tag="",
                    f"{b.get('bytes_expected', 0) / 1e6:.0f} MB arrived)")
         cpu = b.get("cpu", {})
         extra = f"; machine {f1(b.get('machine_busy_pct'))} % busy"
-        if path != "relay":
+        if path not in REFERENCES:
             extra += f", server CPU {f1(b.get('server_cpu_pct'))} %"
         if path == "assisted":
             extra += f", trigger CPU {f1(cpu.get('trigger_b_cpu_pct'))} %"
         label = (names or {}).get(path, path)
-        target, ok = ("–", "–") if path == "relay" else ("≥ 0.8", met(ratio is not None and ratio >= 0.8 and b["complete"]))
+        target, ok = ("–", "–") if path in REFERENCES else ("≥ 0.8", met(ratio is not None and ratio >= 0.8 and b["complete"]))
         reps = rep_ratios(t, path, ref, k)
         spread = f" (repetitions {min(reps):.2f}–{max(reps):.2f})" if len(reps) > 1 else ""
         out(f"| throughput, {label}{tag}, {k} stream{'s' if k > 1 else ''}{extra}{inc} | "
@@ -606,13 +619,14 @@ def work_per_gb(t, target, k):
     return bl.median(xs)
 
 
-WORK_NAMES = {"relay": "socat relay", "direct": "direct", "direct-rate": "direct (rate 10000)", "assisted": "assisted"}
+WORK_NAMES = {"relay": "socat relay", "direct": "direct", "direct-rate": "direct (rate 10000)", "assisted": "assisted",
+              "relay-pair": "relay pair", "tls-pair": "TLS relay pair"}
 for t, k in ((t1, 1), (t8, 8)):
     w = {name: work_per_gb(t, name, k) for name in ("dnat-a", "dnat-b", *WORK_NAMES)}
     if w["dnat-a"]:
         parts = []
         for n, label in WORK_NAMES.items():
-            ref = w["dnat-b"] if n == "assisted" else w["dnat-a"]
+            ref = w["dnat-b"] if n in ("assisted", "relay-pair", "tls-pair") else w["dnat-a"]
             if w[n] is not None and ref:
                 parts.append(f"{label} {f2(w[n])} (×{f2(w[n] / ref)})")
         notes.append(

@@ -6,7 +6,7 @@
 #
 #   lab.sh up PREFIX [--mode-a MODE] [--mode-b MODE] [--liberal-a] [--liberal-b]
 #                    [--udp-timeout SECS] [--delay-ms MS] [--loss PCT] [--rtsp]
-#                    [--dnat-a PORT:CAMPORT]... [--dnat-b PORT:CAMPORT]...
+#                    [--dnat-a PORT:[trigger:]HOSTPORT]... [--dnat-b PORT:[trigger:]HOSTPORT]...
 #   lab.sh down PREFIX
 #   lab.sh router PREFIX SITE MODE        MODE: plain | invdrop | random | random-invdrop
 #   lab.sh delay PREFIX MS                change the WAN delay of a running lab (0 = no relay)
@@ -55,11 +55,11 @@ check_mode() {
     *) die "MODE must be plain, invdrop, random or random-invdrop, got '${1:-}'" ;;
   esac
 }
-# PORT:CAMPORT, both 1-65535
+# PORT:CAMPORT (to the camera) or PORT:trigger:TRGPORT (to the trigger host), ports 1-65535
 check_dnat() {
-  [[ ${1:-} =~ ^([1-9][0-9]{0,4}):([1-9][0-9]{0,4})$ ]] \
-    && [ "${BASH_REMATCH[1]}" -le 65535 ] && [ "${BASH_REMATCH[2]}" -le 65535 ] \
-    || die "--dnat-SITE wants PORT:CAMPORT (1-65535 each), got '${1:-}'"
+  [[ ${1:-} =~ ^([1-9][0-9]{0,4}):(trigger:)?([1-9][0-9]{0,4})$ ]] \
+    && [ "${BASH_REMATCH[1]}" -le 65535 ] && [ "${BASH_REMATCH[3]}" -le 65535 ] \
+    || die "--dnat-SITE wants PORT:CAMPORT or PORT:trigger:TRGPORT (1-65535 each), got '${1:-}'"
 }
 check_dnat_unique() {
   local f seen=" "
@@ -153,8 +153,12 @@ router_apply() {
   case $mode in *random*) masq="masquerade random,fully-random" ;; esac
   case $mode in *invdrop*) inv="drop" ;; esac
   # static port-forwards (--dnat-SITE PORT:CAMPORT): wan0:PORT -> camera:CAMPORT, TCP and UDP
+  # (PORT:trigger:TRGPORT: to the trigger host instead; the bench's relay references use it)
+  local host
   for fwd in $dnats; do
-    rules="$rules    iifname \"wan0\" meta l4proto { tcp, udp } th dport ${fwd%%:*} counter dnat to $CAM_IP:${fwd##*:} comment \"dnat $fwd\"
+    host=$CAM_IP
+    case $fwd in *:trigger:*) host=$TRG_IP ;; esac
+    rules="$rules    iifname \"wan0\" meta l4proto { tcp, udp } th dport ${fwd%%:*} counter dnat to $host:${fwd##*:} comment \"dnat $fwd\"
 "
   done
   nsx "$ns" nft -f - <<EOF
