@@ -60,7 +60,8 @@ out("### Method")
 out("")
 out("`scripts/bench.sh` (root) builds beckon (`cargo build --release`; or takes `--binary`), runs a "
     "private copy of the binary, and builds **one** lab "
-    "(`scripts/lab/lab.sh up bk-bench --dnat-a 8080:80 --dnat-b 8080:80`): a server namespace "
+    "(`scripts/lab/lab.sh up bk-bench --dnat-a 8080:80 --dnat-b 8080:80 --dnat-b 8443:trigger:8443 "
+    "--dnat-b 8444:trigger:8444`): a server namespace "
     "(203.0.113.1, beckon's `public_ip` 203.0.113.100) and two camera sites, each behind its own "
     "**strict Linux NAT** (nftables masquerade + `ct state invalid drop`, default conntrack "
     "sysctls, as OpenWrt), a trigger on each LAN. One beckon server serves both sites: "
