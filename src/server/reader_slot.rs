@@ -11,8 +11,10 @@
 //! idle. And a busy reader thread is what once let the kernel's queue in front of the TUN
 //! overflow (`mod.rs`, `stack_thread`). So only a few connections at a time
 //! (`READER_THREAD_CONNECTIONS`) get a place there: first come, first placed; a place is free
-//! again when its connection ends. Each of them processes at most a bounded batch of packets
-//! per turn (`tcp_conn`), so the reader waits behind it no longer than that.
+//! again when its connection ends. A turn of its task is bounded by tokio's cooperative budget
+//! (128 channel receives and TUN writes), so the reader waits behind it no longer than that. The
+//! place goes to whoever comes first: a long-lived idle connection can hold it while a later
+//! bulk transfer runs on the shared runtime (`beckon status` shows which connection has it).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
