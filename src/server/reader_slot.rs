@@ -3,12 +3,12 @@
 //! A direct connection's task normally runs on the shared multi-threaded runtime, and every
 //! packet the reader hands it wakes it across threads. On a host that is not saturated, that
 //! hand-over is what a single fast connection pays most for. With the first connection's task
-//! on the reader's thread, one bulk stream through the lab took 62–63 % of a core instead of
-//! 70–73 % and got 0.87–0.95 of a kernel relay's throughput instead of 0.81–0.83 (A/B in one
-//! lab, 10 alternating 1 GB transfers per run, 2 runs with it, 3 without); 8 streams got
-//! 0.86–0.93 of the relay's against 0.79–0.86. Every connection there (tried) leaves one core
-//! for the reader and all connections: 8 bulk streams got no faster, the machine stayed 10 %
-//! idle. And a busy reader thread is what once let the kernel's queue in front of the TUN
+//! on the reader's thread, one bulk stream through the lab took 62 % of a core instead of
+//! 70–73 % and got 0.85–0.95 of a kernel relay's throughput instead of 0.80–0.83 (A/B in one
+//! lab, 10 alternating 1 GB transfers per run, 4 runs each way); with 8 streams, where the
+//! machine is saturated, it made no difference (0.79–0.93 of the relay's either way). Every
+//! connection there (tried) leaves one core for the reader and all connections: 8 bulk streams
+//! got no faster, the machine stayed 10 % idle. And a busy reader thread is what once let the kernel's queue in front of the TUN
 //! overflow (`mod.rs`, `stack_thread`). So only a few connections at a time
 //! (`READER_THREAD_CONNECTIONS`) get a place there: first come, first placed; a place is free
 //! again when its connection ends. A turn of its task is bounded by tokio's cooperative budget
