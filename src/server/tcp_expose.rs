@@ -252,12 +252,13 @@ async fn splice_on_reader_thread(
         }
     };
     record.info.lock().unwrap().reader_thread = true;
+    let (camera, peer) = (record.camera.clone(), record.client.clone());
     let task = reader_rt.spawn(async move {
         let _slot = slot; // the place is the task's: free when the splice ends, however it ends
         match TcpStream::from_std(client) {
             Ok(client) => shard.splice(client).await,
             Err(e) => {
-                tracing::warn!("cannot register the client socket on the TUN reader's thread: {e}");
+                tracing::warn!(%camera, client = %peer, "cannot register the client socket on the TUN reader's thread: {e}");
                 shard.reset().await;
             }
         }
