@@ -196,6 +196,43 @@ mod tests {
         assert_eq!(&got[..n], [[4; 100], [5; 100]].concat());
     }
 
+    /// The vendored smoltcp's D-SACK (BECKON-PATCH.md): a data segment received twice (a
+    /// retransmission whose original was only late) draws an ACK whose first SACK block is that
+    /// segment, below the acknowledgement number (RFC 2883), so a Linux sender can undo a cut
+    /// of its congestion window; a segment beyond the window draws a plain ACK.
+    #[test]
+    fn a_segment_received_twice_is_reported_as_a_duplicate() {
+        use smoltcp::wire::{Ipv4Packet, TcpPacket, TcpRepr};
+        let (mut server, mut client) = (host([198, 18, 0, 1], 1000), host([198, 18, 0, 2], 1000));
+        connect(&mut server, &mut client);
+        assert_eq!(client.sock().send_slice(&[7; 100]).unwrap(), 100);
+        client.iface.poll(Instant::from_millis(0), &mut client.dev, &mut client.sockets);
+        let seg = client.dev.tx.pop_front().unwrap();
+        let seq = TcpPacket::new_checked(&seg[20..]).unwrap().seq_number();
+        let reply = |server: &mut Host, pkt: Vec<u8>| {
+            server.dev.rx.push_back(pkt);
+            server.iface.poll(Instant::from_millis(0), &mut server.dev, &mut server.sockets);
+            let out = server.dev.tx.pop_front().expect("an ACK");
+            let ip = Ipv4Packet::new_checked(&out[..]).unwrap();
+            let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+            let caps = smoltcp::phy::ChecksumCapabilities::ignored();
+            let repr = TcpRepr::parse(&tcp, &ip.src_addr().into(), &ip.dst_addr().into(), &caps).unwrap();
+            (repr.ack_number.unwrap(), repr.sack_ranges)
+        };
+        let (ack, sacks) = reply(&mut server, seg.clone());
+        assert_eq!(ack, seq + 100);
+        assert_eq!(sacks, [None, None, None], "a new segment is not reported");
+        let (ack, sacks) = reply(&mut server, seg.clone());
+        assert_eq!(ack, seq + 100);
+        assert_eq!(sacks[0], Some((seq.0 as u32, (seq + 100).0 as u32)), "the duplicate, as the first block");
+        // Far beyond the window: not a duplicate, no D-SACK block.
+        let mut far = seg.clone();
+        TcpPacket::new_unchecked(&mut far[20..]).set_seq_number(seq + 100_000);
+        let (_, sacks) = reply(&mut server, far);
+        assert_eq!(sacks[0], None, "an out-of-window segment is not a duplicate");
+        assert_eq!(server.sock().recv_queue(), 100);
+    }
+
     /// The vendored smoltcp's rx sink (BECKON-PATCH.md): in-order bytes that arrive while the
     /// ring is empty go to the sink, as many as it takes, the rest into the ring; taken bytes
     /// are acknowledged and do not close the window; bytes that waited out of order never go

@@ -1896,7 +1896,22 @@ impl<'a> Socket<'a> {
                             TcpControl::None | TcpControl::Psh | TcpControl::Fin
                         )
                     {
-                        return Some(self.ack_reply(ip_repr, repr));
+                        let (mut ip_reply_repr, mut reply_repr) = self.ack_reply(ip_repr, repr);
+                        // beckon patch: D-SACK (RFC 2883). A segment wholly below the
+                        // window was received twice: report it as the first SACK block, so
+                        // that a sender whose retransmission was spurious (the original was
+                        // only reordered) can undo its congestion-window cut and widen its
+                        // reordering allowance, as it does with a kernel receiver.
+                        if self.remote_has_sack && segment_end <= window_start {
+                            let [first, second, _] = reply_repr.sack_ranges;
+                            reply_repr.sack_ranges = [
+                                Some((segment_start.0 as u32, segment_end.0 as u32)),
+                                first,
+                                second,
+                            ];
+                            ip_reply_repr.set_payload_len(reply_repr.buffer_len());
+                        }
+                        return Some((ip_reply_repr, reply_repr));
                     }
 
                     return self.challenge_ack_reply(cx, ip_repr, repr);
