@@ -112,9 +112,6 @@ pub struct ConnectionStatus {
     /// A pre-opened direct connection (`warm` exposure) served this client.
     #[serde(default)]
     pub warm: bool,
-    /// This direct connection runs on the TUN reader's thread (`server::reader_slot`).
-    #[serde(default)]
-    pub reader_thread: bool,
     /// Why the direct path was not used (when it was not).
     pub note: Option<String>,
     pub age_secs: u64,
@@ -281,8 +278,7 @@ impl StatusDoc {
                     (Some(st), Some(sg)) => format!("{st}/{sg}"),
                     (Some(st), None) => st.clone(),
                     _ => "-".into(),
-                } + if c.warm { " (warm)" } else { "" }
-                    + if c.reader_thread { " (reader thread)" } else { "" },
+                } + if c.warm { " (warm)" } else { "" },
                 c.public_endpoint.as_deref().unwrap_or("-"),
                 c.setup_ms.unwrap_or(0),
                 c.trigger_packets,

@@ -8,13 +8,11 @@
 //! lab, 10 alternating 1 GB transfers per run, 4 runs each way); with 8 streams, where the
 //! machine is saturated, it made no difference (0.79–0.93 of the relay's either way). Every
 //! connection there (tried) leaves one core for the reader and all connections: 8 bulk streams
-//! got no faster, the machine stayed 10 % idle. And a busy reader thread is what once let the
-//! kernel's queue in front of the TUN overflow (`mod.rs`, `stack_thread`). So only a few
-//! connections at a time (`READER_THREAD_CONNECTIONS`) get a place there: first come, first
-//! placed; a place is free again when its connection ends. A turn of its task is bounded by tokio's cooperative budget
-//! (128 channel receives and TUN writes), so the reader waits behind it no longer than that. The
-//! place goes to whoever comes first: a long-lived idle connection can hold it while a later
-//! bulk transfer runs on the shared runtime (`beckon status` shows which connection has it).
+//! got no faster, the machine stayed 10 % idle. And a busy reader thread is what once let the kernel's queue in front of the TUN
+//! overflow (`mod.rs`, `stack_thread`). So only a few connections at a time
+//! (`READER_THREAD_CONNECTIONS`) get a place there: first come, first placed; a place is free
+//! again when its connection ends. Each of them processes at most a bounded batch of packets
+//! per turn (`tcp_conn`), so the reader waits behind it no longer than that.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -53,9 +51,8 @@ impl ReaderSlots {
         Some((rt, ReaderSlot { taken: self.taken.clone() }))
     }
 
-    /// Places taken now (for the tests: the status shows which connections have one).
-    #[cfg(test)]
-    fn in_use(&self) -> usize {
+    /// Places taken now.
+    pub fn in_use(&self) -> usize {
         self.taken.load(Ordering::Acquire)
     }
 }

@@ -67,7 +67,6 @@ impl ConnRecord {
             round_trips: i.round_trips,
             timed_steps: i.timed_steps,
             warm: i.warm,
-            reader_thread: i.reader_thread,
             note: i.note,
             age_secs: self.started.elapsed().as_secs(),
             trigger_packets: self.trigger_packets.load(Ordering::Relaxed),
@@ -89,8 +88,6 @@ pub struct ConnInfo {
     pub timed_steps: u32,
     /// The connection was pre-opened (`warm`) before the client came.
     pub warm: bool,
-    /// It runs on the TUN reader's thread (`reader_slot`).
-    pub reader_thread: bool,
     /// Why the direct path was not used, if it was not.
     pub note: Option<String>,
 }

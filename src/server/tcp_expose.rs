@@ -232,44 +232,6 @@ async fn connect_direct(
     Err(failures)
 }
 
-/// Run a direct connection's splice on the TUN reader's runtime, holding `slot` until it ends.
-/// The client socket moves to that runtime too (re-registered with its I/O driver), so that
-/// its readiness does not come through the shared runtime's driver either.
-async fn splice_on_reader_thread(
-    record: &ConnRecord,
-    shard: Shard,
-    client: TcpStream,
-    reader_rt: tokio::runtime::Handle,
-    slot: super::reader_slot::ReaderSlot,
-) {
-    let client = match client.into_std() {
-        Ok(c) => c,
-        Err(e) => {
-            // The client socket is gone with the failed move; reset the camera side.
-            tracing::warn!(camera = %record.camera, client = %record.client, "cannot move the client socket to the TUN reader's thread: {e}");
-            shard.reset().await;
-            return;
-        }
-    };
-    record.info.lock().unwrap().reader_thread = true;
-    let (camera, peer) = (record.camera.clone(), record.client.clone());
-    let task = reader_rt.spawn(async move {
-        let _slot = slot; // the place is the task's: free when the splice ends, however it ends
-        match TcpStream::from_std(client) {
-            Ok(client) => shard.splice(client).await,
-            Err(e) => {
-                tracing::warn!(%camera, client = %peer, "cannot register the client socket on the TUN reader's thread: {e}");
-                shard.reset().await;
-            }
-        }
-    });
-    match task.await {
-        Ok(()) => {}
-        Err(e) if e.is_panic() => tracing::error!(camera = %record.camera, client = %record.client, "direct connection task panicked: {e}"),
-        Err(_) => {} // cancelled: the reader's runtime stopped (server shutdown)
-    }
-}
-
 async fn handle(shared: Arc<Shared>, e: ExposeConfig, pool: Arc<WarmPool>, client: TcpStream, peer: SocketAddr) {
     let _ = client.set_nodelay(true);
     let camera = match camera_of(&shared, &e) {
@@ -320,7 +282,15 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, pool: Arc<WarmPool>, clien
         // A free place on the TUN reader's thread saves this connection a hand-over between
         // threads per packet (`reader_slot`); otherwise it runs here, on the shared runtime.
         match shared.reader_slots.take() {
-            Some((reader_rt, slot)) => splice_on_reader_thread(&record, shard, client, reader_rt, slot).await,
+            Some((reader_rt, slot)) => {
+                // The place is held by the task itself: free when the splice ends, whoever waits.
+                let _ = reader_rt
+                    .spawn(async move {
+                        let _slot = slot;
+                        shard.splice(client).await
+                    })
+                    .await;
+            }
             None => shard.splice(client).await,
         }
         finish(&shared, &record, true);
