@@ -16,7 +16,6 @@ pub mod overload;
 pub mod port_routes;
 pub mod profile;
 pub mod queue_device;
-pub mod reader_slot;
 pub mod record;
 pub mod rx_pool;
 pub mod rx_window;
@@ -80,8 +79,6 @@ pub struct Shared {
     pub next_id: AtomicU64,
     /// The server's TUN, shared by the UDP stack and the TCP shards (set once at start).
     pub tun: std::sync::OnceLock<Arc<tun::ServerTun>>,
-    /// Places for direct connections on the TUN reader's thread (`reader_slot`).
-    pub reader_slots: reader_slot::ReaderSlots,
     pub port_routes: Arc<port_routes::PortRoutes>,
     pub assist: Mutex<HashMap<String, assist::AssistHandle>>,
     pub profiles: Mutex<HashMap<String, crate::status::ProfileStatus>>,
@@ -123,7 +120,6 @@ impl Shared {
             started: Instant::now(),
             next_id: AtomicU64::new(1),
             tun: std::sync::OnceLock::new(),
-            reader_slots: reader_slot::ReaderSlots::default(),
             port_routes: Arc::new(port_routes::PortRoutes::default()),
             assist: Mutex::new(HashMap::new()),
             profiles: Mutex::new(HashMap::new()),
@@ -331,7 +327,6 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     let shared = Arc::new(Shared::new(cfg.clone(), registry));
     let tun = Arc::new(tun);
     let _ = shared.tun.set(tun.clone());
-    shared.reader_slots.set_runtime(stack_rt.handle().clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (engine_tx, engine_rx) = mpsc::channel(4096);
 

@@ -279,20 +279,7 @@ async fn handle(shared: Arc<Shared>, e: ExposeConfig, pool: Arc<WarmPool>, clien
         }
         tracing::info!(camera = %e.camera, client = %peer, strategy = %strategy.label(), public = public.as_deref().unwrap_or("-"),
             setup_ms = setup, round_trips, timed_steps, window_kib = shard.window() / 1024, warm, trigger_packets = record.trigger_packets.load(Ordering::Relaxed), "direct TCP connection up");
-        // A free place on the TUN reader's thread saves this connection a hand-over between
-        // threads per packet (`reader_slot`); otherwise it runs here, on the shared runtime.
-        match shared.reader_slots.take() {
-            Some((reader_rt, slot)) => {
-                // The place is held by the task itself: free when the splice ends, whoever waits.
-                let _ = reader_rt
-                    .spawn(async move {
-                        let _slot = slot;
-                        shard.splice(client).await
-                    })
-                    .await;
-            }
-            None => shard.splice(client).await,
-        }
+        shard.splice(client).await;
         finish(&shared, &record, true);
         return;
     }
