@@ -11,6 +11,8 @@
 #   --label T   what is measured, for the report's title (default: git commit, or the binary)
 #   --keep-lab  leave the lab and processes up on success (for poking around; `lab.sh down bk-bench`)
 #   BENCH_PHASES="setup throughput streams diag udp" (environment): run only these phases
+#   BENCH_CAMERA_CC=NAME (environment): the TCP congestion control the emulated cameras send
+#               with (default cubic: Linux's default, what camera firmware runs)
 #
 # Progress goes to stderr; the report (method + table) to stdout and target/bench/report.md
 # (and a dated copy, target/bench/report-<UTC time>.md).
@@ -59,6 +61,11 @@ TPUT_BYTES=300000000            # per stream, single-stream runs (>= 200 MB)
 TPUT_BYTES_MULTI=200000000      # per stream, 8-stream runs
 TPUT_REPS="5,4"                 # repetitions for 1 and 8 streams (median)
 STREAM_RATE=500000              # bytes/s per paced stream = 4 Mbit/s
+# The cameras' congestion control sets the port-forward's pace: a BBR sender paces itself to
+# its estimate of the path (this project's lab machines default to bbr: the port-forward
+# measured 1.6-1.8 GB/s with bbr cameras, 5-6 GB/s with cubic ones).
+CAMERA_CC=${BENCH_CAMERA_CC:-cubic}
+export BK_CAMERA_CC=$CAMERA_CC  # scripts/lab/lab.sh: the cameras' web services
 STREAM_LEVELS="50 100 200 400 800 1600 3200"
 STREAM_BUDGET=300               # seconds for the whole concurrent-streams phase
 STREAM_MEASURE=10               # seconds measured per level (after 2 s warm-up)
@@ -281,7 +288,7 @@ TRG_A_PID=$BG_PID
 bg trigger-b "$PREFIX-trg-b" RUST_LOG=info "$BECKON" trigger --config "$RUN/trigger-b.toml"
 TRG_B_PID=$BG_PID
 for s in a b; do
-  bg "paced-cam-$s" "$PREFIX-cam-$s" "$PY" "$BDIR/paced_cam.py" --bind 198.18.1.10 --port 8554 --rate "$STREAM_RATE"
+  bg "paced-cam-$s" "$PREFIX-cam-$s" "$PY" "$BDIR/paced_cam.py" --bind 198.18.1.10 --port 8554 --rate "$STREAM_RATE" --cc "$CAMERA_CC"
   PACED_PIDS+=("$BG_PID")
 done
 profiles_ready() {
@@ -316,6 +323,8 @@ else:
     what = "beckon " + git("rev-parse", "--short", "HEAD") + (
         f" + uncommitted src changes (diff sha256 {hashlib.sha256(diff.encode()).hexdigest()[:12]})" if diff else "")
 json.dump({"cores": os.cpu_count(), "cpu": cpu, "kernel": os.uname().release, "strategy": sys.argv[2],
+           "camera_cc": os.environ.get("BK_CAMERA_CC", "cubic"),
+           "host_cc": open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip(),
            "quick": sys.argv[3] == "1", "git": what,
            "date": subprocess.run(["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True, text=True).stdout.strip()},
           open(sys.argv[1], "w"))

@@ -9,6 +9,7 @@ SIGTERM/SIGINT: exit 0."""
 import argparse
 import asyncio
 import signal
+import socket
 import sys
 import time
 
@@ -74,6 +75,7 @@ async def main():
     ap.add_argument("--port", type=int, default=8554)
     ap.add_argument("--rate", type=float, default=500_000, help="bytes per second per stream")
     ap.add_argument("--tick", type=float, default=0.1)
+    ap.add_argument("--cc", default="cubic", help="TCP congestion control of the streams (as scripts/lab/cam_http.py)")
     a = ap.parse_args()
     app = App(a.rate, a.tick, 10)
     loop = asyncio.get_running_loop()
@@ -81,6 +83,12 @@ async def main():
     for s in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(s, stop.set)
     srv = await loop.create_server(lambda: Stream(app), a.bind, a.port, backlog=4096, reuse_address=True)
+    try:
+        for s in srv.sockets:  # accepted connections inherit it
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, a.cc.encode())
+    except OSError as e:
+        sys.exit(f"paced_cam: cannot send with congestion control {a.cc!r} ({e}); available: "
+                 + open("/proc/sys/net/ipv4/tcp_available_congestion_control").read().strip())
     print(f"{time.time():.3f} paced stream listening on {a.bind}:{a.port} rate {a.rate:.0f} B/s", flush=True)
     pacer = asyncio.create_task(app.pace())
     await stop.wait()

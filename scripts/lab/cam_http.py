@@ -8,6 +8,9 @@ GET /reset           -> the start of a response, then the connection is reset (R
                         a camera that aborts (reset propagation tests)
 Every response closes the connection (HTTP/1.0 style). One log line per request
 on stdout (epoch time, peer, request line, status). SIGTERM/SIGINT: exit 0.
+--cc NAME: the TCP congestion control the camera sends with (default cubic: Linux's default,
+what camera firmware runs; a lab host's own default may be another, e.g. bbr, which paces a
+sender to its own estimate of the path and changes every throughput figure).
 """
 import argparse
 import signal
@@ -95,6 +98,7 @@ def main() -> int:
     ap.add_argument("--bind", default="0.0.0.0")
     ap.add_argument("--port", type=int, default=80)
     ap.add_argument("--name", default="cam")
+    ap.add_argument("--cc", default="cubic", help="TCP congestion control of the camera's connections")
     a = ap.parse_args()
 
     def stop(signum, _frame):
@@ -107,6 +111,12 @@ def main() -> int:
     ThreadingHTTPServer.allow_reuse_address = True
     ThreadingHTTPServer.daemon_threads = True
     srv = ThreadingHTTPServer((a.bind, a.port), make_handler(a.name))
+    # set on the listening socket: accepted connections inherit it
+    try:
+        srv.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, a.cc.encode())
+    except OSError as e:
+        sys.exit(f"cam_http: cannot send with congestion control {a.cc!r} ({e}); available: "
+                 + open("/proc/sys/net/ipv4/tcp_available_congestion_control").read().strip())
     print(f"{time.time():.6f} {a.name} http listening on {a.bind}:{a.port}", flush=True)
     srv.serve_forever(poll_interval=0.2)
     return 0

@@ -16,6 +16,8 @@
 #   lab.sh status PREFIX                  namespaces and background processes of a lab
 #
 # PREFIX must start with "bk-" (e.g. bk-t1). Must run as root.
+# BK_CAMERA_CC (environment): the TCP congestion control the cameras' web services send with
+# (default cubic, Linux's default and camera firmware's; the host's own may be another).
 set -Eeuo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -540,7 +542,7 @@ EOF
     bg_start "$run" "cam-$s-udp" "$p-cam-$s" "$PY" "$HERE/cam_udp.py" \
       --bind "$CAM_IP" --port "$CAM_UDP_PORT" --name "cam-$s"
     bg_start "$run" "cam-$s-http" "$p-cam-$s" "$PY" "$HERE/cam_http.py" \
-      --bind "$CAM_IP" --port "$CAM_HTTP_PORT" --name "cam-$s"
+      --bind "$CAM_IP" --port "$CAM_HTTP_PORT" --name "cam-$s" --cc "${BK_CAMERA_CC:-cubic}"
     if [ "$rtsp" = 1 ]; then
       bg_start "$run" "cam-$s-rtsp" "$p-cam-$s" "$PY" "$HERE/cam_rtsp.py" \
         --bind "$CAM_IP" --port "$CAM_RTSP_PORT" --name "cam-$s"
