@@ -569,9 +569,9 @@ fn a_camera_that_never_answers_through_the_nat_resets_the_client_and_the_site_mo
     assert_eq!(counter(&st, "tcp_connections_failed"), 3, "{:#}", st["counters"]);
 }
 
-/// The overload guard. The server is stopped (SIGSTOP) for a moment while 3,000 datagrams to
-/// `public_ip` arrive: the kernel queues 1,000 in front of its TUN and drops the rest, as it
-/// does in front of a server that cannot keep up. Once the server runs again it sees the drops:
+/// The overload guard. The server is stopped (SIGSTOP) for a moment while 2,000 datagrams more
+/// than its TUN's queue holds arrive for `public_ip`: the kernel queues what fits in front of
+/// the TUN and drops the rest, as it does in front of a server that cannot keep up. Once the server runs again it sees the drops:
 /// new TCP clients are reset (counter, status, log) until 5 s pass without drops, and then
 /// served again.
 #[test]
@@ -582,10 +582,17 @@ fn a_server_that_drops_camera_packets_refuses_new_tcp_clients_for_a_while() {
     assert_eq!(lab.status()["overloaded"], false);
     let pid = lab.pid("server").unwrap().to_string();
     let signal = |sig: &str| assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    let link = lab.ip("srv", &["link", "show", "beckon0"]);
+    let qlen: usize = link
+        .split("qlen ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no qlen in {link}"));
     signal("-STOP");
-    lab.in_ns("srv", || {
+    lab.in_ns("srv", move || {
         let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        for _ in 0..3000 {
+        for _ in 0..qlen + 2000 {
             s.send_to(&[0u8; 64], "203.0.113.100:9").unwrap();
         }
     });
