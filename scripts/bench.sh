@@ -63,7 +63,7 @@ TPUT_REPS="5,4"                 # repetitions for 1 and 8 streams (median)
 STREAM_RATE=500000              # bytes/s per paced stream = 4 Mbit/s
 # The cameras' congestion control sets the port-forward's pace: a BBR sender paces itself to
 # its estimate of the path (this project's lab machines default to bbr: the port-forward
-# measured 1.6-1.8 GB/s with bbr cameras, 5-6 GB/s with cubic ones).
+# measured 1.1-1.9 GB/s with one stream from bbr cameras, 4.3-4.6 GB/s from cubic ones).
 CAMERA_CC=${BENCH_CAMERA_CC:-cubic}
 export BK_CAMERA_CC=$CAMERA_CC  # scripts/lab/lab.sh: the cameras' web services
 STREAM_LEVELS="50 100 200 400 800 1600 3200"
