@@ -49,8 +49,9 @@ pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// How long a busy host may keep beckon from a connection's received data. The window has to
 /// cover this as well as the path: while the shard waits for a core, the camera keeps sending
 /// only as long as the window lasts. Measured on the 2-core lab box with a LAN-like path
-/// (0.07 ms): 1.4-1.5 GB/s bulk needed ≈ 2 MB of window; with 256 KiB the camera stalled on
-/// window updates (1.8× as many ACKs written, ≈ 20 % less throughput, `scripts/bench.sh`).
+/// (0.07 ms), cameras sending with BBR: 1.4-1.5 GB/s bulk needed ≈ 2 MB of window; with 256 KiB
+/// the camera stalled on window updates (1.8× as many ACKs written, ≈ 20 % less throughput,
+/// `scripts/bench.sh`). With cubic cameras (1.9 GB/s) windows grow to 16 MiB either way.
 pub const SERVICE_LATENCY: Duration = Duration::from_millis(2);
 
 /// The receive buffer for a direct connection that should carry `rate` bytes/s over a path with
