@@ -323,7 +323,7 @@ else:
     what = "beckon " + git("rev-parse", "--short", "HEAD") + (
         f" + uncommitted src changes (diff sha256 {hashlib.sha256(diff.encode()).hexdigest()[:12]})" if diff else "")
 json.dump({"cores": os.cpu_count(), "cpu": cpu, "kernel": os.uname().release, "strategy": sys.argv[2],
-           "camera_cc": os.environ.get("BK_CAMERA_CC", "cubic"),
+           "camera_cc": os.environ["BK_CAMERA_CC"],
            "host_cc": open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip(),
            "quick": sys.argv[3] == "1", "git": what,
            "date": subprocess.run(["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True, text=True).stdout.strip()},

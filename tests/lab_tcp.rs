@@ -571,8 +571,8 @@ fn a_camera_that_never_answers_through_the_nat_resets_the_client_and_the_site_mo
 
 /// The overload guard. The server is stopped (SIGSTOP) for a moment while 2,000 datagrams more
 /// than its TUN's queue holds arrive for `public_ip`: the kernel queues what fits in front of
-/// the TUN and drops the rest, as it does in front of a server that cannot keep up. Once the server runs again it sees the drops:
-/// new TCP clients are reset (counter, status, log) until 5 s pass without drops, and then
+/// the TUN and drops the rest, as it does in front of a server that cannot keep up. Once the
+/// server runs again it sees the drops: new TCP clients are reset (counter, status, log) until 5 s pass without drops, and then
 /// served again.
 #[test]
 fn a_server_that_drops_camera_packets_refuses_new_tcp_clients_for_a_while() {
@@ -582,13 +582,8 @@ fn a_server_that_drops_camera_packets_refuses_new_tcp_clients_for_a_while() {
     assert_eq!(lab.status()["overloaded"], false);
     let pid = lab.pid("server").unwrap().to_string();
     let signal = |sig: &str| assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
-    let link = lab.ip("srv", &["link", "show", "beckon0"]);
-    let qlen: usize = link
-        .split("qlen ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no qlen in {link}"));
+    let link: serde_json::Value = serde_json::from_str(&lab.ip("srv", &["-j", "link", "show", "beckon0"])).unwrap();
+    let qlen = link[0]["txqlen"].as_u64().unwrap_or_else(|| panic!("no txqlen in {link}")) as usize;
     signal("-STOP");
     lab.in_ns("srv", move || {
         let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();

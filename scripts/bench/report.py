@@ -633,7 +633,7 @@ for t, k in ((t1, 1), (t8, 8)):
     if w["dnat-a"]:
         parts = []
         for n, label in WORK_NAMES.items():
-            ref = w["dnat-b"] if n in ("assisted", "relay-pair", "tls-pair") else w["dnat-a"]
+            ref = w[dict(TPUT_PAIRS)[n]]
             if w[n] is not None and ref:
                 parts.append(f"{label} {f2(w[n])} (×{f2(w[n] / ref)})")
         notes.append(

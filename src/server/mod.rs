@@ -379,9 +379,9 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
 /// Run the stack (the TUN reader) on its own OS thread, in its own single-threaded runtime.
 /// Why: as one task among the shards on the shared runtime, the reader waited behind every
 /// shard woken by the last burst; with 1,400 paced streams that wait outlasted the kernel's
-/// queue in front of the TUN (then 1,000 packets; `tun::TX_QUEUE_LEN`), the kernel dropped packets, and the cameras'
-/// retransmissions made it worse until every stream stalled. A thread of its own is scheduled
-/// by the kernel as soon as the TUN has data. Returns when the stack ends.
+/// queue in front of the TUN (then 1,000 packets; `tun::TX_QUEUE_LEN`), the kernel dropped
+/// packets, and the cameras' retransmissions made it worse until every stream stalled. A thread
+/// of its own is scheduled by the kernel as soon as the TUN has data. Returns when the stack ends.
 fn stack_thread(
     rt: tokio::runtime::Runtime,
     run: impl std::future::Future<Output = ()> + Send + 'static,
