@@ -13,6 +13,7 @@ pub mod expose;
 pub mod indicate;
 pub mod keepalive;
 pub mod overload;
+pub mod port_quarantine;
 pub mod port_routes;
 pub mod profile;
 pub mod queue_device;

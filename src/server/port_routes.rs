@@ -4,10 +4,12 @@
 //! are not routed here: the stack task serves them itself.
 
 use super::byte_budget::{ByteBudget, Reservation};
+use super::port_quarantine::{Peer, PortQuarantine};
 use rand::Rng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tokio::sync::mpsc;
 
 /// Packet bytes queued from the TUN reader to one TCP shard (beyond: dropped, TCP retransmits):
@@ -50,11 +52,19 @@ pub struct PortRoutes {
     queued: ByteBudget,
     /// Packets dropped because a queue or the budget was full.
     dropped: AtomicU64,
+    /// TCP ports recently used towards a camera (see [`super::port_quarantine`]).
+    quarantine: Mutex<PortQuarantine>,
 }
 
 impl Default for PortRoutes {
     fn default() -> Self {
-        PortRoutes { tcp: Routes::default(), udp: Routes::default(), queued: ByteBudget::new(QUEUED_BYTES_MAX), dropped: AtomicU64::new(0) }
+        PortRoutes {
+            tcp: Routes::default(),
+            udp: Routes::default(),
+            queued: ByteBudget::new(QUEUED_BYTES_MAX),
+            dropped: AtomicU64::new(0),
+            quarantine: Mutex::default(),
+        }
     }
 }
 
@@ -79,15 +89,18 @@ impl PacketRx {
     }
 }
 
-/// Ownership of a TCP server port; released on drop.
+/// Ownership of a TCP server port towards one camera; released on drop, and then held back
+/// from that camera for a while.
 pub struct RouteGuard {
     routes: Arc<PortRoutes>,
     pub port: u16,
+    peer: Peer,
 }
 
 impl Drop for RouteGuard {
     fn drop(&mut self) {
         self.routes.tcp.lock().unwrap().remove(&self.port);
+        self.routes.quarantine.lock().unwrap().release(Instant::now(), self.peer.clone(), self.port);
     }
 }
 
@@ -103,12 +116,22 @@ impl Drop for UdpClaim {
     }
 }
 
-/// A fresh, unpredictable port from `range` and the queue its packets arrive on.
-fn claim(routes: &Routes, range: std::ops::RangeInclusive<u16>, queue: usize, queue_bytes: usize) -> Option<(u16, PacketRx)> {
+/// A fresh, unpredictable port from `range` and the queue its packets arrive on: a free port
+/// that is `usable`, or, if 64 random tries found none, any free port.
+fn claim(
+    routes: &Routes,
+    range: std::ops::RangeInclusive<u16>,
+    queue: usize,
+    queue_bytes: usize,
+    mut usable: impl FnMut(u16) -> bool,
+) -> Option<(u16, PacketRx)> {
     let mut map = routes.lock().unwrap();
     let mut rng = rand::rng();
-    for _ in 0..64 {
+    for try_no in 0..128 {
         let port = rng.random_range(range.clone());
+        if try_no < 64 && !usable(port) {
+            continue;
+        }
         if let std::collections::hash_map::Entry::Vacant(e) = map.entry(port) {
             let (tx, rx) = mpsc::channel(queue);
             e.insert(Route { tx, queued: ByteBudget::new(queue_bytes) });
@@ -119,13 +142,17 @@ fn claim(routes: &Routes, range: std::ops::RangeInclusive<u16>, queue: usize, qu
 }
 
 impl PortRoutes {
-    pub fn claim_tcp(self: &Arc<Self>) -> Option<(RouteGuard, PacketRx)> {
-        let (port, rx) = claim(&self.tcp, TCP_PORTS, SHARD_QUEUE, SHARD_QUEUE_BYTES)?;
-        Some((RouteGuard { routes: self.clone(), port }, rx))
+    /// A TCP server port for a connection to `peer`: not one used towards it in the last
+    /// [`HOLD`](super::port_quarantine::HOLD) unless the range is that crowded.
+    pub fn claim_tcp(self: &Arc<Self>, peer: Peer) -> Option<(RouteGuard, PacketRx)> {
+        let now = Instant::now();
+        let (port, rx) =
+            claim(&self.tcp, TCP_PORTS, SHARD_QUEUE, SHARD_QUEUE_BYTES, |port| !self.quarantine.lock().unwrap().holds(now, &peer, port))?;
+        Some((RouteGuard { routes: self.clone(), port, peer }, rx))
     }
 
     pub fn claim_udp(self: &Arc<Self>) -> Option<(UdpClaim, PacketRx)> {
-        let (port, rx) = claim(&self.udp, UDP_PROBE_PORTS, PROBE_QUEUE, PROBE_QUEUE_BYTES)?;
+        let (port, rx) = claim(&self.udp, UDP_PROBE_PORTS, PROBE_QUEUE, PROBE_QUEUE_BYTES, |_| true)?;
         Some((UdpClaim { routes: self.clone(), port }, rx))
     }
 
@@ -178,11 +205,37 @@ impl PortRoutes {
 mod tests {
     use super::*;
 
+    fn cam() -> Peer {
+        Peer { site: "site-a".into(), camera: "192.168.1.10:554".parse().unwrap() }
+    }
+
+    #[test]
+    fn a_released_port_is_not_claimed_again_towards_the_same_camera() {
+        // A narrow range would be needed to see it by chance; instead claim and release many
+        // ports towards one camera and check none of them comes back for it, while another
+        // camera may get them.
+        let routes = Arc::new(PortRoutes::default());
+        let mut used = std::collections::HashSet::new();
+        for _ in 0..2_000 {
+            let (guard, _rx) = routes.claim_tcp(cam()).unwrap();
+            assert!(used.insert(guard.port), "port {} claimed twice towards the same camera", guard.port);
+        }
+        assert_eq!(routes.quarantine.lock().unwrap().len(), 2_000);
+        let other = Peer { site: "site-b".into(), camera: cam().camera };
+        let again = (0..2_000).filter(|_| used.contains(&routes.claim_tcp(other.clone()).unwrap().0.port)).count();
+        assert!(again > 0, "another site's camera is not held back from those ports");
+        // A live port is never handed out twice, quarantine or not.
+        let (held, _rx) = routes.claim_tcp(cam()).unwrap();
+        for _ in 0..2_000 {
+            assert_ne!(routes.claim_tcp(other.clone()).unwrap().0.port, held.port);
+        }
+    }
+
     #[tokio::test]
     async fn queued_bytes_are_bounded_and_released_by_take_or_drop() {
         let routes = Arc::new(PortRoutes::default());
-        let (a, mut rx_a) = routes.claim_tcp().unwrap();
-        let (b, rx_b) = routes.claim_tcp().unwrap();
+        let (a, mut rx_a) = routes.claim_tcp(cam()).unwrap();
+        let (b, rx_b) = routes.claim_tcp(cam()).unwrap();
         let big = vec![7u8; 64 * 1024];
         assert!(routes.dispatch_tcp(a.port, big.clone()));
         assert!(routes.dispatch_tcp(b.port, big.clone()));
@@ -227,8 +280,8 @@ mod tests {
     #[tokio::test]
     async fn a_shards_queue_holds_a_whole_window_and_no_more() {
         let routes = Arc::new(PortRoutes::default());
-        let (a, mut rx_a) = routes.claim_tcp().unwrap();
-        let (b, mut rx_b) = routes.claim_tcp().unwrap();
+        let (a, mut rx_a) = routes.claim_tcp(cam()).unwrap();
+        let (b, mut rx_b) = routes.claim_tcp(cam()).unwrap();
         // A 2 MiB window's burst of MSS-sized segments (no GRO on the path): all queued.
         let segment = vec![1u8; 1448];
         let burst = 2 * 1024 * 1024 / segment.len();

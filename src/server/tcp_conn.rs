@@ -164,7 +164,8 @@ impl Shard {
     /// Run the attempt until the connection is established (Ok) or the attempt failed (Err,
     /// with the reason). A failed shard is dropped: its port is released, nothing lingers.
     pub async fn connect(shared: Arc<Shared>, p: DirectParams, record: Arc<ConnRecord>) -> Result<Shard, ConnectFailure> {
-        let (route, rx) = shared.port_routes.claim_tcp().ok_or("no free server port")?;
+        let peer = super::port_quarantine::Peer { site: p.site.clone(), camera: p.camera };
+        let (route, rx) = shared.port_routes.claim_tcp(peer).ok_or("no free server port")?;
         let public = shared.cfg.public_ip;
         let mut device = QueueDevice::default();
         let mut config = Config::new(HardwareAddress::Ip);
