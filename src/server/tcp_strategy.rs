@@ -284,6 +284,12 @@ pub struct Attempt {
     stack_data_at: Option<Instant>,
     /// How often smoltcp has sent its first data (the segment at ISN+1).
     first_data_sends: u32,
+    /// smoltcp's first data as it went on the wire, until the camera answers: sent again right
+    /// behind step 4's steered SYN-ACK when that is sent again (a late resync SYN, silence).
+    /// Why: conntrack dropped it while out of sync, and smoltcp would retransmit it only after
+    /// its retransmission timeout (at least 1 s; seen as 1.8–2.1 s to the first byte through
+    /// the lab's 20 ms WAN when the trigger's resync SYN came 40 ms late).
+    first_data: Option<Vec<u8>>,
     camera_acked: bool,
     resteered: u32,
     /// The attempt failed because of the timing or the prediction (a step-by-step attempt may
@@ -394,6 +400,7 @@ impl Attempt {
             camera_acked: false,
             stack_data_at: None,
             first_data_sends: 0,
+            first_data: None,
             resteered: 0,
             timing_failure: false,
             rng: rand::SeedableRng::from_os_rng(),
@@ -563,6 +570,9 @@ impl Attempt {
                 if rewrite::rewrite(&mut pkt, End::Dst, public).is_err() {
                     return vec![];
                 }
+                if first_data && !self.camera_acked && self.retries_synack() {
+                    self.first_data = Some(pkt.clone());
+                }
                 vec![Out::ToWire(pkt)]
             }
             _ => vec![],
@@ -648,9 +658,12 @@ impl Attempt {
                     if self.camera_acked {
                         return vec![];
                     }
-                    return self.step_4_steered();
+                    return self.step_4_steered_again();
                 }
-                self.camera_acked |= !syn;
+                if !syn {
+                    self.camera_acked = true;
+                    self.first_data = None;
+                }
                 if rewrite::rewrite(&mut pkt, End::Src, self.virt).is_err() {
                     return vec![];
                 }
@@ -803,6 +816,16 @@ impl Attempt {
         }
     }
 
+    /// Step 4's steered SYN-ACK once the connection is up, and behind it smoltcp's first data
+    /// if that is still unanswered (it reaches the NAT after the resync, so it passes).
+    fn step_4_steered_again(&mut self) -> Vec<Out> {
+        let mut out = self.step_4_steered();
+        if !out.is_empty() {
+            out.extend(self.first_data.clone().map(Out::ToWire));
+        }
+        out
+    }
+
     /// Step 4's steered SYN-ACK, then the held SYN-ACK to smoltcp.
     fn release(&mut self, now: Instant) -> Vec<Out> {
         let mut out = self.step_4_steered();
@@ -913,7 +936,7 @@ impl Attempt {
             }
             if self.retries_synack() && self.resteered < RESTEER_MAX && waited >= REINDICATE_AFTER * (self.resteered + 1) {
                 self.resteered += 1;
-                return self.step_4_steered();
+                return self.step_4_steered_again();
             }
             return vec![];
         }
@@ -1516,12 +1539,14 @@ mod steered_tests {
         let t1 = t0 + Duration::from_millis(9);
         assert_eq!(a.from_stack(request(), t1).len(), 1);
         // No second resync SYN once data went out: step 4's steered SYN-ACK again, twice, a
-        // second apart, then the verdict.
+        // second apart, each with the request behind it, then the verdict.
         assert_eq!(a.poll_at(), Some(t1 + REINDICATE_AFTER));
         for i in 1..=2 {
             let out = a.tick(t1 + REINDICATE_AFTER * i);
-            let [Out::ToWire(st), Out::ToWire(_)] = &out[..] else { panic!("{out:?}") };
+            let [Out::ToWire(st), Out::ToWire(_), Out::ToWire(again)] = &out[..] else { panic!("{out:?}") };
             assert_eq!(tcp(st).1.ack_number().0 as u32, C.wrapping_add(1));
+            assert_eq!(tcp(again).1.seq_number().0 as u32, S.wrapping_add(1));
+            assert_eq!(crate::wire::rewrite::endpoint(again, End::Dst).unwrap(), NAT.parse().unwrap());
         }
         // Sent once only: a lossy path with a long retransmission timeout, not yet a dead one.
         assert_eq!(a.poll_at(), Some(t1 + UNANSWERED_HARD_LIMIT));
@@ -1562,7 +1587,7 @@ mod steered_tests {
         assert_eq!(a.poll_at(), None, "nothing to check before data");
         let t1 = t0 + Duration::from_millis(5);
         a.from_stack(request(), t1);
-        assert_eq!(a.tick(t1 + REINDICATE_AFTER).len(), 2);
+        assert_eq!(a.tick(t1 + REINDICATE_AFTER).len(), 3, "steered twice, the request behind");
         // The camera's ACK arrives (the second steered SYN-ACK completed the resync): done.
         assert!(matches!(&a.from_wire(seg(NAT, SERVER, "A", C.wrapping_add(1), S.wrapping_add(40), 61), t1)[..], [Out::ToStack(_)]));
         assert_eq!(a.poll_at(), None);
@@ -1580,6 +1605,37 @@ mod steered_tests {
             b.tick(t0 + Duration::from_secs(i));
         }
         assert!(b.failed().is_some() && !b.failed_by_timing(), "{:?}", b.state);
+    }
+
+    #[test]
+    fn a_late_resync_syn_is_steered_again_with_the_unanswered_request_behind_it() {
+        // The trigger's resync SYN reached the NAT after the timed steered SYN-ACK: conntrack
+        // dropped smoltcp's request. When the resync SYN arrives, the steered SYN-ACK resyncs
+        // conntrack and the request goes again at once, not after smoltcp's 1 s timeout.
+        let (mut a, t0) = timed_step_4();
+        let t1 = t0 + Duration::from_millis(9);
+        let [Out::ToWire(sent)] = &a.from_stack(request(), t1)[..] else { panic!() };
+        let sent = sent.clone();
+        let out = a.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t1 + Duration::from_millis(40));
+        let [Out::ToWire(st), Out::ToWire(_), Out::ToWire(again)] = &out[..] else { panic!("{out:?}") };
+        assert_eq!((tcp(st).1.seq_number().0 as u32, tcp(st).1.ack_number().0 as u32), (S, C.wrapping_add(1)));
+        assert_eq!(again, &sent, "the request exactly as it went on the wire");
+        // The camera answers: nothing is re-sent from then on.
+        assert!(matches!(&a.from_wire(seg(NAT, SERVER, "A", C.wrapping_add(1), S.wrapping_add(40), 61), t1)[..], [Out::ToStack(_)]));
+        assert!(a.first_data.is_none());
+        assert!(a.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t1).is_empty());
+        // A late resync SYN before any data: steered only (nothing to re-send).
+        let (mut b, t0) = timed_step_4();
+        assert_eq!(b.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t0 + Duration::from_millis(40)).len(), 2);
+        // Other strategies keep no copy (they never steer again).
+        let (mut c, t0) = (attempt(Steering::Md5).0, t0);
+        assert!(c.first_data.is_none());
+        c.strategy = Strategy::ReverseSyn;
+        c.state = State::Established;
+        c.public = Some(NAT.parse().unwrap());
+        c.isn = Some(S);
+        c.from_stack(request(), t0);
+        assert!(c.first_data.is_none());
     }
 
     #[test]
