@@ -641,6 +641,24 @@ for t, k in ((t1, 1), (t8, 8)):
             f"camera, router, client, beckon): port-forward {f2(w['dnat-a'])}; " + ", ".join(parts)
             + " (×: relative to the port-forward of the same site). Where the machine is saturated (8 streams), "
             "a path that does × as much work per GB gets about 1/× of the port-forward's throughput.")
+# beckon against the kernel's relays of its own paths' shapes: what this machine allows a path that
+# ends the camera's TCP (direct) or relays it twice (assisted), measured in the same repetitions.
+SHAPE_PAIRS = (("direct", "relay", "direct / kernel relay"), ("direct-rate", "relay", "direct (rate 10000) / kernel relay"),
+               ("assisted", "relay-pair", "assisted / relay pair"), ("assisted", "tls-pair", "assisted / TLS relay pair"))
+for t, k in ((t1, 1), (t8, 8)):
+    sm = (t or {}).get("summary", {})
+    parts = []
+    for path, ref, label in SHAPE_PAIRS:
+        b, r = sm.get(f"{path}/{k}"), sm.get(f"{ref}/{k}")
+        if b and r and b.get("MBps") and r.get("MBps") and b["complete"] and r["complete"]:
+            reps = rep_ratios(t, path, ref, k)
+            spread = f" ({min(reps):.2f}–{max(reps):.2f})" if len(reps) > 1 else ""
+            parts.append(f"{label} {f2(b['MBps'] / r['MBps'])}{spread}")
+    if parts:
+        notes.append(
+            f"Against the kernel's relays of the same shape, {k} stream{'s' if k > 1 else ''} (ratio of the medians; "
+            "in brackets the single repetitions): " + "; ".join(parts) + ". The relays are what this machine allows "
+            "a path that ends the camera's TCP on the server (and, for the pairs, again on the trigger host).")
 for t, k in ((t1, 1), (t8, 8)):
     b = (t or {}).get("summary", {}).get(f"direct/{k}")
     if b:
