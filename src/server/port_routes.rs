@@ -99,8 +99,11 @@ pub struct RouteGuard {
 
 impl Drop for RouteGuard {
     fn drop(&mut self) {
-        self.routes.tcp.lock().unwrap().remove(&self.port);
+        // Held before it is free (under the routes' lock, taken first as in `claim_tcp`): a
+        // claim for the same camera in between must not get it.
+        let mut routes = self.routes.tcp.lock().unwrap();
         self.routes.quarantine.lock().unwrap().release(Instant::now(), self.peer.clone(), self.port);
+        routes.remove(&self.port);
     }
 }
 
@@ -146,8 +149,13 @@ impl PortRoutes {
     /// [`HOLD`](super::port_quarantine::HOLD) unless the range is that crowded.
     pub fn claim_tcp(self: &Arc<Self>, peer: Peer) -> Option<(RouteGuard, PacketRx)> {
         let now = Instant::now();
-        let (port, rx) =
-            claim(&self.tcp, TCP_PORTS, SHARD_QUEUE, SHARD_QUEUE_BYTES, |port| !self.quarantine.lock().unwrap().holds(now, &peer, port))?;
+        // The quarantine's lock is taken inside `claim`, under the routes' lock (the order
+        // `RouteGuard::drop` keeps too), once for all draws.
+        let mut quarantine = None;
+        let (port, rx) = claim(&self.tcp, TCP_PORTS, SHARD_QUEUE, SHARD_QUEUE_BYTES, |port| {
+            !quarantine.get_or_insert_with(|| self.quarantine.lock().unwrap()).holds(now, &peer, port)
+        })?;
+        drop(quarantine);
         Some((RouteGuard { routes: self.clone(), port, peer }, rx))
     }
 
@@ -229,6 +237,26 @@ mod tests {
         for _ in 0..2_000 {
             assert_ne!(routes.claim_tcp(other.clone()).unwrap().0.port, held.port);
         }
+    }
+
+    #[test]
+    fn a_crowded_range_falls_back_to_any_free_port() {
+        let routes = Routes::default();
+        // Nothing usable: after 64 draws any free port of the range will do.
+        let (p, _rx_p) = claim(&routes, 100..=103, 4, 1024, |_| false).unwrap();
+        assert!((100..=103).contains(&p));
+        // One usable port: it is the one taken (64 draws from 4 ports all miss it with
+        // probability (3/4)^64, about 1e-8).
+        let want = if p == 102 { 103 } else { 102 };
+        let (q, _rx_q) = claim(&routes, 100..=103, 4, 1024, |port| port == want).unwrap();
+        assert_eq!(q, want);
+        // A full range: none, usable or not.
+        let mut held = Vec::new();
+        while let Some(c) = claim(&routes, 100..=103, 4, 1024, |_| true) {
+            held.push(c);
+            assert!(held.len() <= 2);
+        }
+        assert!(claim(&routes, 100..=103, 4, 1024, |_| false).is_none());
     }
 
     #[tokio::test]

@@ -284,12 +284,15 @@ pub struct Attempt {
     stack_data_at: Option<Instant>,
     /// How often smoltcp has sent its first data (the segment at ISN+1).
     first_data_sends: u32,
-    /// smoltcp's first data as it went on the wire, until the camera answers: sent again right
-    /// behind step 4's steered SYN-ACK when that is sent again (a late resync SYN, silence).
-    /// Why: conntrack dropped it while out of sync, and smoltcp would retransmit it only after
-    /// its retransmission timeout (at least 1 s; seen as 1.8–2.1 s to the first byte through
-    /// the lab's 20 ms WAN when the trigger's resync SYN came 40 ms late).
-    first_data: Option<Vec<u8>>,
+    /// smoltcp's first data as it last went on the wire, until the camera answers: sent again
+    /// right behind step 4's steered SYN-ACK when that is sent again (a resync SYN after the
+    /// timed step 4, silence). Why: if the resync SYN was late, conntrack dropped it while out
+    /// of sync, and smoltcp would retransmit it only after its retransmission timeout (at least
+    /// 1 s; seen as 1.85–2.1 s to the first byte through the lab's 20 ms WAN when the trigger
+    /// injected the resync SYN 40 ms later than usual). The server cannot tell a late resync
+    /// SYN from one on time, which comes back before the camera's answer to the data too: then
+    /// the camera gets that segment twice and discards the copy.
+    first_data_copy: Option<Vec<u8>>,
     camera_acked: bool,
     resteered: u32,
     /// The attempt failed because of the timing or the prediction (a step-by-step attempt may
@@ -400,7 +403,7 @@ impl Attempt {
             camera_acked: false,
             stack_data_at: None,
             first_data_sends: 0,
-            first_data: None,
+            first_data_copy: None,
             resteered: 0,
             timing_failure: false,
             rng: rand::SeedableRng::from_os_rng(),
@@ -526,8 +529,8 @@ impl Attempt {
             self.isn = Some(t.seq_number().0 as u32);
         }
         // smoltcp's first data starts at ISN+1 (its keepalive probes sit one below: not data).
-        let first_data = !t.payload().is_empty() && Some(t.seq_number().0 as u32) == self.isn.map(|s| s.wrapping_add(1));
-        if self.state == State::Established && first_data {
+        let is_first_data = !t.payload().is_empty() && Some(t.seq_number().0 as u32) == self.isn.map(|s| s.wrapping_add(1));
+        if self.state == State::Established && is_first_data {
             self.stack_data_at.get_or_insert(now);
             self.first_data_sends += 1;
         }
@@ -570,8 +573,8 @@ impl Attempt {
                 if rewrite::rewrite(&mut pkt, End::Dst, public).is_err() {
                     return vec![];
                 }
-                if first_data && !self.camera_acked && self.retries_synack() {
-                    self.first_data = Some(pkt.clone());
+                if is_first_data && !self.camera_acked && self.retries_synack() {
+                    self.first_data_copy = Some(pkt.clone());
                 }
                 vec![Out::ToWire(pkt)]
             }
@@ -650,8 +653,8 @@ impl Attempt {
                 }
                 if self.resync_early && syn && !ack && Some(seq) == self.camera_isn {
                     // The resync SYN, after the timed step 4. If it reached the NAT after the
-                    // timed steered SYN-ACK, conntrack resyncs only with another one (smoltcp's
-                    // retransmissions then pass). If it came first, conntrack has resynced and
+                    // timed steered SYN-ACK, conntrack resyncs only with another one, and smoltcp's
+                    // first data, dropped meanwhile, goes again behind it. If it came first, conntrack has resynced and
                     // taken newer segments since, so it ignores this one. Once the camera's
                     // segments pass, it is not needed.
                     self.resync_seen = true;
@@ -662,7 +665,7 @@ impl Attempt {
                 }
                 if !syn {
                     self.camera_acked = true;
-                    self.first_data = None;
+                    self.first_data_copy = None;
                 }
                 if rewrite::rewrite(&mut pkt, End::Src, self.virt).is_err() {
                     return vec![];
@@ -821,7 +824,7 @@ impl Attempt {
     fn step_4_steered_again(&mut self) -> Vec<Out> {
         let mut out = self.step_4_steered();
         if !out.is_empty() {
-            out.extend(self.first_data.clone().map(Out::ToWire));
+            out.extend(self.first_data_copy.clone().map(Out::ToWire));
         }
         out
     }
@@ -916,8 +919,8 @@ impl Attempt {
             // smoltcp's data got nothing back: conntrack did not take step 4 (both copies of
             // its steered SYN-ACK lost, or, timed, it overtook a resync SYN that never came
             // back). Conntrack still holds the resync SYN as the last one it ignored, so another
-            // steered SYN-ACK completes it, and smoltcp's retransmissions pass; where conntrack
-            // is in sync it ignores it. If the camera stays silent, fail: a reset tells the
+            // steered SYN-ACK completes it, and the first data sent again behind it passes; where
+            // conntrack is in sync it ignores it. If the camera stays silent, fail: a reset tells the
             // client at once, where waiting would hang it.
             let waited = now.duration_since(t);
             if (waited >= UNANSWERED_LIMIT && self.first_data_sends >= UNANSWERED_SENDS) || waited >= UNANSWERED_HARD_LIMIT {
@@ -1614,28 +1617,35 @@ mod steered_tests {
         // conntrack and the request goes again at once, not after smoltcp's 1 s timeout.
         let (mut a, t0) = timed_step_4();
         let t1 = t0 + Duration::from_millis(9);
-        let [Out::ToWire(sent)] = &a.from_stack(request(), t1)[..] else { panic!() };
+        let [Out::ToWire(first)] = &a.from_stack(request(), t1)[..] else { panic!() };
+        let first = first.clone();
+        // smoltcp sends it again (here with another window): the copy is the latest.
+        let mut again = request();
+        TcpPacket::new_unchecked(&mut again[20..]).set_window_len(1234);
+        let [Out::ToWire(sent)] = &a.from_stack(again, t1 + Duration::from_millis(20))[..] else { panic!() };
         let sent = sent.clone();
+        assert_ne!(sent, first);
         let out = a.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t1 + Duration::from_millis(40));
         let [Out::ToWire(st), Out::ToWire(_), Out::ToWire(again)] = &out[..] else { panic!("{out:?}") };
         assert_eq!((tcp(st).1.seq_number().0 as u32, tcp(st).1.ack_number().0 as u32), (S, C.wrapping_add(1)));
         assert_eq!(again, &sent, "the request exactly as it went on the wire");
         // The camera answers: nothing is re-sent from then on.
         assert!(matches!(&a.from_wire(seg(NAT, SERVER, "A", C.wrapping_add(1), S.wrapping_add(40), 61), t1)[..], [Out::ToStack(_)]));
-        assert!(a.first_data.is_none());
+        assert!(a.first_data_copy.is_none());
         assert!(a.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t1).is_empty());
         // A late resync SYN before any data: steered only (nothing to re-send).
         let (mut b, t0) = timed_step_4();
         assert_eq!(b.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t0 + Duration::from_millis(40)).len(), 2);
         // Other strategies keep no copy (they never steer again).
-        let (mut c, t0) = (attempt(Steering::Md5).0, t0);
-        assert!(c.first_data.is_none());
-        c.strategy = Strategy::ReverseSyn;
-        c.state = State::Established;
-        c.public = Some(NAT.parse().unwrap());
-        c.isn = Some(S);
-        c.from_stack(request(), t0);
-        assert!(c.first_data.is_none());
+        for strategy in [Strategy::ReverseSyn, Strategy::PatentSyn] {
+            let (mut c, t0) = (attempt(Steering::Md5).0, t0);
+            c.strategy = strategy;
+            c.state = State::Established;
+            c.public = Some(NAT.parse().unwrap());
+            c.isn = Some(S);
+            assert!(matches!(&c.from_stack(request(), t0)[..], [Out::ToWire(_)]), "{strategy:?}");
+            assert!(c.first_data_copy.is_none(), "{strategy:?}");
+        }
     }
 
     #[test]
