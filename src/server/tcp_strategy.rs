@@ -155,12 +155,24 @@ pub const REINDICATE_AFTER: Duration = Duration::from_secs(1);
 pub const MAX_INDICATIONS: u32 = 3;
 
 /// Once a direct connection is up and smoltcp has sent its first data: while nothing comes back
-/// from the camera, steered-resync sends step 4's steered SYN-ACK again (at most `RESTEER_MAX`
-/// times, a second apart), and the connection fails once the silence has lasted
+/// from the camera, steered-resync sends step 4's steered SYN-ACK again, with that data behind
+/// it (at most `RESTEER_MAX` times: after `RESTEER_FIRST_RTTS` round trips of the site, at least
+/// `RESTEER_FIRST_MIN`, at most and where the round trip is unknown `REINDICATE_AFTER`; then
+/// after 2 s), and the connection fails once the silence has lasted
 /// `UNANSWERED_LIMIT` and smoltcp has sent that data `UNANSWERED_SENDS` times (so a lossy path
 /// with a long retransmission timeout is not mistaken for a dead one), or after
 /// `UNANSWERED_HARD_LIMIT` in any case.
 pub const RESTEER_MAX: u32 = 2;
+/// The first repeat of step 4 comes after this many of the site's round trips: the camera's
+/// stack answers data at once, so silence for that long means the data was dropped. Why not
+/// wait a second: the server's own kernel may reorder step 4's steered SYN-ACK and the data
+/// behind it (two CPUs), the data then reaches the NAT first and conntrack drops it, and
+/// smoltcp would send it again only after its retransmission timeout (at least 1 s). In the
+/// bench lab without delay, under load, 11 of 800 connections waited that second for their
+/// first byte. A repeat on an answer that was merely slow costs two steered packets (conntrack
+/// in sync ignores them) and a duplicate the camera discards.
+pub const RESTEER_FIRST_RTTS: u32 = 4;
+pub const RESTEER_FIRST_MIN: Duration = Duration::from_millis(20);
 pub const UNANSWERED_LIMIT: Duration = Duration::from_secs(5);
 pub const UNANSWERED_SENDS: u32 = 3;
 pub const UNANSWERED_HARD_LIMIT: Duration = Duration::from_secs(30);
@@ -819,6 +831,16 @@ impl Attempt {
         }
     }
 
+    /// How long after the first data without an answer step 4 is repeated the `k`th time
+    /// (from 0): a few of the site's round trips, then 2 s.
+    fn resteer_after(&self, k: u32) -> Duration {
+        if k == 0 {
+            self.rtt.map_or(REINDICATE_AFTER, |rtt| (rtt * RESTEER_FIRST_RTTS).clamp(RESTEER_FIRST_MIN, REINDICATE_AFTER))
+        } else {
+            REINDICATE_AFTER * (k + 1)
+        }
+    }
+
     /// Step 4's steered SYN-ACK once the connection is up, and behind it smoltcp's first data
     /// if that is still unanswered (it reaches the NAT after the resync, so it passes).
     fn step_4_steered_again(&mut self) -> Vec<Out> {
@@ -892,7 +914,7 @@ impl Attempt {
             State::AwaitSynAck if self.retries_synack() => Some(retry),
             State::AwaitSynAck | State::AwaitIsn => Some(self.deadline),
             State::Established => match self.unanswered_since() {
-                Some(t) if self.resteered < RESTEER_MAX && self.retries_synack() => Some(t + REINDICATE_AFTER * (self.resteered + 1)),
+                Some(t) if self.resteered < RESTEER_MAX && self.retries_synack() => Some(t + self.resteer_after(self.resteered)),
                 Some(t) if self.first_data_sends >= UNANSWERED_SENDS => Some(t + UNANSWERED_LIMIT),
                 Some(t) => Some(t + UNANSWERED_HARD_LIMIT),
                 None if self.resync_unconfirmed() && self.step_tries < MAX_INDICATIONS => {
@@ -937,7 +959,7 @@ impl Attempt {
                 }
                 return vec![];
             }
-            if self.retries_synack() && self.resteered < RESTEER_MAX && waited >= REINDICATE_AFTER * (self.resteered + 1) {
+            if self.retries_synack() && self.resteered < RESTEER_MAX && waited >= self.resteer_after(self.resteered) {
                 self.resteered += 1;
                 return self.step_4_steered_again();
             }
@@ -1541,11 +1563,14 @@ mod steered_tests {
         // smoltcp sends the client's request; the resync SYN never comes back, nor anything else.
         let t1 = t0 + Duration::from_millis(9);
         assert_eq!(a.from_stack(request(), t1).len(), 1);
-        // No second resync SYN once data went out: step 4's steered SYN-ACK again, twice, a
-        // second apart, each with the request behind it, then the verdict.
-        assert_eq!(a.poll_at(), Some(t1 + REINDICATE_AFTER));
-        for i in 1..=2 {
-            let out = a.tick(t1 + REINDICATE_AFTER * i);
+        // No second resync SYN once data went out: step 4's steered SYN-ACK again, twice, each
+        // with the request behind it, then the verdict. The first after a few of the site's
+        // round trips (here ≈ 0: the floor), the second after 2 s.
+        assert_eq!(a.poll_at(), Some(t1 + RESTEER_FIRST_MIN));
+        assert!(a.tick(t1 + RESTEER_FIRST_MIN - Duration::from_millis(1)).is_empty());
+        for at in [RESTEER_FIRST_MIN, REINDICATE_AFTER * 2] {
+            assert_eq!(a.poll_at(), Some(t1 + at));
+            let out = a.tick(t1 + at);
             let [Out::ToWire(st), Out::ToWire(_), Out::ToWire(again)] = &out[..] else { panic!("{out:?}") };
             assert_eq!(tcp(st).1.ack_number().0 as u32, C.wrapping_add(1));
             assert_eq!(tcp(again).1.seq_number().0 as u32, S.wrapping_add(1));
@@ -1645,6 +1670,28 @@ mod steered_tests {
             c.isn = Some(S);
             assert!(matches!(&c.from_stack(request(), t0)[..], [Out::ToWire(_)]), "{strategy:?}");
             assert!(c.first_data_copy.is_none(), "{strategy:?}");
+        }
+    }
+
+    #[test]
+    fn the_first_repeat_of_step_4_follows_the_sites_round_trip() {
+        for (rtt, first) in [
+            (Some(Duration::from_millis(40)), Duration::from_millis(160)),
+            (Some(Duration::from_micros(100)), RESTEER_FIRST_MIN),
+            (Some(Duration::from_millis(400)), REINDICATE_AFTER),
+            (None, REINDICATE_AFTER),
+        ] {
+            let (mut a, t0) = attempt(Steering::Ttl { adjust: 0 });
+            to_step3(&mut a, t0);
+            a.from_wire(seg(NAT, SERVER, "SA", C, S.wrapping_add(1), 61), t0);
+            a.from_wire(seg(NAT, SERVER, "S", C, 0, 61), t0);
+            a.rtt = rtt;
+            let t1 = t0 + Duration::from_millis(5);
+            a.from_stack(request(), t1);
+            assert_eq!(a.poll_at(), Some(t1 + first), "{rtt:?}");
+            assert!(a.tick(t1 + first - Duration::from_millis(1)).is_empty(), "{rtt:?}");
+            assert_eq!(a.tick(t1 + first).len(), 3, "{rtt:?}: steered twice, the request behind");
+            assert_eq!(a.poll_at(), Some(t1 + REINDICATE_AFTER * 2), "{rtt:?}");
         }
     }
 
