@@ -572,8 +572,8 @@ fn a_camera_that_never_answers_through_the_nat_resets_the_client_and_the_site_mo
 /// The overload guard. The server is stopped (SIGSTOP) for a moment while 2,000 datagrams more
 /// than its TUN's queue holds arrive for `public_ip`: the kernel queues what fits in front of
 /// the TUN and drops the rest, as it does in front of a server that cannot keep up. Once the
-/// server runs again it sees the drops: new TCP clients are reset (counter, status, log) until 5 s pass without drops, and then
-/// served again.
+/// server runs again it sees the drops: new TCP clients are reset (counter, status, log) until
+/// 5 s pass without drops, and then served again.
 #[test]
 fn a_server_that_drops_camera_packets_refuses_new_tcp_clients_for_a_while() {
     let mut lab = Lab::up("bk-t9", &[]);

@@ -119,8 +119,11 @@ impl Drop for UdpClaim {
     }
 }
 
+/// Random draws for a free port that is also `usable`, and as many more for any free port.
+const DRAWS: usize = 64;
+
 /// A fresh, unpredictable port from `range` and the queue its packets arrive on: a free port
-/// that is `usable`, or, if 64 random tries found none, any free port.
+/// that is `usable`, or, if [`DRAWS`] random tries found none, any free port.
 fn claim(
     routes: &Routes,
     range: std::ops::RangeInclusive<u16>,
@@ -130,9 +133,9 @@ fn claim(
 ) -> Option<(u16, PacketRx)> {
     let mut map = routes.lock().unwrap();
     let mut rng = rand::rng();
-    for try_no in 0..128 {
+    for draw in 0..2 * DRAWS {
         let port = rng.random_range(range.clone());
-        if try_no < 64 && !usable(port) {
+        if draw < DRAWS && !usable(port) {
             continue;
         }
         if let std::collections::hash_map::Entry::Vacant(e) = map.entry(port) {

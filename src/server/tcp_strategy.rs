@@ -665,10 +665,10 @@ impl Attempt {
                 }
                 if self.resync_early && syn && !ack && Some(seq) == self.camera_isn {
                     // The resync SYN, after the timed step 4. If it reached the NAT after the
-                    // timed steered SYN-ACK, conntrack resyncs only with another one, and smoltcp's
-                    // first data, dropped meanwhile, goes again behind it. If it came first, conntrack has resynced and
-                    // taken newer segments since, so it ignores this one. Once the camera's
-                    // segments pass, it is not needed.
+                    // timed steered SYN-ACK, conntrack resyncs only with another one, and
+                    // smoltcp's first data, dropped meanwhile, goes again behind it. If it came
+                    // first, conntrack has resynced and taken newer segments since, so it
+                    // ignores this one. Once the camera's segments pass, it is not needed.
                     self.resync_seen = true;
                     if self.camera_acked {
                         return vec![];
@@ -941,9 +941,9 @@ impl Attempt {
             // smoltcp's data got nothing back: conntrack did not take step 4 (both copies of
             // its steered SYN-ACK lost, or, timed, it overtook a resync SYN that never came
             // back). Conntrack still holds the resync SYN as the last one it ignored, so another
-            // steered SYN-ACK completes it, and the first data sent again behind it passes; where
-            // conntrack is in sync it ignores it. If the camera stays silent, fail: a reset tells the
-            // client at once, where waiting would hang it.
+            // steered SYN-ACK completes it, and the first data sent again behind it passes;
+            // where conntrack is in sync it ignores it. If the camera stays silent, fail: a
+            // reset tells the client at once, where waiting would hang it.
             let waited = now.duration_since(t);
             if (waited >= UNANSWERED_LIMIT && self.first_data_sends >= UNANSWERED_SENDS) || waited >= UNANSWERED_HARD_LIMIT {
                 let why = format!(
